@@ -1,0 +1,90 @@
+"""The dense reference: an IR interpreter and attention computed the obvious way.
+
+This is the ground truth every other back end is tested against. It is
+written for clarity, not speed: it materializes the full (B, H, Q, KV) score
+matrix in float32 (float64 when the inputs are float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flexattn.ir import Graph
+from flexattn.semantics import evaluate, index_grid
+
+
+def dense_mask(mask_graph: Graph | None, buffers, B: int, H: int, Q_LEN: int, KV_LEN: int,
+               device="cpu") -> torch.Tensor:
+    """The mask as a bool tensor of shape (B, H, Q_LEN, KV_LEN)."""
+    if mask_graph is None:
+        return torch.ones(B, H, Q_LEN, KV_LEN, dtype=torch.bool, device=device)
+    grid = index_grid(B, H, Q_LEN, KV_LEN, device)
+    mask = evaluate(mask_graph, grid, [b.to(device) for b in buffers])
+    return mask.to(torch.bool).expand(B, H, Q_LEN, KV_LEN)
+
+
+def dense_attention(query, key, value, *, score_graph: Graph | None = None, score_buffers=(),
+                    mask: torch.Tensor | None = None, scale: float | None = None,
+                    enable_gqa: bool = False):
+    """Attention with a score_mod graph and a dense bool mask, all in float32.
+
+    Shapes: query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev),
+    mask broadcastable to (B, Hq, L, S). Returns ``(out, lse, max_scores)`` with
+    out (B, Hq, L, Ev) in query's dtype, lse and max_scores (B, Hq, L) in
+    float32 (natural log). Fully masked rows give out 0, lse and max -inf.
+    """
+    B, Hq, L, E = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, k, v = query.to(compute), key.to(compute), value.to(compute)
+    if enable_gqa and Hkv != Hq:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if score_graph is not None:
+        env = index_grid(B, Hq, L, S, query.device)
+        env["score"] = scores
+        scores = evaluate(score_graph, env, list(score_buffers)).to(compute).expand(B, Hq, L, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.to(query.device), float("-inf"))
+    max_scores = scores.amax(dim=-1)
+    lse = torch.logsumexp(scores, dim=-1)
+    # A fully masked row has max -inf; exp(score - max) would be NaN there.
+    safe_max = torch.where(torch.isfinite(max_scores), max_scores, torch.zeros_like(max_scores))
+    weights = torch.exp(scores - safe_max.unsqueeze(-1))
+    denom = weights.sum(dim=-1, keepdim=True)
+    out = (weights @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
+    return out.to(query.dtype), lse.to(lse_dtype), max_scores.to(lse_dtype)
+
+
+def block_mask_to_dense(block_mask, mask_graph: Graph | None, mask_buffers, B: int, H: int,
+                        device="cpu") -> torch.Tensor:
+    """The element mask a BlockMask means: full tiles True, partial tiles the mask_mod, empty False.
+
+    ``block_mask`` is any object with torch's BlockMask fields (``tile_classes()``,
+    ``BLOCK_SIZE``, ``seq_lengths``). Returns (B, H, Q_LEN, KV_LEN) bool.
+    """
+    from flexattn.block_mask import FULL, PARTIAL  # tile codes: analysis results
+
+    Q_LEN, KV_LEN = block_mask.seq_lengths
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    classes = block_mask.tile_classes().to(device)
+    per_element = classes.repeat_interleave(q_block, dim=-2).repeat_interleave(kv_block, dim=-1)
+    per_element = per_element[..., :Q_LEN, :KV_LEN]
+    mask = dense_mask(mask_graph, mask_buffers, B, H, Q_LEN, KV_LEN, device)
+    return (per_element == FULL) | ((per_element == PARTIAL) & mask)
+
+
+def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask_buffers, block_mask,
+              scale, enable_gqa, kernel_options):
+    """Back-end entry point (see ``codegen.BACKENDS``): dense reference attention."""
+    mask = None
+    if block_mask is not None:
+        B, H = query.shape[0], query.shape[1]
+        mask = block_mask_to_dense(block_mask, mask_graph, mask_buffers, B, H, query.device)
+    return dense_attention(query, key, value, score_graph=score_graph, score_buffers=score_buffers,
+                           mask=mask, scale=scale, enable_gqa=enable_gqa)

@@ -1,0 +1,21 @@
+"""flexattn: attention variants as two small Python functions, compiled to fused kernels.
+
+Write a ``score_mod(score, b, h, q_idx, kv_idx)`` and/or a
+``mask_mod(b, h, q_idx, kv_idx)`` exactly as for
+``torch.nn.attention.flex_attention``; flexattn traces them into an IR,
+derives the block mask symbolically and runs a generated kernel.
+"""
+
+from flexattn.errors import BlockMaskError, FlexAttnError, LoweringError, TraceError
+from flexattn.ir import DType, Graph, Node, Op
+from flexattn.masks import and_masks, noop_mask, or_masks
+from flexattn.block_mask import BlockMask
+from flexattn.trace import TracedMod, trace, trace_mask_mod, trace_score_mod
+from flexattn.api import AuxOutput, AuxRequest, InputError, create_mask, flex_attention
+
+__all__ = [
+    "AuxOutput", "AuxRequest", "BlockMask", "BlockMaskError", "DType", "FlexAttnError", "Graph",
+    "InputError", "LoweringError", "Node", "Op", "TraceError", "TracedMod", "and_masks",
+    "create_mask", "flex_attention", "noop_mask", "or_masks", "trace", "trace_mask_mod",
+    "trace_score_mod",
+]

@@ -1,0 +1,184 @@
+"""The public attention API, with torch's names and signatures.
+
+``flex_attention`` validates its inputs, traces the mods into IR and hands
+the IR (plus the BlockMask the analysis built) to a back end in ``codegen``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+import codegen
+from flexattn.block_mask import BlockMask
+from flexattn.errors import FlexAttnError
+from flexattn.semantics import evaluate, index_grid
+from flexattn.trace import TracedMod, trace, trace_mask_mod, trace_score_mod
+
+
+class InputError(FlexAttnError, ValueError):
+    """query/key/value (or the sizes given) do not fit together."""
+
+
+class AuxRequest(NamedTuple):
+    """Which auxiliary outputs ``flex_attention(..., return_aux=...)`` returns."""
+
+    lse: bool = False
+    max_scores: bool = False
+
+
+class AuxOutput(NamedTuple):
+    """Auxiliary outputs: ``lse`` and ``max_scores``, each (B, Hq, L) float32, or None."""
+
+    lse: torch.Tensor | None = None
+    max_scores: torch.Tensor | None = None
+
+
+def _validate(query, key, value, enable_gqa: bool) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise InputError(f"{name} must be 4-D (B, H, L, E), got shape {list(t.shape)}")
+        if not t.is_floating_point():
+            raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise InputError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise InputError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    B, Hq, L, E = query.shape
+    if key.shape[0] != B or value.shape[0] != B:
+        raise InputError(f"batch sizes differ: query {B}, key {key.shape[0]}, value {value.shape[0]}")
+    if key.shape[2] != value.shape[2]:
+        raise InputError(f"key and value lengths differ: {key.shape[2]} vs {value.shape[2]}")
+    if key.shape[1] != value.shape[1]:
+        raise InputError(f"key and value head counts differ: {key.shape[1]} vs {value.shape[1]}")
+    if key.shape[3] != E:
+        raise InputError(f"query and key head dims differ: {E} vs {key.shape[3]}")
+    if L == 0 or key.shape[2] == 0:
+        raise InputError(f"empty sequence: Q_LEN={L}, KV_LEN={key.shape[2]}; both must be positive")
+    Hkv = key.shape[1]
+    if enable_gqa:
+        if Hq % Hkv != 0:
+            raise InputError(f"with enable_gqa=True the query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})")
+    elif Hq != Hkv:
+        raise InputError(f"query has {Hq} heads but key/value have {Hkv}; pass enable_gqa=True for grouped-query attention")
+
+
+def _pick_backend(backend: str, query: torch.Tensor) -> str:
+    if backend == "auto":
+        return codegen.default_backend(query.device.type)
+    if backend not in codegen.BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, codegen.BACKENDS))}")
+    return backend
+
+
+def mask_of(block_mask: BlockMask) -> TracedMod:
+    """The traced mask_mod of a BlockMask (traced once, then kept on the mask)."""
+    if block_mask.traced_mask is None:
+        block_mask.traced_mask = trace_mask_mod(block_mask.mask_mod)
+    return block_mask.traced_mask
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | None = None,
+                   scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+                   kernel_options: dict | None = None, *, return_aux: AuxRequest | None = None,
+                   backend: str = "auto"):
+    r"""Attention with a user-defined score modification and block-sparse mask.
+
+    Computes ``softmax(score_mod(q @ k^T * scale) masked by block_mask) @ v``.
+
+    Args:
+        query: (B, Hq, L, E). key: (B, Hkv, S, E). value: (B, Hkv, S, Ev).
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` or None.
+        block_mask: a ``BlockMask`` from ``create_block_mask`` or None (attend everywhere).
+        scale: defaults to ``1 / sqrt(E)``.
+        enable_gqa: let Hq be a multiple of Hkv (grouped-query attention).
+        return_lse: also return the log-sum-exp (B, Hq, L) (prefer ``return_aux``).
+        kernel_options: back-end options (block sizes, ...); unknown keys are ignored.
+        return_aux: ``AuxRequest(lse=True, max_scores=True)`` returns ``(out, AuxOutput)``.
+        backend: ``"auto"`` (the fastest for the device), ``"reference"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        out (B, Hq, L, Ev) in query's dtype; plus lse or an ``AuxOutput`` when asked.
+        A fully masked query row gives 0 output and -inf lse.
+
+    Raises:
+        InputError (a ValueError): shapes, dtypes or devices that do not fit.
+        TraceError: a mod that cannot be traced (names the line).
+        BlockMaskError: a block_mask built for other sequence lengths.
+
+    Example::
+
+        >>> def causal(b, h, q_idx, kv_idx):
+        ...     return q_idx >= kv_idx
+        >>> bm = create_block_mask(causal, None, None, 256, 256)
+        >>> q = k = v = torch.randn(1, 2, 256, 16)
+        >>> flex_attention(q, k, v, block_mask=bm).shape
+        torch.Size([1, 2, 256, 16])
+    """
+    _validate(query, key, value, enable_gqa)
+    if return_lse and return_aux is not None:
+        raise InputError("pass either return_lse or return_aux, not both (return_lse is deprecated)")
+    L, S = query.shape[2], key.shape[2]
+    score = trace_score_mod(score_mod) if score_mod is not None else None
+    mask = None
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            block_mask = BlockMask.from_torch(block_mask)
+        block_mask.check_lengths(L, S)
+        mask = mask_of(block_mask)
+        _check_block_mask_batch(block_mask, query)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    run = codegen.BACKENDS[_pick_backend(backend, query)]
+    out, lse, max_scores = run(
+        query, key, value,
+        score_graph=score.graph if score else None, score_buffers=score.buffers if score else (),
+        mask_graph=mask.graph if mask else None, mask_buffers=mask.buffers if mask else (),
+        block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=dict(kernel_options or {}),
+    )
+    if return_aux is not None:
+        return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def _check_block_mask_batch(block_mask: BlockMask, query: torch.Tensor) -> None:
+    B, H = query.shape[0], query.shape[1]
+    mb, mh = block_mask.kv_num_blocks.shape[:2]
+    if mb not in (1, B) or mh not in (1, H):
+        raise InputError(f"the BlockMask has batch/heads ({mb}, {mh}) but query has ({B}, {H}); "
+                         "build it with B and H of the query (or None to broadcast)")
+
+
+def create_mask(mod_fn, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device="cpu") -> torch.Tensor:
+    """Evaluate a mask_mod (or score_mod) densely: a (B, H, Q_LEN, KV_LEN) bool tensor.
+
+    For a score_mod, True where the modified score (of a zero score) is not -inf,
+    as torch does. ``B=None`` / ``H=None`` mean 1. Cost is O(B*H*Q_LEN*KV_LEN):
+    prefer ``create_block_mask`` for long sequences.
+
+    Raises ``InputError`` for non-positive sizes and ``TraceError`` for mods that
+    cannot be traced.
+
+    Example::
+
+        >>> create_mask(lambda b, h, q, kv: q >= kv, 1, 1, 3, 3)[0, 0]
+        tensor([[ True, False, False],
+                [ True,  True, False],
+                [ True,  True,  True]])
+    """
+    B, H = B or 1, H or 1
+    for name, n in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if not isinstance(n, int) or n <= 0:
+            raise InputError(f"{name} must be a positive int, got {n!r}")
+    traced = trace(mod_fn)
+    env = index_grid(B, H, Q_LEN, KV_LEN, device)
+    buffers = [b.to(device) for b in traced.buffers]
+    if traced.graph.kind == "score_mod":
+        env["score"] = torch.zeros(B, H, Q_LEN, KV_LEN, device=device)
+        return ~torch.isneginf(evaluate(traced.graph, env, buffers).expand(B, H, Q_LEN, KV_LEN))
+    return evaluate(traced.graph, env, buffers).to(torch.bool).expand(B, H, Q_LEN, KV_LEN).contiguous()

@@ -1,0 +1,172 @@
+"""BlockMask: which (q-tile, kv-tile) pairs attention must visit.
+
+Same layout as ``torch.nn.attention.flex_attention.BlockMask``: for each
+(batch, head, q-block) row, ``kv_num_blocks``/``kv_indices`` list the
+*partial* kv blocks (the mask must be applied inside them) and
+``full_kv_num_blocks``/``full_kv_indices`` the *full* ones (no mask needed);
+blocks in neither list are empty and skipped. ``q_*`` are the transposes
+(per kv-block, the q blocks), used by the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexattn.errors import BlockMaskError
+
+DEFAULT_BLOCK_SIZE = 128
+
+EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes, as stored in a tile-class tensor
+
+
+def dense_to_ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 tiles (..., rows, cols) -> (num_blocks (..., rows), indices (..., rows, cols)).
+
+    Listed columns come first in ascending order, then the others, as torch orders them.
+    """
+    dense = dense.to(torch.int32)
+    num = dense.sum(dim=-1).to(torch.int32)
+    indices = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+    return num.contiguous(), indices.contiguous()
+
+
+def ordered_to_dense(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """Inverse of ``dense_to_ordered``: int32 0/1 tiles of shape (..., rows, num_cols)."""
+    listed = torch.arange(indices.shape[-1], device=indices.device) < num_blocks.unsqueeze(-1)
+    dense = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.int32, device=indices.device)
+    # Unlisted entries write to a spare column that is dropped afterwards.
+    target = torch.where(listed, indices.long(), num_cols)
+    dense.scatter_(-1, target, 1)
+    return dense[..., :num_cols]
+
+
+def transpose_ordered(num_blocks: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dense = ordered_to_dense(num_blocks, indices, indices.shape[-1])
+    return dense_to_ordered(dense.transpose(-2, -1))
+
+
+def _pair(block_size) -> tuple[int, int]:
+    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(pair) != 2 or not all(isinstance(x, int) and x > 0 for x in pair):
+        raise BlockMaskError(f"BLOCK_SIZE must be a positive int or a (q, kv) pair of them, got {block_size!r}")
+    return pair  # type: ignore[return-value]
+
+
+class BlockMask:
+    """Block-sparse structure of a mask plus the mask_mod to apply in partial tiles.
+
+    Shapes (``B``/``H`` may be 1 when the mask does not depend on them):
+    ``kv_num_blocks`` (B, H, Q_BLOCKS), ``kv_indices`` (B, H, Q_BLOCKS, KV_BLOCKS),
+    likewise ``full_kv_*``; ``q_num_blocks`` (B, H, KV_BLOCKS), ``q_indices``
+    (B, H, KV_BLOCKS, Q_BLOCKS), likewise ``full_q_*``. All int32.
+    """
+
+    def __init__(self, seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                 q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
+                 BLOCK_SIZE=(DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE), mask_mod=None):
+        if kv_indices.dim() < 2:
+            raise BlockMaskError("BlockMask indices must have at least 2 dimensions")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise BlockMaskError("full_kv_num_blocks and full_kv_indices must be given together")
+        from flexattn.masks import noop_mask
+
+        self.seq_lengths = tuple(seq_lengths)
+        self.kv_num_blocks = kv_num_blocks
+        self.kv_indices = kv_indices
+        self.full_kv_num_blocks = full_kv_num_blocks
+        self.full_kv_indices = full_kv_indices
+        self.q_num_blocks = q_num_blocks
+        self.q_indices = q_indices
+        self.full_q_num_blocks = full_q_num_blocks
+        self.full_q_indices = full_q_indices
+        self.BLOCK_SIZE = _pair(BLOCK_SIZE)
+        self.mask_mod = mask_mod if mask_mod is not None else noop_mask
+        # Set by create_block_mask: the traced mask (so attention need not trace again)
+        # and how the tiles were decided (see explain()).
+        self.traced_mask = None
+        self.stats: dict = {}
+
+    @classmethod
+    def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
+                       BLOCK_SIZE=DEFAULT_BLOCK_SIZE, mask_mod=None, seq_lengths=None,
+                       compute_q_blocks=True) -> "BlockMask":
+        """Build a BlockMask from kv-major block lists (as ``torch``'s ``from_kv_blocks``).
+
+        Raises ``BlockMaskError`` if ``kv_indices`` has fewer than 2 dims or only one
+        of ``full_kv_num_blocks`` / ``full_kv_indices`` is given.
+        """
+        if kv_indices.dim() < 2:
+            raise BlockMaskError("BlockMask indices must have at least 2 dimensions")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise BlockMaskError("full_kv_num_blocks and full_kv_indices must be given together")
+        q_num = q_idx = full_q_num = full_q_idx = None
+        if compute_q_blocks:
+            q_num, q_idx = transpose_ordered(kv_num_blocks, kv_indices)
+            if full_kv_num_blocks is not None:
+                full_q_num, full_q_idx = transpose_ordered(full_kv_num_blocks, full_kv_indices)
+        block = _pair(BLOCK_SIZE)
+        if seq_lengths is None:
+            seq_lengths = (kv_indices.shape[-2] * block[0], kv_indices.shape[-1] * block[1])
+        return cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                   q_num, q_idx, full_q_num, full_q_idx, block, mask_mod)
+
+    @classmethod
+    def from_tile_classes(cls, classes: torch.Tensor, BLOCK_SIZE, seq_lengths, mask_mod=None) -> "BlockMask":
+        """Build from a (B, H, Q_BLOCKS, KV_BLOCKS) tensor of EMPTY/PARTIAL/FULL codes."""
+        kv_num, kv_idx = dense_to_ordered(classes == PARTIAL)
+        full_num, full_idx = dense_to_ordered(classes == FULL)
+        return cls.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE, mask_mod, seq_lengths)
+
+    def tile_classes(self) -> torch.Tensor:
+        """(B, H, Q_BLOCKS, KV_BLOCKS) int8 tensor of EMPTY (0) / PARTIAL (1) / FULL (2)."""
+        n_cols = self.kv_indices.shape[-1]
+        classes = ordered_to_dense(self.kv_num_blocks, self.kv_indices, n_cols).to(torch.int8)
+        if self.full_kv_num_blocks is not None:
+            full = ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, n_cols)
+            classes = torch.where(full.bool(), torch.tensor(FULL, dtype=torch.int8), classes)
+        return classes
+
+    def as_tuple(self, flatten: bool = True) -> tuple:
+        """The fields as a tuple, in torch's order."""
+        tensors = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+                   self.q_num_blocks, self.q_indices, self.full_q_num_blocks, self.full_q_indices)
+        if flatten:
+            return (*self.seq_lengths, *tensors, *self.BLOCK_SIZE, self.mask_mod)
+        return (self.seq_lengths, *tensors, self.BLOCK_SIZE, self.mask_mod)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, H, Q_LEN, KV_LEN)."""
+        *batch, _ = self.kv_num_blocks.shape
+        return (*batch, *self.seq_lengths)
+
+    def to_dense(self) -> torch.Tensor:
+        """(B, H, Q_BLOCKS, KV_BLOCKS) int32: 1 where a tile is visited (partial or full)."""
+        n_cols = self.kv_indices.shape[-1]
+        dense = ordered_to_dense(self.kv_num_blocks, self.kv_indices, n_cols)
+        if self.full_kv_num_blocks is not None:
+            dense = dense | ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, n_cols)
+        return dense
+
+    def numel(self) -> int:
+        """Number of elements of the (B, H, Q_LEN, KV_LEN) mask this describes."""
+        b, h, q, kv = self.shape
+        return b * h * q * kv
+
+    def sparsity(self) -> float:
+        """Percentage of tiles skipped (empty), as torch computes it."""
+        q_block, kv_block = self.BLOCK_SIZE
+        visited = self.to_dense().sum().item() * q_block * kv_block
+        return 100.0 * (1.0 - visited / max(self.numel(), 1))
+
+    def check_lengths(self, q_len: int, kv_len: int) -> None:
+        """Raise ``BlockMaskError`` unless this mask was built for these lengths."""
+        if (q_len, kv_len) != tuple(self.seq_lengths):
+            raise BlockMaskError(
+                f"this BlockMask was built for Q_LEN={self.seq_lengths[0]}, KV_LEN={self.seq_lengths[1]}, "
+                f"but the inputs have Q_LEN={q_len}, KV_LEN={kv_len}. Build it with "
+                f"create_block_mask(mask_mod, B, H, {q_len}, {kv_len}).")
+
+    def __repr__(self) -> str:
+        return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "
+                f"sparsity={self.sparsity():.2f}%, mask_mod={getattr(self.mask_mod, '__name__', self.mask_mod)})")

@@ -1,0 +1,46 @@
+"""Mask combinators with torch's names: ``and_masks``, ``or_masks``, ``noop_mask``.
+
+Combined masks are ordinary mask_mods, so they trace into one IR graph where
+``&`` / ``|`` join the parts and the analysis classifies tiles of the whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+
+
+def noop_mask(b, h, q_idx, kv_idx):
+    """A mask_mod that keeps every position (returns True)."""
+    return torch.ones_like(q_idx, dtype=torch.bool)
+
+
+def _combine(mask_mods, op, name: str):
+    if not mask_mods:
+        raise TypeError(f"{name} needs at least one mask_mod")
+    for m in mask_mods:
+        if not callable(m):
+            raise TypeError(f"{name} takes mask_mod callables, got {type(m).__name__}")
+
+    def combined(b, h, q_idx, kv_idx):
+        return functools.reduce(op, (m(b, h, q_idx, kv_idx) for m in mask_mods))
+
+    combined.__name__ = f"{name}({', '.join(getattr(m, '__name__', 'mask') for m in mask_mods)})"
+    return combined
+
+
+def and_masks(*mask_mods):
+    """The intersection of mask_mods: a position is kept if every mask keeps it.
+
+    Example::
+
+        >>> doc_window = and_masks(document_mask, sliding_window_mask)
+    """
+    return _combine(mask_mods, operator.and_, "and_masks")
+
+
+def or_masks(*mask_mods):
+    """The union of mask_mods: a position is kept if any mask keeps it."""
+    return _combine(mask_mods, operator.or_, "or_masks")
