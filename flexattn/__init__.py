@@ -11,11 +11,12 @@ from flexattn.ir import DType, Graph, Node, Op
 from flexattn.masks import and_masks, noop_mask, or_masks
 from flexattn.block_mask import BlockMask
 from flexattn.trace import TracedMod, trace, trace_mask_mod, trace_score_mod
+from flexattn.analysis import create_block_mask
 from flexattn.api import AuxOutput, AuxRequest, InputError, create_mask, flex_attention
 
 __all__ = [
     "AuxOutput", "AuxRequest", "BlockMask", "BlockMaskError", "DType", "FlexAttnError", "Graph",
     "InputError", "LoweringError", "Node", "Op", "TraceError", "TracedMod", "and_masks",
-    "create_mask", "flex_attention", "noop_mask", "or_masks", "trace", "trace_mask_mod",
+    "create_block_mask", "create_mask", "flex_attention", "noop_mask", "or_masks", "trace", "trace_mask_mod",
     "trace_score_mod",
 ]
