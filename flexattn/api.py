@@ -171,7 +171,7 @@ def create_mask(mod_fn, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, d
                 [ True,  True, False],
                 [ True,  True,  True]])
     """
-    B, H = B or 1, H or 1
+    B, H = 1 if B is None else B, 1 if H is None else H
     for name, n in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
         if not isinstance(n, int) or n <= 0:
             raise InputError(f"{name} must be a positive int, got {n!r}")
