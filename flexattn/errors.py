@@ -35,3 +35,9 @@ class BlockMaskError(FlexAttnError, ValueError):
 
 class LoweringError(FlexAttnError, NotImplementedError):
     """A back end cannot lower an IR construct (names the op and the back end)."""
+
+
+class PagedCacheError(FlexAttnError, ValueError):
+    """A paged KV cache was asked for something it cannot do (pool full, slot or
+    position out of range, page size not a multiple of the block size). The
+    cache is left unchanged."""

@@ -1,0 +1,169 @@
+"""Attention speed on CPU: flexattn (torch back end) vs torch.compile(torch flex_attention) vs SDPA.
+
+fp32, B=1, H=8, D=64, one process. Prints a markdown table (median ms of a
+few runs after a warm-up; ratio < 1 means flexattn is faster) and, with
+``--cold``, the first-call time of a new mod in fresh processes: once with
+an empty kernel cache directory and once with the cache it left on disk.
+
+    python benchmarks/attention.py            # the table (several minutes: torch compiles each shape)
+    python benchmarks/attention.py --cold     # cold / warm-disk first-call times
+    python benchmarks/attention.py --rows causal  # only rows whose name contains "causal"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import flex_attention as torch_flex
+
+import flexattn
+
+B, H, D = 1, 8, 64
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def alibi_mod(heads):
+    slopes = torch.exp2(-torch.arange(1, heads + 1, dtype=torch.float32) * 8 / heads)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+    return alibi
+
+
+def sliding_window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx <= 1024)
+
+
+def documents(n):
+    lengths = torch.randint(256, 2048, (n // 256,), generator=torch.Generator().manual_seed(0))
+    doc_id = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[:n]
+
+    def document(b, h, q_idx, kv_idx):
+        return (doc_id[q_idx] == doc_id[kv_idx]) & (q_idx >= kv_idx)
+    return document
+
+
+# name, length, score_mod, mask_mod, SDPA equivalent ("causal", "none" or None), backward?
+ROWS = [
+    ("causal 2k", 2048, None, causal, "causal", False),
+    ("causal 4k", 4096, None, causal, "causal", False),
+    ("causal 8k", 8192, None, causal, "causal", False),
+    ("causal + ALiBi 4k", 4096, alibi_mod(H), causal, None, False),
+    ("sliding window 1024, 16k", 16384, None, sliding_window, None, False),
+    ("packed documents 8k", 8192, None, documents(8192), None, False),
+    ("no mask 2k", 2048, None, None, "none", False),
+    ("causal 4k, fwd+bwd", 4096, None, causal, "causal", True),
+]
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()  # warm-up (and compilation, for torch.compile)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure(name, n, score_mod, mask_mod, sdpa, backward, reps, compiled_flex):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, requires_grad=backward) for _ in range(3))
+    ours_mask = flexattn.create_block_mask(mask_mod, None, None, n, n) if mask_mod else None
+    theirs_mask = torch_flex.create_block_mask(mask_mod, None, None, n, n, device="cpu") if mask_mod else None
+
+    def step(fn):
+        def run():
+            out = fn()
+            if backward:
+                out.sum().backward()
+        return run
+
+    ours = step(lambda: flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=ours_mask,
+                                                backend="torch"))
+    theirs = step(lambda: compiled_flex(q, k, v, score_mod=score_mod, block_mask=theirs_mask))
+    ours_ms = median_ms(ours, reps)
+    try:
+        theirs_ms = median_ms(theirs, reps)
+    except NotImplementedError:  # torch's flex_attention has no backward on CPU
+        theirs_ms = None
+    sdpa_ms = None
+    if sdpa is not None:
+        sdpa_ms = median_ms(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=sdpa == "causal")), reps)
+    return ours_ms, theirs_ms, sdpa_ms
+
+
+def table(rows_filter: str, reps: int) -> None:
+    compiled_flex = torch.compile(torch_flex.flex_attention)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B={B}, H={H}, D={D}")
+    print("| row | flexattn ms | torch flex (compiled) ms | SDPA ms | flexattn / torch flex | flexattn / SDPA |")
+    print("|---|---|---|---|---|---|")
+    for name, n, score_mod, mask_mod, sdpa, backward in ROWS:
+        if rows_filter not in name:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours, theirs, sdpa_ms = measure(name, n, score_mod, mask_mod, sdpa, backward,
+                                            reps if n <= 4096 else max(2, reps // 2), compiled_flex)
+        theirs_cell = f"{theirs:.1f}" if theirs is not None else "not supported on CPU"
+        theirs_ratio = f"{ours / theirs:.2f}" if theirs is not None else "-"
+        sdpa_cell = f"{sdpa_ms:.1f}" if sdpa_ms is not None else "-"
+        sdpa_ratio = f"{ours / sdpa_ms:.2f}" if sdpa_ms is not None else "-"
+        print(f"| {name} | {ours:.1f} | {theirs_cell} | {sdpa_cell} | {theirs_ratio} | {sdpa_ratio} |", flush=True)
+
+
+FIRST_CALL = """
+import time
+start = time.perf_counter()
+import torch, flexattn
+imported = time.perf_counter()
+def sliding_alibi(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx <= 300)
+def bias(score, b, h, q_idx, kv_idx):
+    return score + 0.01 * torch.tanh((q_idx - kv_idx) / 8.0) * (h + 1)
+q = torch.randn(1, 8, 1024, 64)
+bm = flexattn.create_block_mask(sliding_alibi, None, None, 1024, 1024)
+flexattn.flex_attention(q, q, q, score_mod=bias, block_mask=bm, backend="torch")
+done = time.perf_counter()
+print(f"{imported - start:.2f} {done - imported:.2f}")
+"""
+
+
+def cold(repeats: int = 2) -> None:
+    print("| process | import torch + flexattn s | first call (create_block_mask + attention) s |")
+    print("|---|---|---|")
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as cache_dir:
+            env = dict(os.environ, FLEXATTN_CACHE_DIR=cache_dir)
+            for label in ("fresh, empty cache dir", "second, warm disk cache"):
+                out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True,
+                                     text=True, check=True).stdout.split()
+                print(f"| {label} | {out[0]} | {out[1]} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="", help="only rows whose name contains this")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--cold", action="store_true", help="measure first-call times in fresh processes")
+    args = parser.parse_args()
+    if args.cold:
+        cold()
+    else:
+        table(args.rows, args.reps)
+
+
+if __name__ == "__main__":
+    main()

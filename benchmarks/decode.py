@@ -1,0 +1,170 @@
+"""Decode benchmark (CPU, fp32): one new query token per sequence against a long KV cache.
+
+Shapes: B=8, Hq=32, Hkv=8 (GQA), D=128, Q_LEN=1, KV_LEN 4k/16k/32k. The
+sequences of a batch have different lengths (row b holds KV_LEN * (1 - b/16)
+tokens), as in a serving batch; two masks:
+
+* ``causal``: causal with an offset, ``kv_idx <= length[b] - 1 + q_idx``;
+* ``sliding``: the same, limited to the last WINDOW tokens.
+
+Rows: flexattn (``backend="auto"``), flexattn's split-KV decode path
+(``codegen.split_kv``, called directly until flex_attention dispatches to it),
+``torch.compile(torch flex_attention)``, ``scaled_dot_product_attention`` with
+a dense bool mask, and both flexattn paths on a paged cache holding the same data (pages handed out round-robin as the
+sequences grow, so they interleave in the pool). Decode is memory-bound, so
+next to the time each row reports the K/V bytes the mask needs (fp32, each
+needed position's key and value read once) divided by the time, and the
+machine's copy bandwidth measured on a large tensor copy (bytes read +
+written per second). Conversion of the logical BlockMask to pages is timed
+apart ("convert"): it is per step, not per layer.
+
+Run: ``python benchmarks/decode.py`` (``--kv-lens 4096 --no-compile`` for a quick run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.attention.flex_attention as torch_flex
+import torch.nn.functional as F
+
+import flexattn
+from codegen.split_kv import decode_attention
+from flexattn.paged import PagedKVCache
+
+B, H_Q, H_KV, HEAD_DIM, WINDOW, PAGE_SIZE = 8, 32, 8, 128, 1024, 128
+BLOCK_SIZE = (1, PAGE_SIZE)  # one query row; kv tiles of a page
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of ``reps`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def split_kv(q, k, v, block_mask):
+    """flexattn's split-KV decode path (``codegen.split_kv``), called as a back end."""
+    traced = flexattn.trace_mask_mod(block_mask.mask_mod)
+    return decode_attention(q, k, v, score_graph=None, score_buffers=(), mask_graph=traced.graph,
+                            mask_buffers=traced.buffers, block_mask=block_mask, scale=HEAD_DIM ** -0.5,
+                            enable_gqa=True, kernel_options={})[0]
+
+
+def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
+    """GB/s of ``dst.copy_(src)`` on a large fp32 tensor, counting bytes read and written."""
+    src = torch.randn(n_bytes // 4)
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / timed(lambda: dst.copy_(src), 5) / 1e9
+
+
+def masks(lengths: torch.Tensor):
+    """The mask_mods by name, for the per-row lengths (flexattn and torch trace the same functions)."""
+    last = lengths - 1
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= last[b] + q_idx
+
+    def sliding(b, h, q_idx, kv_idx):
+        q = last[b] + q_idx
+        return (kv_idx <= q) & (q - kv_idx < WINDOW)
+
+    return {"causal": causal, "sliding": sliding}
+
+
+def paged_copy(k: torch.Tensor, v: torch.Tensor, lengths: list[int]):
+    """A PagedKVCache holding the same K/V, its pages interleaved round-robin like growing sequences."""
+    n_pages = sum(-(-n // PAGE_SIZE) for n in lengths)
+    cache = PagedKVCache(n_pages, PAGE_SIZE, len(lengths))
+    k_cache = torch.zeros(1, H_KV, cache.n_positions, HEAD_DIM)
+    v_cache = torch.zeros_like(k_cache)
+    for pages in range(1, max(lengths) // PAGE_SIZE + 2):
+        for b, n in enumerate(lengths):
+            cache.reserve(b, min(n, pages * PAGE_SIZE))
+    for b, n in enumerate(lengths):
+        cache.assign(torch.tensor([b]), torch.arange(n)[None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], k_cache, v_cache)
+    return cache, k_cache, v_cache
+
+
+def bench_length(kv_len: int, reps: int, compile_torch: bool, bandwidth: float) -> list[tuple]:
+    torch.manual_seed(0)
+    q = torch.randn(B, H_Q, 1, HEAD_DIM)
+    k = torch.randn(B, H_KV, kv_len, HEAD_DIM)
+    v = torch.randn(B, H_KV, kv_len, HEAD_DIM)
+    lengths = [kv_len - b * kv_len // 16 for b in range(B)]
+    cache, k_cache, v_cache = paged_copy(k, v, lengths)
+    k_pages, v_pages = cache.expand_kv(k_cache, v_cache, B)
+    compiled_flex = torch.compile(torch_flex.flex_attention, dynamic=False) if compile_torch else None
+    rows = []
+    for name, mask_mod in masks(torch.tensor(lengths)).items():
+        needed = sum(min(n, WINDOW) if name == "sliding" else n for n in lengths)
+        kv_bytes = 2 * needed * H_KV * HEAD_DIM * 4
+
+        def report(impl, seconds, vs_contiguous=""):
+            gbps = kv_bytes / seconds / 1e9
+            rows.append((name, kv_len, impl, seconds * 1e3, gbps, 100 * gbps / bandwidth, vs_contiguous))
+
+        logical = flexattn.create_block_mask(mask_mod, B, None, 1, kv_len, BLOCK_SIZE=BLOCK_SIZE)
+        ours = lambda: flexattn.flex_attention(q, k, v, block_mask=logical, enable_gqa=True)  # noqa: E731
+        expected = ours()
+        contiguous = timed(ours, reps)
+        report("flexattn", contiguous)
+        torch.testing.assert_close(split_kv(q, k, v, logical), expected, rtol=1e-5, atol=1e-5)
+        split_contiguous = timed(lambda: split_kv(q, k, v, logical), reps)
+        report("flexattn split-KV", split_contiguous)
+        if compiled_flex is not None:
+            theirs = torch_flex.create_block_mask(mask_mod, B, None, 1, kv_len, device="cpu", BLOCK_SIZE=PAGE_SIZE)
+            torch.testing.assert_close(compiled_flex(q, k, v, block_mask=theirs, enable_gqa=True), expected,
+                                       rtol=1e-4, atol=1e-4)
+            report("torch.compile(flex_attention)",
+                   timed(lambda: compiled_flex(q, k, v, block_mask=theirs, enable_gqa=True), reps))
+        dense = flexattn.create_mask(mask_mod, B, 1, 1, kv_len)
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True),
+                                   expected, rtol=1e-4, atol=1e-4)
+        report("scaled_dot_product_attention",
+               timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True), reps))
+
+        paged_mask = cache.convert_logical_block_mask(logical)
+        paged = lambda: flexattn.flex_attention(q, k_pages, v_pages, block_mask=paged_mask,  # noqa: E731
+                                                enable_gqa=True)
+        torch.testing.assert_close(paged(), expected, rtol=1e-5, atol=1e-5)
+        seconds = timed(paged, reps)
+        report("flexattn paged", seconds, f"{seconds / contiguous:.3f}x")
+        torch.testing.assert_close(split_kv(q, k_pages, v_pages, paged_mask), expected, rtol=1e-5, atol=1e-5)
+        seconds = timed(lambda: split_kv(q, k_pages, v_pages, paged_mask), reps)
+        report("flexattn split-KV paged", seconds, f"{seconds / split_contiguous:.3f}x")
+        convert = timed(lambda: cache.convert_logical_block_mask(logical), reps)
+        rows.append((name, kv_len, "  convert_logical_block_mask", convert * 1e3, None, None, ""))
+    return rows
+
+
+def main(kv_lens=(4096, 16384, 32768), reps: int = 10, compile_torch: bool = True) -> None:
+    torch.set_grad_enabled(False)
+    bandwidth = copy_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} Hq={H_Q} Hkv={H_KV} D={HEAD_DIM} "
+          f"Q_LEN=1 fp32, window {WINDOW}, page {PAGE_SIZE}, flexattn backend auto = "
+          f"{flexattn.api.codegen.default_backend('cpu')}")
+    print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s\n")
+    print("| mask | KV_LEN | implementation | ms | K/V GB/s | % of copy bw | paged / contiguous |")
+    print("|---|---|---|---|---|---|---|")
+    for kv_len in kv_lens:
+        for name, n, impl, ms, gbps, share, ratio in bench_length(kv_len, reps, compile_torch, bandwidth):
+            rate = "" if gbps is None else f"{gbps:.1f}"
+            pct = "" if share is None else f"{share:.0f}%"
+            print(f"| {name} | {n} | {impl} | {ms:.2f} | {rate} | {pct} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kv-lens", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(flex_attention)")
+    args = parser.parse_args()
+    main(tuple(args.kv_lens), args.reps, not args.no_compile)

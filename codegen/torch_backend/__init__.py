@@ -1,0 +1,95 @@
+"""The torch back end: IR -> generated block-sparse flash attention in torch code.
+
+``compile_kernel(score_graph, mask_graph, options)`` returns a ``Kernel``
+whose ``source`` is the generated module (the mods printed as torch
+expressions over tile index tensors, and the block-sparse forward/backward
+loops of ``template``). Kernels are cached in memory and on disk
+(``codegen.cache``) by the graphs' structural keys *without* constant values
+or buffer shapes, plus the options: constants and buffers are run-time
+arguments, so a new window size, document layout or bias table reuses the
+kernel; so do new sequence lengths and batch sizes. The kernel does not
+depend on the input dtype (the compute float is chosen at run time).
+
+The generated code runs eagerly; it is not wrapped in ``torch.compile``: on
+this code (large batched matmuls plus a few elementwise passes per piece)
+eager already spends its time in matmul/exp kernels, while compiling would
+cost seconds on the first call (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import linecache
+from pathlib import Path
+
+from codegen.cache import KERNELS
+from codegen.torch_backend.kernel import Kernel
+from codegen.torch_backend.printer import constants_of
+from codegen.torch_backend.template import kernel_source
+from flexattn.ir import Graph
+
+# Kernels written by another version of the generator are stale (rebuilt, never used).
+_GENERATOR_FILES = ("template.py", "printer.py", "runtime.py", "tiles.py")
+
+
+def _generator_version() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in _GENERATOR_FILES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+GENERATOR_VERSION = _generator_version()
+
+
+def kernel_key(score_graph: Graph | None, mask_graph: Graph | None, options: dict) -> str:
+    """The cache key: structure of both mods (no constants, no buffer shapes) + options."""
+    parts = [
+        score_graph.structural_key(constants=False, shapes=False) if score_graph is not None else "-",
+        mask_graph.structural_key(constants=False, shapes=False) if mask_graph is not None else "-",
+        repr(sorted((str(k), repr(v)) for k, v in options.items())),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _load(source: str, filename: str) -> dict:
+    """Execute generated source as a module namespace (registered so tracebacks show its lines)."""
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict = {"__name__": f"flexattn_kernel_{Path(filename).stem}", "__source__": source}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace
+
+
+def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None, options: dict | None = None) -> Kernel:
+    """A kernel for these mods (cached), bound to these graphs' constants.
+
+    Returns a ``Kernel``; call it as ``kernel(query, key, value, *,
+    score_buffers, mask_buffers, block_mask, scale, enable_gqa) -> (out, lse,
+    max_scores)``. Options: ``max_tiles`` (KV tiles per gathered chunk,
+    default 16), ``BLOCK_SIZE`` (tile size when ``block_mask`` is None,
+    default 128). Raises ``LoweringError`` for an op the printer cannot lower.
+
+    Example::
+
+        >>> kernel = compile_kernel(None, trace_mask_mod(causal).graph, {})
+        >>> out, lse, max_scores = kernel(q, k, v, score_buffers=(), mask_buffers=(),
+        ...                               block_mask=bm, scale=None, enable_gqa=False)
+    """
+    options = dict(options or {})
+    key = kernel_key(score_graph, mask_graph, options)
+    namespace = KERNELS.get("torch", key, GENERATOR_VERSION,
+                            build=lambda: kernel_source(score_graph, mask_graph), load=_load)
+    return Kernel(namespace, options, constants_of(score_graph), constants_of(mask_graph),
+                  has_score_mod=score_graph is not None)
+
+
+def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask_buffers, block_mask,
+              scale, enable_gqa, kernel_options):
+    """Back-end entry point (see ``codegen.BACKENDS``): compile (cached) and run."""
+    kernel = compile_kernel(score_graph, mask_graph, kernel_options)
+    return kernel(query, key, value, score_buffers=score_buffers, mask_buffers=mask_buffers,
+                  block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+__all__ = ["Kernel", "attention", "compile_kernel", "kernel_key"]

@@ -1,0 +1,153 @@
+"""The work list of a block-sparse kernel: which KV tiles each query block row visits.
+
+``plan_rows`` reads a BlockMask once per call and returns, for every query
+block row with at least one non-empty tile, a list of ``Piece``s: runs of KV
+tiles that the kernel gathers into one contiguous (…, cols, D) chunk and
+handles with one batched matmul over (batch, heads). FULL tiles come first in
+a piece (no mask), PARTIAL tiles after them (mask applied); EMPTY tiles are
+never listed, so work is proportional to the non-empty tiles.
+
+When the BlockMask has batch/head dimensions of 1 every (b, h) visits the same
+tiles (``Piece.tiles`` is 1-D). Otherwise each (b, h) lists its own tiles,
+padded to the longest list of that row; padded slots point at tile 0 and are
+switched off by ``Piece.valid``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Piece:
+    """A run of KV tiles of one query block row.
+
+    ``tiles``: int64 (n,) shared by all (b, h), or (Bm, Hm, n) per (b, h).
+    ``span``: ``(first, stop)`` when the shared tiles are consecutive (the
+    kernel then slices K/V instead of gathering them), else None.
+    ``partial_runs``: ``(start, stop)`` column ranges that come from PARTIAL
+    tiles (the mask is applied there only); every other column is FULL.
+    ``kv_idx``: int64 (1, 1, 1, cols) or (Bm, Hm, 1, cols): the key position of each column.
+    ``valid``: bool (Bm, Hm, 1, cols) or None: False at padded slots and at
+    key positions past KV_LEN (the last tile of an odd length).
+    """
+
+    tiles: torch.Tensor
+    span: tuple[int, int] | None
+    partial_runs: list[tuple[int, int]]
+    kv_idx: torch.Tensor
+    valid: torch.Tensor | None
+
+
+@dataclass
+class Row:
+    """One query block row: query positions ``[q_start, q_stop)`` and its pieces."""
+
+    q_start: int
+    q_stop: int
+    pieces: list[Piece]
+
+
+def _runs(flags: list[bool], kv_block: int) -> list[tuple[int, int]]:
+    """Column ranges of the consecutive True flags (one flag per tile)."""
+    runs: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if not flag:
+            continue
+        if runs and runs[-1][1] == i * kv_block:
+            runs[-1] = (runs[-1][0], (i + 1) * kv_block)
+        else:
+            runs.append((i * kv_block, (i + 1) * kv_block))
+    return runs
+
+
+def _piece(full: torch.Tensor, partial: torch.Tensor, full_count, partial_count,
+           kv_block: int, kv_len: int) -> Piece:
+    tiles = torch.cat([full, partial], dim=-1).long()
+    n_full = full.shape[-1]
+    span = None
+    if tiles.dim() == 1:
+        # Shared tiles in ascending order: FULL and PARTIAL tiles usually form one
+        # consecutive span (causal, sliding window), so K/V are sliced, not copied.
+        order = tiles.argsort()
+        tiles = tiles[order]
+        listed = tiles.tolist()
+        if listed == list(range(listed[0], listed[0] + len(listed))):
+            span = (listed[0], listed[0] + len(listed))
+        partial_runs = _runs((order >= n_full).tolist(), kv_block)
+    else:
+        partial_runs = [(n_full * kv_block, tiles.shape[-1] * kv_block)] if partial.shape[-1] else []
+    kv_idx = (tiles.unsqueeze(-1) * kv_block + torch.arange(kv_block)).flatten(-2)
+    valid = kv_idx < kv_len if kv_len % kv_block else None
+    if full_count is not None:  # per-(b, h) lists: switch off the padded slots
+        slot = torch.arange(tiles.shape[-1])
+        listed = torch.where(slot < n_full, slot < full_count.unsqueeze(-1),
+                             (slot - n_full) < partial_count.unsqueeze(-1))
+        listed = listed.repeat_interleave(kv_block, dim=-1)
+        valid = listed if valid is None else valid & listed
+    if tiles.dim() == 1:
+        kv_idx = kv_idx.view(1, 1, 1, -1)
+        valid = valid.view(1, 1, 1, -1) if valid is not None else None
+    else:
+        kv_idx = kv_idx.unsqueeze(-2)
+        valid = valid.unsqueeze(-2) if valid is not None else None
+    return Piece(tiles, span, partial_runs, kv_idx, valid)
+
+
+def plan_rows(block_mask, q_len: int, kv_len: int, block_size: tuple[int, int],
+              max_tiles: int) -> list[Row]:
+    """The rows (and their pieces of at most ``max_tiles`` tiles) a kernel visits.
+
+    ``block_mask`` None means every tile is FULL. Tile indices past the last KV
+    tile are clamped into range, so a malformed mask cannot make the kernel
+    read out of bounds.
+
+    Example::
+
+        >>> rows = plan_rows(None, 300, 300, (128, 128), max_tiles=16)
+        >>> [(r.q_start, r.q_stop, len(r.pieces)) for r in rows]
+        [(0, 128, 1), (128, 256, 1), (256, 300, 1)]
+    """
+    q_block, kv_block = block_size
+    q_blocks, kv_blocks = math.ceil(q_len / q_block), math.ceil(kv_len / kv_block)
+    if block_mask is None:
+        every = torch.arange(kv_blocks)
+        none = every[:0]
+        pieces = [_piece(every[s:s + max_tiles], none, None, None, kv_block, kv_len)
+                  for s in range(0, kv_blocks, max_tiles)]
+        return [Row(i * q_block, min((i + 1) * q_block, q_len), pieces) for i in range(q_blocks)]
+
+    partial_num = block_mask.kv_num_blocks[..., :q_blocks].long()
+    partial_idx = block_mask.kv_indices[..., :q_blocks, :].long().clamp(0, kv_blocks - 1)
+    if block_mask.full_kv_num_blocks is not None:
+        full_num = block_mask.full_kv_num_blocks[..., :q_blocks].long()
+        full_idx = block_mask.full_kv_indices[..., :q_blocks, :].long().clamp(0, kv_blocks - 1)
+    else:
+        full_num = torch.zeros_like(partial_num)
+        full_idx = partial_idx[..., :0]
+    shared = partial_num.shape[0] == 1 and partial_num.shape[1] == 1
+    full_max = full_num.amax(dim=(0, 1)).tolist()
+    partial_max = partial_num.amax(dim=(0, 1)).tolist()
+    rows = []
+    for i in range(q_blocks):
+        nf, np_ = full_max[i], partial_max[i]
+        if nf + np_ == 0:
+            continue
+        pieces = []
+        # Split the row into pieces of at most max_tiles tiles (merged by online softmax).
+        for start in range(0, nf + np_, max_tiles):
+            stop = min(start + max_tiles, nf + np_)
+            f0, f1 = min(start, nf), min(stop, nf)
+            p0, p1 = max(start - nf, 0), max(stop - nf, 0)
+            if shared:
+                pieces.append(_piece(full_idx[0, 0, i, f0:f1], partial_idx[0, 0, i, p0:p1],
+                                     None, None, kv_block, kv_len))
+            else:
+                pieces.append(_piece(full_idx[:, :, i, f0:f1], partial_idx[:, :, i, p0:p1],
+                                     full_num[:, :, i] - f0, partial_num[:, :, i] - p0,
+                                     kv_block, kv_len))
+        rows.append(Row(i * q_block, min((i + 1) * q_block, q_len), pieces))
+    return rows
