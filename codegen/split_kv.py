@@ -12,10 +12,13 @@ cost is reading K/V. This path is organised around that read:
   sum of ``exp(s - m)`` and its unnormalised output); the partials are merged
   by their log-sum-exp at the end. Chunks need no running state from each
   other, so they can run in parallel; a chunk of consecutive tiles is a view
-  of the cache (no copy), a chunk of scattered tiles (a paged cache) is
-  gathered once.
-* Only tiles the BlockMask visits are read; inside a chunk the mask_mod is
-  evaluated only when one of its tiles is PARTIAL for some row.
+  of the cache (no copy), a chunk of scattered tiles is gathered once.
+* **A paged pool** (K/V shared by the batch with stride 0, each tile visited
+  by one row) is processed tile-major: every tile is a chunk, matched with
+  its owner row's queries, all tiles of a KV head in one batched matmul on
+  views of the pool; the tiles' partials are merged per row.
+* Only tiles the BlockMask visits are read; the mask_mod is evaluated only
+  where a tile is PARTIAL for some row.
 
 The mods are evaluated by ``flexattn.semantics.evaluate`` on the chunk's
 index tensors, so any IR graph works. Entry point ``decode_attention`` has the
@@ -63,7 +66,7 @@ def decode_attention(query, key, value, *, score_graph, score_buffers, mask_grap
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *score_buffers)):
         raise LoweringError("split-KV decoding is forward only; use the general path when gradients are needed")
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    q, k, v = query.to(compute), key.to(compute), value.to(compute)
+    q, k, v = query.to(compute), _to_compute(key, compute), _to_compute(value, compute)
     q_block, kv_block = block_mask.BLOCK_SIZE if block_mask is not None else (L, 128)
     tiles_per_chunk = max(1, -(-int(kernel_options.get("SPLIT_KV_CHUNK", DEFAULT_CHUNK)) // kv_block))
     n_tiles = -(-S // kv_block)
@@ -100,85 +103,110 @@ def decode_attention(query, key, value, *, score_graph, score_buffers, mask_grap
     return out.to(query.dtype), lse, max_scores
 
 
+def _to_compute(x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """x in the compute float; a batch-broadcast pool (stride 0) is converted once, not per row."""
+    if x.stride(0) == 0 and x.dtype != compute:
+        return x[:1].to(compute).expand_as(x)
+    return x.to(compute)
+
+
 def _page_owners(k, v, classes, B: int, kv_block: int) -> torch.Tensor | None:
     """For a KV pool shared by the batch (a paged cache), the row that visits each tile.
 
     Returns (T,) int64 row indices (-1: no row visits the tile) when every row
-    reads the same K/V memory and no tile is visited by two rows; else None.
+    reads the same K/V memory, no tile is visited by two rows and some row's
+    tiles are scattered (else None: per-row chunks are views of the cache).
     """
     shared = B == 1 or (k.stride(0) == 0 and v.stride(0) == 0)
     if not shared or classes.shape[1] != 1 or k.shape[2] % kv_block or (classes.shape[0] != B and B > 1):
         return None
     visits = (classes[:, 0] != EMPTY).any(dim=1)  # (B, T)
     count = visits.sum(dim=0)
-    if bool((count > 1).any()):
+    per_row = visits.sum(dim=1)
+    first = visits.to(torch.int8).argmax(dim=1)
+    last = visits.shape[1] - 1 - visits.flip(1).to(torch.int8).argmax(dim=1)
+    scattered = (per_row > 0) & (last - first + 1 != per_row)
+    if bool((count > 1).any()) or not bool(scattered.any()):
         return None
     return torch.where(count == 1, visits.to(torch.int8).argmax(dim=0), -1)
 
 
 def _pool_major(q, k, v, classes, owner, scale, mods, out, lse, max_scores):
-    """Split-KV over a paged pool: every tile is a chunk, read in place by its owner row's queries.
+    """Split-KV over a paged pool: every tile is a chunk, matched with its owner row's queries.
 
     q (B, Hq, L, E); k/v (Hkv, S, D) the pool; ``owner`` (T,) from ``_page_owners``.
-    Per KV head one batched matmul over the visited tiles (the range holding
-    them as a view of the pool when they fill most of it, else a copy of just
-    them), then the tiles' partials are merged per owner row.
+    When the visited tiles fill most of the range holding them, the range is
+    read in place (a view of the pool, one KV head per batched matmul); else
+    just the visited tiles are copied once, all KV heads in one batched matmul.
+    The tiles' partials are then merged per owner row by log-sum-exp.
     Writes out (B, Hq, L, Ev), lse and max_scores (B, Hq, L) in place.
     """
-    B, Hq, L, E = q.shape
-    Hkv, S, _ = k.shape
-    group, kv_block = Hq // Hkv, mods.kv_block
+    Hkv, S, E = k.shape
     visited = (owner >= 0).nonzero().flatten()
     if visited.numel() == 0:
         return
     span = slice(int(visited[0]), int(visited[-1]) + 1)
-    # Mostly visited: read the span in place (a view, no copy); sparse: copy the visited tiles once.
     in_place = visited.numel() >= POOL_MIN_FILL * (span.stop - span.start)
     tiles = torch.arange(span.start, span.stop, device=q.device) if in_place else visited
+    L, kv_block = q.shape[2], mods.kv_block
     row = owner[tiles].clamp(min=0)
-    # Each tile's class for its owner's query rows (T, L); unvisited tiles are EMPTY.
+    # Each tile's class for its owner's query rows (n, L); unvisited tiles are EMPTY.
     per_row = classes[row.view(-1, 1), 0, (mods.q_idx.view(1, L) // mods.q_block), tiles.view(-1, 1)]
     per_row = torch.where((owner[tiles] >= 0).view(-1, 1), per_row, EMPTY)
+    q_of_tile = q[row]  # (n, Hq, L, E): small next to the K/V it is matched with
+    if in_place:
+        pool_tiles = lambda x, h: x[h].view(S // kv_block, kv_block, -1)[span]  # noqa: E731
+        for h in range(Hkv):
+            _tile_partials(q_of_tile, pool_tiles(k, h), pool_tiles(v, h), slice(h, h + 1), Hkv, row, tiles,
+                           per_row, scale, mods, out, lse, max_scores)
+        return
+    flat = (torch.arange(Hkv, device=q.device).view(-1, 1) * (S // kv_block) + tiles).flatten()
+    copied = [x.reshape(Hkv * (S // kv_block), -1).index_select(0, flat).view(len(flat), kv_block, -1)
+              for x in (k, v)]
+    _tile_partials(q_of_tile, *copied, slice(0, Hkv), Hkv, row, tiles, per_row, scale, mods, out, lse, max_scores)
+
+
+def _tile_partials(q_of_tile, k_tiles, v_tiles, kv_heads, Hkv, row, tiles, per_row, scale, mods, out, lse,
+                   max_scores):
+    """Attention of each tile with its owner row's queries for the KV heads ``kv_heads``, merged per row.
+
+    q_of_tile (n, Hq, L, E); k_tiles/v_tiles (Hh * n, kv_block, D), head-major.
+    """
+    n, Hq, L, E = q_of_tile.shape
+    Hh, group, kv_block, B = kv_heads.stop - kv_heads.start, Hq // Hkv, mods.kv_block, out.shape[0]
+    q_heads = slice(kv_heads.start * group, kv_heads.stop * group)
+    q_rows = q_of_tile[:, q_heads].reshape(n, Hh, group * L, E).transpose(0, 1).reshape(Hh * n, group * L, E)
+    s = torch.bmm(q_rows, k_tiles.transpose(1, 2)).mul_(scale).view(Hh, n, group, L, kv_block)
+    env = {"b": row.view(1, n, 1, 1, 1),
+           "h": torch.arange(q_heads.start, q_heads.stop, device=s.device).view(Hh, 1, group, 1, 1),
+           "q_idx": mods.q_idx.view(1, 1, 1, L, 1),
+           "kv_idx": (tiles.view(-1, 1) * kv_block + torch.arange(kv_block, device=s.device)).view(1, n, 1, 1, -1)}
+    if mods.score_graph is not None:
+        s = torch.broadcast_to(evaluate(mods.score_graph, {**env, "score": s}, mods.score_buffers), s.shape)
+        s = s.to(q_of_tile.dtype).contiguous()
+    s.masked_fill_((per_row == EMPTY).view(1, n, 1, L, 1), NEG_INF)
     partial = (per_row == PARTIAL).any(dim=1).nonzero().flatten()
-    kv_idx = (tiles.view(-1, 1) * kv_block + torch.arange(kv_block, device=q.device)).view(-1, 1, 1, kv_block)
-    q_of_tile = q[row]  # (T, Hq, L, E): small next to the K/V it is matched with
-    for h in range(Hkv):
-        heads = slice(h * group, (h + 1) * group)
-        k_tiles, v_tiles = (_tiles_of(x[h], tiles, span if in_place else None, kv_block) for x in (k, v))
-        s = torch.bmm(q_of_tile[:, heads].reshape(len(tiles), group * L, E), k_tiles.transpose(1, 2))
-        s = s.mul_(scale).view(len(tiles), group, L, kv_block)
-        env = {"b": row.view(-1, 1, 1, 1), "h": torch.arange(heads.start, heads.stop, device=q.device).view(
-            1, group, 1, 1), "q_idx": mods.q_idx, "kv_idx": kv_idx}
-        if mods.score_graph is not None:
-            s = torch.broadcast_to(evaluate(mods.score_graph, {**env, "score": s}, mods.score_buffers), s.shape)
-            s = s.to(q.dtype).contiguous()
-        s.masked_fill_((per_row == EMPTY).view(-1, 1, L, 1), NEG_INF)
-        if partial.numel() and mods.mask_graph is not None:  # the mask_mod only where a tile is PARTIAL
-            sub_env = {name: value[partial] if value.shape[0] > 1 else value for name, value in env.items()}
-            keep = evaluate(mods.mask_graph, sub_env, mods.mask_buffers).bool()
-            drop = (per_row[partial] == PARTIAL).view(-1, 1, L, 1) & ~keep
-            s[partial] = s[partial].masked_fill(drop, NEG_INF)
-        m = s.amax(dim=-1)  # (T, G, L)
-        shift = torch.where(m == NEG_INF, 0.0, m)
-        p = torch.exp(s - shift.unsqueeze(-1))
-        o = torch.bmm(p.view(len(tiles), group * L, kv_block), v_tiles).view(len(tiles), group, L, -1)
-        # Merge the tiles of each row by log-sum-exp.
-        row_max = q.new_full((B, group, L), NEG_INF).scatter_reduce_(0, row.view(-1, 1, 1).expand_as(m), m, "amax")
-        row_shift = torch.where(row_max == NEG_INF, 0.0, row_max)
-        weight = torch.where(m == NEG_INF, 0.0, torch.exp(m - row_shift[row]))
-        total = q.new_zeros(B, group, L).index_add_(0, row, weight * p.sum(dim=-1))
-        merged = q.new_zeros(B, group, L, o.shape[-1]).index_add_(0, row, weight.unsqueeze(-1) * o)
-        out[:, heads] = merged / torch.where(total == 0, 1.0, total).unsqueeze(-1)
-        lse[:, heads] = row_shift + torch.log(total)
-        max_scores[:, heads] = row_max
-
-
-def _tiles_of(x: torch.Tensor, tiles: torch.Tensor, span: slice | None, kv_block: int) -> torch.Tensor:
-    """(T, kv_block, D) tiles of one head's pool x (S, D): the ``span`` as a view, else ``tiles`` copied."""
-    S, D = x.shape
-    if span is not None:
-        return x.view(S // kv_block, kv_block, D)[span]
-    return x.reshape(S // kv_block, kv_block * D).index_select(0, tiles).view(-1, kv_block, D)
+    if partial.numel() and mods.mask_graph is not None:  # the mask_mod only where a tile is PARTIAL
+        sub_env = {name: value[:, partial] if value.shape[1] > 1 else value for name, value in env.items()}
+        keep = evaluate(mods.mask_graph, sub_env, mods.mask_buffers).bool()
+        drop = (per_row[partial] == PARTIAL).view(1, -1, 1, L, 1) & ~keep
+        s[:, partial] = s[:, partial].masked_fill(drop, NEG_INF)
+    m = s.amax(dim=-1)  # (Hh, n, G, L)
+    shift = torch.where(m == NEG_INF, 0.0, m)
+    p = torch.exp(s - shift.unsqueeze(-1))
+    o = torch.bmm(p.view(Hh * n, group * L, kv_block), v_tiles).view(Hh, n, group, L, -1)
+    # Merge the tiles of each row by log-sum-exp.
+    owner_index = row.view(1, -1, 1, 1).expand_as(m)
+    row_max = m.new_full((Hh, B, group, L), NEG_INF).scatter_reduce_(1, owner_index, m, "amax")
+    row_shift = torch.where(row_max == NEG_INF, 0.0, row_max)
+    weight = torch.where(m == NEG_INF, 0.0, torch.exp(m - row_shift[:, row]))
+    total = m.new_zeros(Hh, B, group, L).index_add_(1, row, weight * p.sum(dim=-1))
+    merged = m.new_zeros(Hh, B, group, L, o.shape[-1]).index_add_(1, row, weight.unsqueeze(-1) * o)
+    merged = merged / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+    by_row = lambda x: x.transpose(0, 1).reshape(B, Hh * group, *x.shape[3:])  # noqa: E731
+    out[:, q_heads] = by_row(merged)
+    lse[:, q_heads] = by_row(row_shift + torch.log(total))
+    max_scores[:, q_heads] = by_row(row_max)
 
 
 class _Mods:
@@ -260,6 +288,10 @@ def _keep(chunk_classes, kv_idx, b, q_heads, group, L, mods: _Mods, env):
 
 def _merge(partials):
     """Merge chunk partials by log-sum-exp -> out (Hq_u, L, Ev), lse and max (Hq_u, L)."""
+    if len(partials) == 1:  # nothing to merge (a short window): normalise directly
+        m, row_sum, out = partials[0]
+        shift = torch.where(m == NEG_INF, 0.0, m)
+        return out / torch.where(row_sum == 0, 1.0, row_sum).unsqueeze(-1), shift + torch.log(row_sum), m
     m = torch.stack([p[0] for p in partials])  # (C, Hq_u, L)
     row_sum = torch.stack([p[1] for p in partials])
     out = torch.stack([p[2] for p in partials])  # (C, Hq_u, L, Ev)

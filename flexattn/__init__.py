@@ -12,11 +12,12 @@ from flexattn.masks import and_masks, noop_mask, or_masks
 from flexattn.block_mask import BlockMask
 from flexattn.trace import TracedMod, trace, trace_mask_mod, trace_score_mod
 from flexattn.analysis import create_block_mask
+from flexattn.compile import CompiledAttention, compile
 from flexattn.api import AuxOutput, AuxRequest, InputError, create_mask, flex_attention
 
 __all__ = [
-    "AuxOutput", "AuxRequest", "BlockMask", "BlockMaskError", "DType", "FlexAttnError", "Graph",
+    "AuxOutput", "AuxRequest", "BlockMask", "CompiledAttention", "BlockMaskError", "DType", "FlexAttnError", "Graph",
     "InputError", "LoweringError", "Node", "Op", "TraceError", "TracedMod", "and_masks",
-    "create_block_mask", "create_mask", "flex_attention", "noop_mask", "or_masks", "trace", "trace_mask_mod",
+    "compile", "create_block_mask", "create_mask", "flex_attention", "noop_mask", "or_masks", "trace", "trace_mask_mod",
     "trace_score_mod",
 ]

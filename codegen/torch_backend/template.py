@@ -130,6 +130,8 @@ def backward(q, k, v, out, lse, grad_out, rows, kv_block, scale, score_buffers, 
     grad_buffers = [torch.zeros_like(score_buffers[i]) for i in grad_buffer_slots]
     delta = (grad_out * out).sum(dim=-1)
     safe_lse = torch.where(lse == NEG_INF, 0.0, lse)
+    # With q scaled once, Q K^T and dS^T Q come out scaled; dQ is scaled once at the end.
+    q = q * scale
     b = torch.arange(B).view(B, 1, 1, 1)
     h = torch.arange(Hq).view(1, Hq, 1, 1)
     for row in rows:
@@ -143,21 +145,21 @@ def backward(q, k, v, out, lse, grad_out, rows, kv_block, scale, score_buffers, 
             p = F.threshold_(exponent.exp2_(), TINY, 0.0)
             scatter_add(grad_v, grad_chunk(p, grad_out_row, v_chunk.shape[1]), piece, kv_block, group)
             grad_p = query_key(grad_out_row, v_chunk)
-            grad_s = p * (grad_p - delta[:, :, rows_in].unsqueeze(-1))
-{through_score_mod}            grad_q[:, :, rows_in] += weights_value(grad_s, k_chunk) * scale
-            scatter_add(grad_k, grad_chunk(grad_s, q_row, k_chunk.shape[1]) * scale, piece, kv_block, group)
+            grad_s = grad_p.sub_(delta[:, :, rows_in].unsqueeze(-1)).mul_(p)
+{through_score_mod}            grad_q[:, :, rows_in] += weights_value(grad_s, k_chunk)
+            scatter_add(grad_k, grad_chunk(grad_s, q_row, k_chunk.shape[1]), piece, kv_block, group)
     S = k.shape[2]
-    return grad_q, grad_k[:, :, :S], grad_v[:, :, :S], grad_buffers
+    return grad_q.mul_(scale), grad_k[:, :, :S], grad_v[:, :, :S], grad_buffers
 '''
 
 RECOMPUTE_PLAIN = '''\
-            s = query_key(q_row, k_chunk) * scale
+            s = query_key(q_row, k_chunk)
             s = piece_scores(s, b, h, q_idx, piece, score_buffers, score_consts, mask_buffers, mask_consts, True)
 '''
 
 RECOMPUTE_WITH_GRAD = '''\
             with torch.enable_grad():
-                raw = (query_key(q_row, k_chunk) * scale).requires_grad_()
+                raw = query_key(q_row, k_chunk).requires_grad_()
                 leaves = [buf.detach().requires_grad_() if i in grad_buffer_slots else buf
                           for i, buf in enumerate(score_buffers)]
                 s_graph = piece_scores(raw, b, h, q_idx, piece, leaves, score_consts, mask_buffers,

@@ -10,7 +10,15 @@ from codegen.split_kv import MAX_Q_LEN, decode_attention
 from flexattn.errors import LoweringError
 from flexattn.paged import PagedKVCache
 from flexattn.trace import trace_mask_mod, trace_score_mod
-from tests.mods import MODS
+from tests.mods import MODS, ModCase, Mods
+
+
+def _stripes(L, S, H):
+    """Every other run of 40 keys: a row's tiles are scattered (chunks gather them)."""
+    return Mods(None, lambda b, h, q_idx, kv_idx: (kv_idx // 40) % 2 == b % 2)
+
+
+DECODE_MODS = MODS + [ModCase("stripes", _stripes)]
 
 
 def _run(fn, q, k, v, score_mod, block_mask, **options):
@@ -28,8 +36,8 @@ def _assert_equal_results(got, want):
     torch.testing.assert_close(max_scores, want[2], rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=40, deadline=None)
-@given(case=st.sampled_from(MODS), L=st.integers(1, MAX_Q_LEN), S=st.integers(1, 400),
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(DECODE_MODS), L=st.integers(1, MAX_Q_LEN), S=st.integers(1, 400),
        kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]), B=st.integers(1, 2),
        per_head=st.booleans(), q_block=st.sampled_from([1, 4, 16, 128]), kv_block=st.sampled_from([16, 32]),
        chunk=st.sampled_from([1, 40, 128, 2048]), offset=st.booleans())
@@ -51,6 +59,16 @@ def test_split_kv_matches_reference_and_general_path(case, L, S, kv_heads, group
     got = _run(decode_attention, q, k, v, mods.score_mod, block_mask, SPLIT_KV_CHUNK=chunk)
     _assert_equal_results(got, _run(BACKENDS["reference"], q, k, v, mods.score_mod, block_mask))
     _assert_equal_results(got, _run(BACKENDS["torch"], q, k, v, mods.score_mod, block_mask))
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_scattered_tiles(B):
+    """Tiles that are not one run: read in place as a pool (B=1) or gathered per chunk (B=2)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, 4, 2, 16), torch.randn(B, 2, 320, 16), torch.randn(B, 2, 320, 16)
+    block_mask = flexattn.create_block_mask(_stripes(2, 320, 4).mask_mod, B, None, 2, 320, BLOCK_SIZE=(2, 16))
+    got = _run(decode_attention, q, k, v, None, block_mask, SPLIT_KV_CHUNK=256)
+    _assert_equal_results(got, _run(BACKENDS["reference"], q, k, v, None, block_mask))
 
 
 @pytest.mark.parametrize("window", [None, 40])

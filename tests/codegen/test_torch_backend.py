@@ -1,8 +1,5 @@
 """The torch back end equals the dense reference on every mod of the shared set, forward and backward."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,9 +8,7 @@ import flexattn
 from codegen.reference import attention as reference_attention
 from codegen.torch_backend import compile_kernel
 from flexattn.api import mask_of
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from mods import MODS  # noqa: E402
+from mods import MODS
 
 B, H, L, S, E, EV, BLOCK = 2, 4, 77, 93, 8, 11, 16
 
@@ -141,3 +136,10 @@ def test_loads_clamp_indices_at_padded_and_masked_positions():
     ref = reference_attention(q, k, v, score_graph=score.graph, score_buffers=score.buffers, mask_graph=None,
                               mask_buffers=(), block_mask=None, scale=None, enable_gqa=False, kernel_options={})[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_printer_fuses_score_plus_product_into_one_addcmul():
+    mods = next(c for c in MODS if c.name == "alibi").build(L, S, H)
+    source = compile_kernel(flexattn.trace_score_mod(mods.score_mod).graph, None, {}).source
+    score_mod = source.split("def score_mod")[1].split("\ndef ")[0]
+    assert "torch.addcmul(" in score_mod and "(fused into its user below)" in score_mod

@@ -67,7 +67,8 @@ def _both(q, k, v, score_mod, mask_mod, block_size, per_head, max_tiles):
 @given(
     L=st.integers(1, 70), S=st.integers(1, 70), batch=st.integers(1, 2), kv_heads=st.integers(1, 2),
     group=st.sampled_from([1, 2, 3]), block_size=st.sampled_from([8, 16, (8, 16), 32]),
-    max_tiles=st.integers(1, 4), per_head=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    max_tiles=st.integers(1, 4), per_head=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     score_mod=st.none() | score_mods(), mask_mod=st.none() | mask_mods(), seed=st.integers(0, 2**16),
 )
 def test_forward_equals_reference(L, S, batch, kv_heads, group, block_size, max_tiles, per_head, dtype,
@@ -76,7 +77,8 @@ def test_forward_equals_reference(L, S, batch, kv_heads, group, block_size, max_
     q = torch.randn(batch, kv_heads * group, L, 8, generator=g).to(dtype)
     k = torch.randn(batch, kv_heads, S, 8, generator=g).to(dtype)
     v = torch.randn(batch, kv_heads, S, 5, generator=g).to(dtype)
-    (out, lse, max_scores), (ref, ref_lse, ref_max) = _both(q, k, v, score_mod, mask_mod, block_size, per_head, max_tiles)
+    ours, theirs = _both(q, k, v, score_mod, mask_mod, block_size, per_head, max_tiles)
+    (out, lse, max_scores), (ref, ref_lse, ref_max) = ours, theirs
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)

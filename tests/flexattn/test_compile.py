@@ -16,7 +16,8 @@ def causal(b, h, q_idx, kv_idx):
 
 def _qkv(L=70, S=90, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 2, L, 16, generator=g), torch.randn(1, 2, S, 16, generator=g), torch.randn(1, 2, S, 8, generator=g)
+    return (torch.randn(1, 2, L, 16, generator=g), torch.randn(1, 2, S, 16, generator=g),
+            torch.randn(1, 2, S, 8, generator=g))
 
 
 def test_compiled_kernel_has_source_and_matches_flex_attention():
@@ -44,7 +45,8 @@ def test_mask_without_block_mask_applies_the_mask_everywhere():
 
 def test_no_mods_is_plain_attention_and_supports_gqa():
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(2, 4, 33, 8, generator=g), torch.randn(2, 2, 47, 8, generator=g), torch.randn(2, 2, 47, 8, generator=g)
+    q = torch.randn(2, 4, 33, 8, generator=g)
+    k, v = torch.randn(2, 2, 47, 8, generator=g), torch.randn(2, 2, 47, 8, generator=g)
     out = compile_attention()(q, k, v, enable_gqa=True)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
