@@ -22,6 +22,9 @@ import hashlib
 import linecache
 from pathlib import Path
 
+import torch
+
+from codegen import split_kv
 from codegen.cache import KERNELS
 from codegen.torch_backend.kernel import Kernel
 from codegen.torch_backend.printer import constants_of
@@ -86,10 +89,28 @@ def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None, options:
 
 def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask_buffers, block_mask,
               scale, enable_gqa, kernel_options):
-    """Back-end entry point (see ``codegen.BACKENDS``): compile (cached) and run."""
+    """Back-end entry point (see ``codegen.BACKENDS``): compile (cached) and run.
+
+    Decoding shapes (a few query rows against a long cache, no gradients) take
+    the split-KV path instead, which reads each KV tile once per KV head.
+    """
+    if _is_decode(query, key, value, score_buffers, block_mask, kernel_options):
+        return split_kv.decode_attention(
+            query, key, value, score_graph=score_graph, score_buffers=score_buffers, mask_graph=mask_graph,
+            mask_buffers=mask_buffers, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+            kernel_options=kernel_options)
     kernel = compile_kernel(score_graph, mask_graph, kernel_options)
     return kernel(query, key, value, score_buffers=score_buffers, mask_buffers=mask_buffers,
                   block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _is_decode(query, key, value, score_buffers, block_mask, kernel_options) -> bool:
+    """Split-KV pays when Q_LEN <= 16 and KV_LEN spans at least 8 KV tiles (measured; docs/performance.md)."""
+    kv_block = block_mask.BLOCK_SIZE[1] if block_mask is not None else kernel_options.get("BLOCK_SIZE", 128)
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in (query, key, value, *score_buffers)))
+    return (kernel_options.get("SPLIT_KV", True) and query.shape[2] <= split_kv.MAX_Q_LEN
+            and key.shape[2] >= 8 * kv_block and not needs_grad)
 
 
 __all__ = ["Kernel", "attention", "compile_kernel", "kernel_key"]

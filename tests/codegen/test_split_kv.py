@@ -10,7 +10,7 @@ from codegen.split_kv import MAX_Q_LEN, decode_attention
 from flexattn.errors import LoweringError
 from flexattn.paged import PagedKVCache
 from flexattn.trace import trace_mask_mod, trace_score_mod
-from tests.mods import MODS, ModCase, Mods
+from mods import MODS, ModCase, Mods
 
 
 def _stripes(L, S, H):
@@ -107,3 +107,23 @@ def test_long_queries_and_gradients_are_refused():
     q = torch.randn(1, 1, 1, 8, requires_grad=True)
     with pytest.raises(LoweringError, match="forward only"):
         _run(decode_attention, q, k, k, None, None)
+
+
+def test_flex_attention_takes_the_split_kv_path_for_decode_shapes(monkeypatch):
+    """backend="torch" dispatches Q_LEN <= 16 without gradients to split-KV, with the same result."""
+    import codegen.split_kv as split_kv_module
+    import flexattn
+
+    calls = []
+    original = split_kv_module.decode_attention
+    monkeypatch.setattr(split_kv_module, "decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 300, 16, generator=g), torch.randn(2, 2, 300, 16, generator=g)
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= 250 + q_idx, None, None, 1, 300, BLOCK_SIZE=32)
+    out = flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="torch")
+    ref = flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="reference")
+    assert calls == [1]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    q.requires_grad_(True)
+    flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="torch")
+    assert calls == [1], "inputs that need gradients take the general path"

@@ -1,0 +1,138 @@
+"""Triton kernel templates: FlashAttention-style loops with hook points for the mods.
+
+Hook points (filled by ``codegen.triton.source``):
+``{MOD_PARAMS}`` kernel parameters of the captured buffers and constants,
+``{SCORE_MOD}`` lines turning ``score`` (a BLOCK_M x BLOCK_N float32 tile) into
+the modded score, ``{MASK_MOD}`` lines setting ``keep`` for PARTIAL tiles,
+``{DSCORE}`` lines setting ``dscore`` (d modded score / d raw score) and
+``{BUFFER_GRADS}`` atomic adds of the captured buffers' gradients.
+
+Iteration is block-sparse: each program walks the BlockMask's FULL tiles
+(``MASKED=False``: no mask_mod, only sequence bounds) then its PARTIAL tiles
+(``MASKED=True``), ``SPARSE_*`` sized blocks split into BLOCK_M/BLOCK_N tiles.
+"""
+
+HELPERS = '''
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _floordiv_int(a, b):
+    # Python's floor division: round toward -inf, not toward zero.
+    q = a // b
+    return q - ((a % b != 0) & ((a < 0) != (b < 0))).to(q.dtype)
+
+
+@triton.jit
+def _mod_int(a, b):
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+
+
+@triton.jit
+def _floordiv_float(a, b):
+    return tl.floor(a / b)
+
+
+@triton.jit
+def _mod_float(a, b):
+    return a - b * tl.floor(a / b)
+'''
+
+# The score of one tile: raw q.k * scale, the score_mod, bounds and (PARTIAL tiles) the mask_mod.
+SCORE_TILE = '''
+        q_idx = offs_m[:, None].to(tl.int64)
+        kv_idx = offs_n[None, :].to(tl.int64)
+        score = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+{SCORE_MOD}
+        keep = (q_idx < L) & (kv_idx < S)
+        if MASKED:
+{MASK_MOD}
+        score = tl.where(keep, score, float("-inf"))
+'''
+
+FORWARD = '''
+@triton.jit
+def _forward_tiles(q, acc, m_i, l_i, b, h, offs_m, K_base, V_base, num, indices, idx_stride,
+                   stride_kn, stride_vn, S, L, scale, {MOD_PARAMS}
+                   MASKED: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    for i in range(num):
+        sparse_block = tl.load(indices + i * idx_stride)
+        for sub in range(SPARSE_N // BLOCK_N):
+            offs_n = sparse_block * SPARSE_N + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            in_n = offs_n[:, None] < S
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                        mask=in_n & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                        mask=in_n & (offs_dv[None, :] < DV), other=0.0)
+{SCORE_TILE}
+            # Online softmax in fp32; a row with no kept score yet has max -inf, use 0 instead.
+            m_new = tl.maximum(m_i, tl.max(score, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2((m_i - m_safe) * LOG2E)
+            p = tl.exp2((score - m_safe[:, None]) * LOG2E)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attention_forward(Q, K, V, Out, LSE, MAX, scale, L, S, HQ, GROUP,
+                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                      kv_num, kv_idx, full_num, full_idx, bm_sb, bm_sh, bm_sm, bi_sb, bi_sh, bi_sm, bi_sn,
+                      {MOD_PARAMS}
+                      SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
+                      DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, query head)."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = (bh % HQ).to(tl.int64)
+    h_kv = h // GROUP  # GQA: query heads share a KV head
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+    K_base = K + b * stride_kb + h_kv * stride_kh
+    V_base = V + b * stride_vb + h_kv * stride_vh
+    sparse_m = start_m * BLOCK_M // SPARSE_M
+    row = b * bm_sb + h * bm_sh + sparse_m * bm_sm
+    idx_row = b * bi_sb + h * bi_sh + sparse_m * bi_sm
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    acc, m_i, l_i = _forward_tiles(q, acc, m_i, l_i, b, h, offs_m, K_base, V_base,
+                                   tl.load(full_num + row), full_idx + idx_row, bi_sn, stride_kn, stride_vn,
+                                   S, L, scale, {MOD_ARGS} False, SPARSE_N, BLOCK_N, D, DV, D_PAD, DV_PAD,
+                                   DOT_PRECISION)
+    acc, m_i, l_i = _forward_tiles(q, acc, m_i, l_i, b, h, offs_m, K_base, V_base,
+                                   tl.load(kv_num + row), kv_idx + idx_row, bi_sn, stride_kn, stride_vn,
+                                   S, L, scale, {MOD_ARGS} True, SPARSE_N, BLOCK_N, D, DV, D_PAD, DV_PAD,
+                                   DOT_PRECISION)
+    # A fully masked row: out 0, lse -inf (l_i is 0 there).
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    in_m = offs_m < L
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+             out.to(Out.dtype.element_ty), mask=in_m[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + bh * L + offs_m, lse, mask=in_m)
+    tl.store(MAX + bh * L + offs_m, m_i, mask=in_m)
+'''
