@@ -29,6 +29,7 @@ from codegen.cache import KERNELS
 from codegen.torch_backend.kernel import Kernel
 from codegen.torch_backend.printer import constants_of
 from codegen.torch_backend.template import kernel_source
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, _pair
 from flexattn.ir import Graph
 
 # Kernels written by another version of the generator are stale (rebuilt, never used).
@@ -106,7 +107,8 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
 
 def _is_decode(query, key, value, score_buffers, block_mask, kernel_options) -> bool:
     """Split-KV pays when Q_LEN <= 16 and KV_LEN spans at least 8 KV tiles (measured; docs/performance.md)."""
-    kv_block = block_mask.BLOCK_SIZE[1] if block_mask is not None else kernel_options.get("BLOCK_SIZE", 128)
+    block = block_mask.BLOCK_SIZE if block_mask is not None else kernel_options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
+    kv_block = _pair(block)[1]
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in (query, key, value, *score_buffers)))
     return (kernel_options.get("SPLIT_KV", True) and query.shape[2] <= split_kv.MAX_Q_LEN

@@ -49,15 +49,16 @@ def _mod_float(a, b):
 '''
 
 # The score of one tile: raw q.k * scale, the score_mod, bounds and (PARTIAL tiles) the mask_mod.
+# (Printed at the loop body's indentation by ``codegen.triton.source``.)
 SCORE_TILE = '''
-        q_idx = offs_m[:, None].to(tl.int64)
-        kv_idx = offs_n[None, :].to(tl.int64)
-        score = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+q_idx = offs_m[:, None].to(tl.int64)
+kv_idx = offs_n[None, :].to(tl.int64)
+score = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
 {SCORE_MOD}
-        keep = (q_idx < L) & (kv_idx < S)
-        if MASKED:
+keep = (q_idx < L) & (kv_idx < S)
+if MASKED:
 {MASK_MOD}
-        score = tl.where(keep, score, float("-inf"))
+score = tl.where(keep, score, float("-inf"))
 '''
 
 FORWARD = '''
@@ -135,4 +136,153 @@ def attention_forward(Q, K, V, Out, LSE, MAX, scale, L, S, HQ, GROUP,
              out.to(Out.dtype.element_ty), mask=in_m[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + bh * L + offs_m, lse, mask=in_m)
     tl.store(MAX + bh * L + offs_m, m_i, mask=in_m)
+'''
+
+BACKWARD_DQ = '''
+@triton.jit
+def _dq_tiles(q, do, lse, delta, dq, b, h, offs_m, K_base, V_base, num, indices, idx_stride,
+              stride_kn, stride_vn, S, L, scale, {MOD_PARAMS}
+              MASKED: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_N: tl.constexpr,
+              D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    for i in range(num):
+        sparse_block = tl.load(indices + i * idx_stride)
+        for sub in range(SPARSE_N // BLOCK_N):
+            offs_n = sparse_block * SPARSE_N + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            in_n = offs_n[:, None] < S
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                        mask=in_n & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                        mask=in_n & (offs_dv[None, :] < DV), other=0.0)
+{SCORE_TILE}
+{DSCORE}
+            p = tl.exp2((score - lse[:, None]) * LOG2E)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            # dS through softmax, then through the score_mod (chain rule); masked scores get 0.
+            ds = tl.where(keep, p * (dp - delta[:, None]) * dscore, 0.0)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attention_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, L, S, HQ, GROUP,
+                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                          kv_num, kv_idx, full_num, full_idx, bm_sb, bm_sh, bm_sm, bi_sb, bi_sh, bi_sm, bi_sn,
+                          {MOD_PARAMS}
+                          SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
+                          DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: dQ for BLOCK_M query rows of one (batch, query head); DQ is laid out like Q."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = (bh % HQ).to(tl.int64)
+    h_kv = h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    in_m = offs_m < L
+    q_offsets = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(Q + q_offsets, mask=in_m[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                 mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + bh * L + offs_m, mask=in_m, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row: p = 0
+    delta = tl.load(DELTA + bh * L + offs_m, mask=in_m, other=0.0)
+    K_base = K + b * stride_kb + h_kv * stride_kh
+    V_base = V + b * stride_vb + h_kv * stride_vh
+    sparse_m = start_m * BLOCK_M // SPARSE_M
+    row = b * bm_sb + h * bm_sh + sparse_m * bm_sm
+    idx_row = b * bi_sb + h * bi_sh + sparse_m * bi_sm
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    dq = _dq_tiles(q, do, lse, delta, dq, b, h, offs_m, K_base, V_base, tl.load(full_num + row),
+                   full_idx + idx_row, bi_sn, stride_kn, stride_vn, S, L, scale, {MOD_ARGS}
+                   False, SPARSE_N, BLOCK_N, D, DV, D_PAD, DV_PAD, DOT_PRECISION)
+    dq = _dq_tiles(q, do, lse, delta, dq, b, h, offs_m, K_base, V_base, tl.load(kv_num + row),
+                   kv_idx + idx_row, bi_sn, stride_kn, stride_vn, S, L, scale, {MOD_ARGS}
+                   True, SPARSE_N, BLOCK_N, D, DV, D_PAD, DV_PAD, DOT_PRECISION)
+    tl.store(DQ + q_offsets, (dq * scale).to(DQ.dtype.element_ty), mask=in_m[:, None] & (offs_d[None, :] < D))
+'''
+
+BACKWARD_DKDV = '''
+@triton.jit
+def _dkdv_tiles(k, v, dk, dv, b, h, offs_n, Q_base, DO_base, LSE_base, DELTA_base, num, indices,
+                idx_stride, stride_qm, stride_dom, S, L, scale, {MOD_PARAMS} {GRAD_PARAMS}
+                MASKED: tl.constexpr, SPARSE_M: tl.constexpr, BLOCK_M: tl.constexpr,
+                D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BUFFER_GRAD: tl.constexpr):
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    for i in range(num):
+        sparse_block = tl.load(indices + i * idx_stride)
+        for sub in range(SPARSE_M // BLOCK_M):
+            offs_m = sparse_block * SPARSE_M + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            in_m = offs_m < L
+            q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                        mask=in_m[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                         mask=in_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE_base + offs_m, mask=in_m, other=0.0)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row: p = 0
+            delta = tl.load(DELTA_base + offs_m, mask=in_m, other=0.0)
+{SCORE_TILE}
+{DSCORE}
+            p = tl.exp2((score - lse[:, None]) * LOG2E)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = tl.where(keep, p * (dp - delta[:, None]), 0.0)  # d loss / d modded score
+            if BUFFER_GRAD:
+{BUFFER_GRADS}
+            ds = tl.where(keep, ds * dscore, 0.0)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attention_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, L, S, HQ, HKV, GROUP,
+                            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                            stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                            q_num, q_idx, full_num, full_idx, bm_sb, bm_sh, bm_sn, bi_sb, bi_sh, bi_sn, bi_sm,
+                            {MOD_PARAMS} {GRAD_PARAMS}
+                            SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
+                            DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BUFFER_GRAD: tl.constexpr):
+    """One program: dK, dV for BLOCK_N keys of one (batch, KV head), summed over its query heads."""
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h_kv = (bh % HKV).to(tl.int64)
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    in_n = offs_n[:, None] < S
+    k_offsets = b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_offsets = b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
+    k = tl.load(K + k_offsets, mask=in_n & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + v_offsets, mask=in_n & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    sparse_n = start_n * BLOCK_N // SPARSE_N
+    for g in range(GROUP):
+        h = h_kv * GROUP + g
+        Q_base = Q + b * stride_qb + h * stride_qh
+        DO_base = DO + b * stride_dob + h * stride_doh
+        LSE_base = LSE + (b * HQ + h) * L
+        DELTA_base = DELTA + (b * HQ + h) * L
+        row = b * bm_sb + h * bm_sh + sparse_n * bm_sn
+        idx_row = b * bi_sb + h * bi_sh + sparse_n * bi_sn
+        dk, dv = _dkdv_tiles(k, v, dk, dv, b, h, offs_n, Q_base, DO_base, LSE_base, DELTA_base,
+                             tl.load(full_num + row), full_idx + idx_row, bi_sm, stride_qm, stride_dom,
+                             S, L, scale, {MOD_ARGS} {GRAD_ARGS} False, SPARSE_M, BLOCK_M, D, DV, D_PAD,
+                             DV_PAD, DOT_PRECISION, BUFFER_GRAD)
+        dk, dv = _dkdv_tiles(k, v, dk, dv, b, h, offs_n, Q_base, DO_base, LSE_base, DELTA_base,
+                             tl.load(q_num + row), q_idx + idx_row, bi_sm, stride_qm, stride_dom,
+                             S, L, scale, {MOD_ARGS} {GRAD_ARGS} True, SPARSE_M, BLOCK_M, D, DV, D_PAD,
+                             DV_PAD, DOT_PRECISION, BUFFER_GRAD)
+    # DK, DV are laid out like K, V.
+    tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=in_n & (offs_d[None, :] < D))
+    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=in_n & (offs_dv[None, :] < DV))
 '''
