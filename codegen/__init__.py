@@ -13,12 +13,14 @@ dispatches to it. Modules are imported lazily, on first use.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 # Back end name -> the module that implements it (``attention`` and, for
 # generating back ends, ``compile_kernel``).
 _MODULES = {
     "reference": "codegen.reference",
     "torch": "codegen.torch_backend",
+    "triton": "codegen.triton",
 }
 
 
@@ -61,4 +63,6 @@ def compile_kernel(backend: str, score_graph, mask_graph, options: dict | None =
 
 def default_backend(device_type: str) -> str:
     """The back end ``backend="auto"`` picks for tensors on ``device_type``: "torch" on CPU."""
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "torch" if device_type == "cpu" else "reference"

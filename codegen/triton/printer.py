@@ -84,7 +84,8 @@ class ModPrinter:
             return node.arg
         if op is Op.CONST:
             arg = f"{self.prefix}c{self.const_slot[id(node)]}"
-            return f"({arg} != 0)" if node.dtype is DType.BOOL else f"{arg}.to({TL_DTYPE[node.dtype]})"
+            # Adding a typed zero works whether the launcher passes a tensor or a Python scalar.
+            return f"({arg} != 0)" if node.dtype is DType.BOOL else f"({arg} + tl.zeros([], {TL_DTYPE[node.dtype]}))"
         if op is Op.LOAD:
             return self.load(node)
         if op is Op.CAST:

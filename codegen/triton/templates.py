@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
@@ -242,7 +242,7 @@ def _dkdv_tiles(k, v, dk, dv, b, h, offs_n, Q_base, DO_base, LSE_base, DELTA_bas
 
 
 @triton.jit
-def attention_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, L, S, HQ, HKV, GROUP,
+def attention_backward_dkdv(Q, K, V, DO, LSE, DELTA, DKEY, DVALUE, scale, L, S, HQ, HKV, GROUP,
                             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                             stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                             q_num, q_idx, full_num, full_idx, bm_sb, bm_sh, bm_sn, bi_sb, bi_sh, bi_sn, bi_sm,
@@ -282,7 +282,7 @@ def attention_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, L, S, HQ, HK
                              tl.load(q_num + row), q_idx + idx_row, bi_sm, stride_qm, stride_dom,
                              S, L, scale, {MOD_ARGS} {GRAD_ARGS} True, SPARSE_M, BLOCK_M, D, DV, D_PAD,
                              DV_PAD, DOT_PRECISION, BUFFER_GRAD)
-    # DK, DV are laid out like K, V.
-    tl.store(DK + k_offsets, (dk * scale).to(DK.dtype.element_ty), mask=in_n & (offs_d[None, :] < D))
-    tl.store(DV + v_offsets, dv.to(DV.dtype.element_ty), mask=in_n & (offs_dv[None, :] < DV))
+    # DKEY, DVALUE are laid out like K, V.
+    tl.store(DKEY + k_offsets, (dk * scale).to(DKEY.dtype.element_ty), mask=in_n & (offs_d[None, :] < D))
+    tl.store(DVALUE + v_offsets, dv.to(DVALUE.dtype.element_ty), mask=in_n & (offs_dv[None, :] < DV))
 '''
