@@ -61,13 +61,10 @@ if MASKED:
 score = tl.where(keep, score, float("-inf"))
 '''
 
-FORWARD = '''
-@triton.jit
-def _forward_tiles(q, acc, m_i, l_i, b, h, offs_m, K_base, V_base, num, indices, idx_stride,
-                   stride_kn, stride_vn, S, L, scale, {MOD_PARAMS}
-                   MASKED: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+# The head of the KV-tile loop shared by the forward and dq kernels: walk the
+# listed sparse blocks, split each into BLOCK_N kernel tiles, load K and V
+# (zero beyond S and beyond the head dims, which are padded to powers of two).
+KV_TILES = '''
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     for i in range(num):
@@ -79,6 +76,16 @@ def _forward_tiles(q, acc, m_i, l_i, b, h, offs_m, K_base, V_base, num, indices,
                         mask=in_n & (offs_d[None, :] < D), other=0.0)
             v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
                         mask=in_n & (offs_dv[None, :] < DV), other=0.0)
+'''
+
+FORWARD = '''
+@triton.jit
+def _forward_tiles(q, acc, m_i, l_i, b, h, offs_m, K_base, V_base, num, indices, idx_stride,
+                   stride_kn, stride_vn, S, L, scale, {MOD_PARAMS}
+                   MASKED: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+{KV_TILES}
 {SCORE_TILE}
             # Online softmax in fp32; a row with no kept score yet has max -inf, use 0 instead.
             m_new = tl.maximum(m_i, tl.max(score, 1))
@@ -145,17 +152,7 @@ def _dq_tiles(q, do, lse, delta, dq, b, h, offs_m, K_base, V_base, num, indices,
               MASKED: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_N: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    for i in range(num):
-        sparse_block = tl.load(indices + i * idx_stride)
-        for sub in range(SPARSE_N // BLOCK_N):
-            offs_n = sparse_block * SPARSE_N + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            in_n = offs_n[:, None] < S
-            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                        mask=in_n & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                        mask=in_n & (offs_dv[None, :] < DV), other=0.0)
+{KV_TILES}
 {SCORE_TILE}
 {DSCORE}
             p = tl.exp2((score - lse[:, None]) * LOG2E)
@@ -286,3 +283,6 @@ def attention_backward_dkdv(Q, K, V, DO, LSE, DELTA, DKEY, DVALUE, scale, L, S, 
     tl.store(DKEY + k_offsets, (dk * scale).to(DKEY.dtype.element_ty), mask=in_n & (offs_d[None, :] < D))
     tl.store(DVALUE + v_offsets, dv.to(DVALUE.dtype.element_ty), mask=in_n & (offs_dv[None, :] < DV))
 '''
+
+FORWARD = FORWARD.replace("{KV_TILES}\n", KV_TILES)
+BACKWARD_DQ = BACKWARD_DQ.replace("{KV_TILES}\n", KV_TILES)
