@@ -159,6 +159,18 @@ class BlockMask:
         visited = self.to_dense().sum().item() * q_block * kv_block
         return 100.0 * (1.0 - visited / max(self.numel(), 1))
 
+    def to_string(self, grid_size: int = 20) -> str:
+        """An ASCII picture of batch 0, head 0: ``██`` full, ``░░`` partial, blank empty tiles.
+
+        Shows at most ``grid_size`` x ``grid_size`` tiles (the top-left corner of larger masks).
+        """
+        classes = self.tile_classes()[0, 0, :grid_size, :grid_size]
+        glyph = {EMPTY: "  ", PARTIAL: "░░", FULL: "██"}
+        rows = ["".join(glyph[int(c)] for c in row) for row in classes]
+        n_q, n_kv = self.kv_indices.shape[-2:]
+        note = "" if n_q <= grid_size and n_kv <= grid_size else f" (first {grid_size}x{grid_size} of {n_q}x{n_kv} tiles)"
+        return f"b=0, h=0{note}\n" + "\n".join(rows)
+
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ``BlockMaskError`` unless this mask was built for these lengths."""
         if (q_len, kv_len) != tuple(self.seq_lengths):

@@ -75,3 +75,8 @@ def test_mask_combinators():
     assert flexattn.create_mask(flexattn.noop_mask, 1, 1, 3, 5).all()
     with pytest.raises(TypeError):
         flexattn.and_masks()
+
+
+def test_block_mask_to_string_draws_tiles():
+    bm = flexattn.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 64, 64, BLOCK_SIZE=16)
+    assert bm.to_string().splitlines()[1:] == ["░░      ", "██░░    ", "████░░  ", "██████░░"]
