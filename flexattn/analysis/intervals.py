@@ -1,0 +1,223 @@
+"""Three-valued evaluation of a mask IR over whole tiles at once.
+
+Every node gets, per tile, a sound range of the values it can take inside the
+tile: ``Range(lo, hi)`` of int64 tensors broadcast over the tile grid (bools
+are 0/1 ranges: ``lo == 1`` means always true, ``hi == 0`` always false).
+Index arithmetic is kept as affine forms ``a*q + c*kv + offset`` (``Affine``)
+so correlated terms cancel: ``q_idx - kv_idx <= W`` is decided exactly, from
+the tile's corners, not from two independent intervals. Everything else uses
+interval rules; anything without a sound rule (floats, unknown divisors)
+becomes "any value", which is always safe: the tile is refined densely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexattn.ir import DType, Graph, Op
+
+BIG = 2 ** 62  # stands for "unbounded"
+
+
+@dataclass(frozen=True)
+class Range:
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``q_coef * q_idx + kv_coef * kv_idx + offset``, offset a Range (b, h, loads, constants)."""
+
+    q_coef: int
+    kv_coef: int
+    offset: Range
+
+
+def _t(x) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.int64)
+
+
+def _any() -> Range:
+    return Range(_t(-BIG), _t(BIG))
+
+
+def _point(value: int) -> Range:
+    return Range(_t(value), _t(value))
+
+
+def _add(a: Range, b: Range) -> Range:
+    return Range((a.lo + b.lo).clamp(-BIG, BIG), (a.hi + b.hi).clamp(-BIG, BIG))
+
+
+def _scale(r: Range, k: int) -> Range:
+    lo, hi = (r.lo * k).clamp(-BIG, BIG), (r.hi * k).clamp(-BIG, BIG)
+    return Range(torch.minimum(lo, hi), torch.maximum(lo, hi))
+
+
+class TileGrid:
+    """The tiles being classified: per-tile index ranges of b, h, q_idx, kv_idx."""
+
+    def __init__(self, b: Range, h: Range, q: Range, kv: Range):
+        self.inputs = {"b": b, "h": h, "q_idx": q, "kv_idx": kv}
+
+    def range_of(self, form: Affine) -> Range:
+        q, kv = self.inputs["q_idx"], self.inputs["kv_idx"]
+        return _add(_add(_scale(q, form.q_coef), _scale(kv, form.kv_coef)), form.offset)
+
+
+def _as_range(value, grid: TileGrid) -> Range:
+    return grid.range_of(value) if isinstance(value, Affine) else value
+
+
+def _as_affine(value) -> Affine:
+    return value if isinstance(value, Affine) else Affine(0, 0, value)
+
+
+def _affine_add(a, b, sign: int) -> Affine:
+    a, b = _as_affine(a), _as_affine(b)
+    off = _add(a.offset, _scale(b.offset, sign))
+    return Affine(a.q_coef + sign * b.q_coef, a.kv_coef + sign * b.kv_coef, off)
+
+
+def _compare(op: Op, a, b, grid: TileGrid) -> Range:
+    """Bool range of ``a op b``, from the range of the affine difference ``a - b``."""
+    d = grid.range_of(_affine_add(a, b, -1))
+    if op is Op.LT:
+        true, false = d.hi < 0, d.lo >= 0
+    elif op is Op.LE:
+        true, false = d.hi <= 0, d.lo > 0
+    elif op is Op.GT:
+        true, false = d.lo > 0, d.hi <= 0
+    elif op is Op.GE:
+        true, false = d.lo >= 0, d.hi < 0
+    elif op is Op.EQ:
+        true, false = (d.lo == 0) & (d.hi == 0), (d.lo > 0) | (d.hi < 0)
+    else:  # NE
+        true, false = (d.lo > 0) | (d.hi < 0), (d.lo == 0) & (d.hi == 0)
+    return Range(true.long(), (~false).long())
+
+
+def _floordiv(a: Range, k: int) -> Range:
+    lo, hi = torch.div(a.lo, k, rounding_mode="floor"), torch.div(a.hi, k, rounding_mode="floor")
+    return Range(torch.minimum(lo, hi), torch.maximum(lo, hi))
+
+
+def _mod(a: Range, k: int) -> Range:
+    same_period = (torch.div(a.lo, k, rounding_mode="floor") == torch.div(a.hi, k, rounding_mode="floor"))
+    lo = torch.where(same_period, torch.remainder(a.lo, k), _t(0))
+    hi = torch.where(same_period, torch.remainder(a.hi, k), _t(k - 1))
+    return Range(lo, hi) if k > 0 else _any()
+
+
+def _mul(a: Range, b: Range) -> Range:
+    corners = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
+    unbounded = (a.lo <= -BIG) | (a.hi >= BIG) | (b.lo <= -BIG) | (b.hi >= BIG)
+    return Range(torch.where(unbounded, _t(-BIG), corners.amin(0)), torch.where(unbounded, _t(BIG), corners.amax(0)))
+
+
+def _const_of(value) -> int | None:
+    r = value.offset if isinstance(value, Affine) and value.q_coef == value.kv_coef == 0 else value
+    if isinstance(r, Range) and r.lo.dim() == 0 and r.hi.dim() == 0 and int(r.lo) == int(r.hi):
+        return int(r.lo)
+    return None
+
+
+def _bool_op(op: Op, a: Range, b: Range) -> Range:
+    if op is Op.AND:
+        return Range(a.lo & b.lo, a.hi & b.hi)
+    if op is Op.OR:
+        return Range(a.lo | b.lo, a.hi | b.hi)
+    # XOR: decided only when both are decided.
+    decided = (a.lo == a.hi) & (b.lo == b.hi)
+    value = a.lo ^ b.lo
+    return Range(torch.where(decided, value, _t(0)), torch.where(decided, value, _t(1)))
+
+
+def _bitwise(op: Op, a: Range, b: Range) -> Range:
+    nonneg = (a.lo >= 0) & (b.lo >= 0) & (a.hi < BIG) & (b.hi < BIG)
+    top = torch.maximum(a.hi, b.hi).clamp(min=0)
+    ones = torch.where(top > 0, (2 ** torch.ceil(torch.log2(top.double() + 1))).long() - 1, _t(0))
+    hi = torch.minimum(a.hi, b.hi) if op is Op.AND else ones
+    return Range(torch.where(nonneg, _t(0), _t(-BIG)), torch.where(nonneg, hi, _t(BIG)))
+
+
+def evaluate_ranges(graph: Graph, grid: TileGrid, load_range) -> Range:
+    """The bool Range of a mask graph's output over every tile of ``grid``.
+
+    ``load_range(buffer_index, index_ranges) -> Range`` gives the range of a
+    buffer over index ranges (the caller knows the buffer contents).
+    """
+    values: dict = {}
+    for node in graph.nodes:
+        op, ins = node.op, [values.get(i) for i in node.inputs]
+        if op is Op.INPUT:
+            value = Affine(1, 0, _point(0)) if node.arg == "q_idx" else (
+                Affine(0, 1, _point(0)) if node.arg == "kv_idx" else grid.inputs[node.arg])
+        elif op is Op.CONST:
+            value = _point(int(node.arg)) if node.dtype is not DType.FLOAT32 else _any()
+        elif op is Op.BUFFER:
+            value = None
+        elif node.dtype is DType.FLOAT32 or any(i.dtype is DType.FLOAT32 for i in node.inputs):
+            value = _any() if node.dtype is not DType.BOOL else Range(_t(0), _t(1))
+        elif op is Op.LOAD:
+            value = load_range(node.inputs[0].arg, [_as_range(v, grid) for v in ins[1:]])
+        elif op in (Op.ADD, Op.SUB):
+            value = _affine_add(ins[0], ins[1], 1 if op is Op.ADD else -1)
+        elif op is Op.NEG:
+            value = _affine_add(_point(0), ins[0], -1)
+        elif op is Op.MUL:
+            k0, k1 = _const_of(ins[0]), _const_of(ins[1])
+            if k1 is not None or k0 is not None:
+                form, k = (_as_affine(ins[0]), k1) if k1 is not None else (_as_affine(ins[1]), k0)
+                value = Affine(form.q_coef * k, form.kv_coef * k, _scale(form.offset, k))
+            else:
+                value = _mul(_as_range(ins[0], grid), _as_range(ins[1], grid))
+        elif op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE):
+            value = _compare(op, ins[0], ins[1], grid)
+        elif node.dtype is DType.BOOL and op in (Op.AND, Op.OR, Op.XOR):
+            value = _bool_op(op, ins[0], ins[1])
+        elif node.dtype is DType.BOOL and op is Op.NOT:
+            value = Range(1 - ins[0].hi, 1 - ins[0].lo)
+        else:
+            value = _interval_rule(node, [_as_range(v, grid) if v is not None else None for v in ins], ins)
+        values[node] = value
+    return _as_range(values[graph.output], grid)
+
+
+def _interval_rule(node, ranges: list, raw: list) -> Range:
+    op = node.op
+    if op is Op.WHERE:
+        cond, a, b = ranges
+        lo = torch.where(cond.lo == 1, a.lo, torch.where(cond.hi == 0, b.lo, torch.minimum(a.lo, b.lo)))
+        hi = torch.where(cond.lo == 1, a.hi, torch.where(cond.hi == 0, b.hi, torch.maximum(a.hi, b.hi)))
+        return Range(lo, hi)
+    if op is Op.CAST:
+        r = ranges[0]
+        if node.dtype is DType.BOOL:  # x != 0
+            return Range(((r.lo > 0) | (r.hi < 0)).long(), (~((r.lo == 0) & (r.hi == 0))).long())
+        return r
+    if op is Op.ABS:
+        r = ranges[0]
+        lo = torch.where(r.lo >= 0, r.lo, torch.where(r.hi <= 0, -r.hi, _t(0)))
+        return Range(lo, torch.maximum(r.lo.abs(), r.hi.abs()).clamp(max=BIG))
+    if op in (Op.MIN, Op.MAX):
+        f = torch.minimum if op is Op.MIN else torch.maximum
+        return Range(f(ranges[0].lo, ranges[1].lo), f(ranges[0].hi, ranges[1].hi))
+    k = _const_of(raw[1]) if len(raw) > 1 else None
+    if op is Op.FLOORDIV and k is not None and k > 0:
+        return _floordiv(ranges[0], k)
+    if op is Op.MOD and k is not None and k > 0:
+        return _mod(ranges[0], k)
+    if op in (Op.AND, Op.OR, Op.XOR):
+        return _bitwise(op, ranges[0], ranges[1])
+    if op in (Op.LSHIFT, Op.RSHIFT) and k is not None and 0 <= k < 62:
+        r = ranges[0]
+        if op is Op.LSHIFT:
+            return Range((r.lo * 2 ** k).clamp(-BIG, BIG), (r.hi * 2 ** k).clamp(-BIG, BIG))
+        return Range(r.lo >> k, r.hi >> k)
+    if node.dtype is DType.BOOL:
+        return Range(_t(0), _t(1))
+    return _any()
