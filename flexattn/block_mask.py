@@ -45,6 +45,10 @@ def transpose_ordered(num_blocks: torch.Tensor, indices: torch.Tensor) -> tuple[
     return dense_to_ordered(dense.transpose(-2, -1))
 
 
+_TORCH_FIELDS = ("seq_lengths", "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices", "BLOCK_SIZE", "mask_mod")
+
+
 def _pair(block_size) -> tuple[int, int]:
     pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     if len(pair) != 2 or not all(isinstance(x, int) and x > 0 for x in pair):
@@ -170,6 +174,60 @@ class BlockMask:
         n_q, n_kv = self.kv_indices.shape[-2:]
         note = "" if n_q <= grid_size and n_kv <= grid_size else f" (first {grid_size}x{grid_size} of {n_q}x{n_kv} tiles)"
         return f"b=0, h=0{note}\n" + "\n".join(rows)
+
+    @classmethod
+    def from_torch(cls, torch_block_mask) -> "BlockMask":
+        """A flexattn BlockMask with the fields of ``torch.nn.attention.flex_attention.BlockMask``.
+
+        Raises ``BlockMaskError`` for an object without those fields.
+        """
+        try:
+            fields = [getattr(torch_block_mask, name) for name in _TORCH_FIELDS]
+        except AttributeError as error:
+            raise BlockMaskError(f"expected a BlockMask (flexattn's or torch's), got "
+                                 f"{type(torch_block_mask).__name__}") from error
+        return cls(*fields)
+
+    def to_torch(self):
+        """The same mask as a ``torch.nn.attention.flex_attention.BlockMask`` (for torch's flex_attention)."""
+        from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+        return TorchBlockMask.from_kv_blocks(
+            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths)
+
+    def explain(self) -> str:
+        """How the tiles were decided: symbolically from the IR, or by dense refinement."""
+        counts = torch.bincount(self.tile_classes().flatten().long(), minlength=3).tolist()
+        lines = [f"{counts[FULL]} full, {counts[PARTIAL]} partial, {counts[EMPTY]} empty tiles "
+                 f"of {self.BLOCK_SIZE[0]}x{self.BLOCK_SIZE[1]} (sparsity {self.sparsity():.1f}%)"]
+        if self.stats:
+            lines.append(f"{self.stats['decided_symbolically']} of {self.stats['tiles']} distinct tiles decided "
+                         f"symbolically, {self.stats['refined']} refined densely, "
+                         f"{self.stats['left_partial']} left partial (exact=False); "
+                         f"the mask depends on {', '.join(self.stats['depends_on']) or 'nothing'}")
+        return "\n".join(lines)
+
+    def plot(self, path, batch: int = 0, head: int = 0) -> None:
+        """Write a PNG of one (batch, head): full, partial and empty tiles in three colours, with a legend."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+
+        colours = ["#f2f2f2", "#f4a261", "#264653"]
+        classes = self.tile_classes()[batch, head].numpy()
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.imshow(classes, cmap=ListedColormap(colours), vmin=0, vmax=2, interpolation="nearest")
+        ax.set_xlabel(f"kv block ({self.BLOCK_SIZE[1]} keys)")
+        ax.set_ylabel(f"q block ({self.BLOCK_SIZE[0]} queries)")
+        ax.set_title(f"{getattr(self.mask_mod, '__name__', 'mask')}: sparsity {self.sparsity():.1f}%")
+        ax.legend(handles=[Patch(color=c, label=n) for c, n in zip(colours, ("empty", "partial", "full"))],
+                  loc="upper right", bbox_to_anchor=(1.0, -0.08), ncol=3)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
 
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ``BlockMaskError`` unless this mask was built for these lengths."""
