@@ -49,6 +49,11 @@ _TORCH_FIELDS = ("seq_lengths", "kv_num_blocks", "kv_indices", "full_kv_num_bloc
                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices", "BLOCK_SIZE", "mask_mod")
 
 
+def _sliced_mask_mod(b, h, q_idx, kv_idx):
+    raise BlockMaskError("a sliced BlockMask has no usable mask_mod; build the mask for the slice "
+                         "with create_block_mask instead")
+
+
 def _pair(block_size) -> tuple[int, int]:
     pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     if len(pair) != 2 or not all(isinstance(x, int) and x > 0 for x in pair):
@@ -174,6 +179,19 @@ class BlockMask:
         n_q, n_kv = self.kv_indices.shape[-2:]
         note = "" if n_q <= grid_size and n_kv <= grid_size else f" (first {grid_size}x{grid_size} of {n_q}x{n_kv} tiles)"
         return f"b=0, h=0{note}\n" + "\n".join(rows)
+
+    def __getitem__(self, index) -> "BlockMask":
+        """Slice batch, head and q-block dims like torch: ``bm[b]``, ``bm[b, h]``, ``bm[:, :, 2:4]``.
+
+        The slice keeps every kv block; its mask_mod cannot be used (it would see
+        shifted indices), so attention with it raises ``BlockMaskError``.
+        """
+        index = index if isinstance(index, tuple) else (index,)
+        index = tuple(slice(i, i + 1) if isinstance(i, int) else i for i in index)
+        full = None if self.full_kv_num_blocks is None else (self.full_kv_num_blocks[index], self.full_kv_indices[index])
+        return BlockMask.from_kv_blocks(self.kv_num_blocks[index], self.kv_indices[index], *(full or (None, None)),
+                                        BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=_sliced_mask_mod,
+                                        seq_lengths=self.seq_lengths)
 
     @classmethod
     def from_torch(cls, torch_block_mask) -> "BlockMask":

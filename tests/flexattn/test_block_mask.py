@@ -50,3 +50,21 @@ def test_plot_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert width > 100 and height > 100
+
+
+def test_slicing_keeps_rows_like_torch():
+    ours = flexattn.create_block_mask(causal, 2, 3, 128, 128, BLOCK_SIZE=16)
+    theirs = torch_flex.create_block_mask(causal, 2, 3, 128, 128, device="cpu", BLOCK_SIZE=16)
+    for index in (1, (1, 2), (slice(None), slice(None), slice(2, 5))):
+        a, b = ours[index], theirs[index]
+        assert torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.full_kv_indices, b.full_kv_indices)
+        assert torch.equal(a.to_dense(), b.to_dense())
+
+
+def test_symbolic_form_of_a_mask():
+    from flexattn.analysis.symbolic import to_sympy
+
+    doc = torch.zeros(8, dtype=torch.long)
+    expr = to_sympy(flexattn.trace_mask_mod(lambda b, h, q, kv: (q >= kv) & (q - kv <= 8) & (doc[q] == doc[kv])).graph)
+    text = str(expr)
+    assert "q_idx >= kv_idx" in text and "-kv_idx + q_idx <= 8" in text and "Eq(doc(q_idx), doc(kv_idx))" in text
