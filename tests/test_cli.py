@@ -18,3 +18,64 @@ def test_demo_prints_ir_block_mask_and_error():
 def test_unknown_command_exits_2():
     result = subprocess.run([sys.executable, "-m", "flexattn", "frobnicate"], capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+MODS = '''
+import torch
+WINDOW = 64
+def sliding(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx <= WINDOW)
+def softcap(score, b, h, q_idx, kv_idx):
+    return 30 * torch.tanh(score / 30)
+def make_mask():
+    return sliding
+def three(b, h, q_idx):
+    return q_idx > 0
+def bad(b, h, q_idx, kv_idx):
+    if q_idx > kv_idx:
+        return True
+    return False
+'''
+
+
+def _inspect(tmp_path, *args):
+    path = tmp_path / "mods.py"
+    path.write_text(MODS)
+    args = [a.replace("MODS", str(path)) for a in args]
+    return subprocess.run([sys.executable, "-m", "flexattn", "inspect", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_inspect_mask_mod_prints_everything_and_writes_png(tmp_path):
+    png = tmp_path / "mask.png"
+    result = _inspect(tmp_path, "MODS:make_mask", "--q-len", "256", "--kv-len", "256", "--block-size", "32",
+                      "--png", str(png))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "%2 = ge %0 %1 : bool" in out and "depends on: kv_idx, q_idx" in out
+    assert "(q_idx >= kv_idx) & (-kv_idx + q_idx <= 64)" in out
+    assert "decided symbolically" in out and "██░░" in out
+    assert "def " in out.split("== generated torch source", 1)[1]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_score_mod(tmp_path):
+    result = _inspect(tmp_path, "MODS:softcap")
+    assert result.returncode == 0, result.stderr
+    assert "tanh" in result.stdout and "== generated torch source" in result.stdout
+
+
+def test_inspect_errors_are_one_clear_line_with_exit_code_2(tmp_path):
+    cases = {
+        "/no/such/file.py:x": "no such file",
+        "MODS:missing": "has no name 'missing'",
+        "MODS:WINDOW": "is not callable",
+        "MODS:three": "takes 3 arguments",
+        "MODS:bad": "mods.py:13: Python control flow",
+    }
+    for target, message in cases.items():
+        result = _inspect(tmp_path, target)
+        assert result.returncode == 2, target
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    debug = _inspect(tmp_path, "MODS:bad", "--debug")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
