@@ -292,15 +292,13 @@ def _to(x, *args, **kwargs) -> Proxy:
     return _cast(_operand(x), _dtype_of(dtype))
 
 
+_CASTABLE = (torch.bool, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _dtype_of(dtype: torch.dtype) -> DType:
-    if dtype == torch.bool:
-        return DType.BOOL
-    if dtype.is_floating_point:
-        return DType.FLOAT32
-    if dtype == torch.int64:
-        return DType.INT64
-    if dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
-        return DType.INT32
+    """The IR dtype a cast to ``dtype`` produces: the same widening as a buffer load."""
+    if dtype.is_floating_point or dtype in _CASTABLE:
+        return load_dtype(dtype)
     _fail(f"casting to {dtype} is not supported; use float32, int32, int64 or bool.")
 
 
