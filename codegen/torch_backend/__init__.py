@@ -19,6 +19,7 @@ cost seconds on the first call (see docs/performance.md).
 from __future__ import annotations
 
 import hashlib
+import math
 import linecache
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
     the split-KV path instead, which reads each KV tile once per KV head.
     """
     if _is_decode(query, key, value, score_buffers, block_mask, kernel_options):
+        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
         return split_kv.decode_attention(
             query, key, value, score_graph=score_graph, score_buffers=score_buffers, mask_graph=mask_graph,
             mask_buffers=mask_buffers, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
