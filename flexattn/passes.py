@@ -28,10 +28,6 @@ def _python_value(tensor, dtype: DType):
     return float(value)
 
 
-def _const(node: Node):
-    return node.arg if node.op is Op.CONST else None
-
-
 def _is_const(node: Node, value) -> bool:
     return node.op is Op.CONST and type(node.arg) is type(value) and node.arg == value
 
