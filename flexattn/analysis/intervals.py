@@ -18,7 +18,7 @@ import torch
 
 from flexattn.ir import DType, Graph, Op
 
-BIG = 2 ** 62  # stands for "unbounded"
+BIG = 2 ** 61  # stands for "unbounded"; the sum of two such bounds still fits in int64
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,16 @@ def _add(a: Range, b: Range) -> Range:
     return Range((a.lo + b.lo).clamp(-BIG, BIG), (a.hi + b.hi).clamp(-BIG, BIG))
 
 
+def _times(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x * k`` saturated to [-BIG, BIG] (an int64 product could wrap around)."""
+    if k == 0:
+        return torch.zeros_like(x)
+    overflow = x.abs() > BIG // abs(k)
+    return torch.where(overflow, torch.sign(x) * (BIG if k > 0 else -BIG), x * k)
+
+
 def _scale(r: Range, k: int) -> Range:
-    lo, hi = (r.lo * k).clamp(-BIG, BIG), (r.hi * k).clamp(-BIG, BIG)
+    lo, hi = _times(r.lo, k), _times(r.hi, k)
     return Range(torch.minimum(lo, hi), torch.maximum(lo, hi))
 
 
@@ -114,7 +122,9 @@ def _mod(a: Range, k: int) -> Range:
 
 def _mul(a: Range, b: Range) -> Range:
     corners = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
-    unbounded = (a.lo <= -BIG) | (a.hi >= BIG) | (b.lo <= -BIG) | (b.hi >= BIG)
+    # Products past BIG (detected in float64, where they cannot wrap) saturate.
+    magnitude = torch.maximum(a.lo.abs(), a.hi.abs()).double() * torch.maximum(b.lo.abs(), b.hi.abs()).double()
+    unbounded = magnitude >= BIG
     return Range(torch.where(unbounded, _t(-BIG), corners.amin(0)), torch.where(unbounded, _t(BIG), corners.amax(0)))
 
 
@@ -216,7 +226,7 @@ def _interval_rule(node, ranges: list, raw: list) -> Range:
     if op in (Op.LSHIFT, Op.RSHIFT) and k is not None and 0 <= k < 62:
         r = ranges[0]
         if op is Op.LSHIFT:
-            return Range((r.lo * 2 ** k).clamp(-BIG, BIG), (r.hi * 2 ** k).clamp(-BIG, BIG))
+            return Range(_times(r.lo, 2 ** k), _times(r.hi, 2 ** k))
         return Range(r.lo >> k, r.hi >> k)
     if node.dtype is DType.BOOL:
         return Range(_t(0), _t(1))
