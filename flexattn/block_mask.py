@@ -13,41 +13,11 @@ from __future__ import annotations
 import torch
 
 from flexattn.errors import BlockMaskError
+from flexattn.index_lists import ordered_lists, ordered_to_dense, transpose_ordered
 
 DEFAULT_BLOCK_SIZE = 128
 
 EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes, as stored in a tile-class tensor
-
-
-def dense_to_ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """0/1 tiles (..., rows, cols) -> (num_blocks (..., rows), indices (..., rows, cols)).
-
-    Listed columns come first in ascending order, then the others, as torch orders
-    them. Built by ranking with cumulative sums and one scatter: O(tiles), no sort.
-    """
-    listed = dense.to(torch.int32)
-    num = listed.sum(dim=-1, dtype=torch.int32)
-    unlisted = 1 - listed
-    rank = torch.where(listed.bool(), listed.cumsum(-1, dtype=torch.int32) - 1,
-                       num.unsqueeze(-1) + unlisted.cumsum(-1, dtype=torch.int32) - 1)
-    columns = torch.arange(dense.shape[-1], dtype=torch.int32, device=dense.device).expand_as(rank)
-    indices = torch.empty_like(rank).scatter_(-1, rank.long(), columns)
-    return num.contiguous(), indices.contiguous()
-
-
-def ordered_to_dense(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """Inverse of ``dense_to_ordered``: int32 0/1 tiles of shape (..., rows, num_cols)."""
-    listed = torch.arange(indices.shape[-1], device=indices.device) < num_blocks.unsqueeze(-1)
-    dense = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.int32, device=indices.device)
-    # Unlisted entries write to a spare column that is dropped afterwards.
-    target = torch.where(listed, indices.long(), num_cols)
-    dense.scatter_(-1, target, 1)
-    return dense[..., :num_cols]
-
-
-def transpose_ordered(num_blocks: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dense = ordered_to_dense(num_blocks, indices, indices.shape[-1])
-    return dense_to_ordered(dense.transpose(-2, -1))
 
 
 _TORCH_FIELDS = ("seq_lengths", "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
@@ -127,12 +97,9 @@ class BlockMask:
     @classmethod
     def from_tile_classes(cls, classes: torch.Tensor, BLOCK_SIZE, seq_lengths, mask_mod=None) -> "BlockMask":
         """Build from a (B, H, Q_BLOCKS, KV_BLOCKS) tensor of EMPTY/PARTIAL/FULL codes."""
-        partial, full = classes == PARTIAL, classes == FULL
-        kv_num, kv_idx = dense_to_ordered(partial)
-        full_num, full_idx = dense_to_ordered(full)
-        # The q-major lists come from the same matrix, transposed (no round trip through lists).
-        q_num, q_idx = dense_to_ordered(partial.transpose(-2, -1))
-        full_q_num, full_q_idx = dense_to_ordered(full.transpose(-2, -1))
+        (kv_num, kv_idx), (full_num, full_idx) = ordered_lists(classes, (PARTIAL, FULL))
+        # The q-major lists come from the same matrix, read down its columns.
+        (q_num, q_idx), (full_q_num, full_q_idx) = ordered_lists(classes, (PARTIAL, FULL), transposed=True)
         return cls(seq_lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx,
                    BLOCK_SIZE, mask_mod)
 

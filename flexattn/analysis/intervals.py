@@ -23,16 +23,30 @@ BIG = 2 ** 61  # stands for "unbounded"; the sum of two such bounds still fits i
 
 @dataclass(frozen=True)
 class Range:
+    """Per box, every value lies in [lo, hi]; where ``attained``, every integer in
+    [lo, hi] is taken at some position of the box (for a bool: it is both true
+    and false somewhere, so the box is PARTIAL without looking at positions)."""
+
     lo: torch.Tensor
     hi: torch.Tensor
+    attained: object = False  # a bool or a bool tensor over the boxes
+
+
+def _attained(r: Range):
+    """Where every value of ``r`` is taken: a single value always is (boxes are never empty)."""
+    return (r.lo == r.hi) | r.attained if r.attained is not True else True
 
 
 @dataclass(frozen=True)
 class Affine:
-    """``q_coef * q_idx + kv_coef * kv_idx + offset``, offset a Range (b, h, loads, constants)."""
+    """``q_coef * q_idx + kv_coef * kv_idx + offset``, offset a Range (b, h, loads, constants).
 
-    q_coef: int
-    kv_coef: int
+    A coefficient is an int, or an int64 tensor over the boxes when the form
+    holds per box (``q_idx % W`` is ``q_idx - W*p`` in a box within one period p).
+    """
+
+    q_coef: int | torch.Tensor
+    kv_coef: int | torch.Tensor
     offset: Range
 
 
@@ -45,24 +59,33 @@ def _any() -> Range:
 
 
 def _point(value: int) -> Range:
-    return Range(_t(value), _t(value))
+    return Range(_t(value), _t(value), True)
 
 
 def _add(a: Range, b: Range) -> Range:
-    return Range((a.lo + b.lo).clamp(-BIG, BIG), (a.hi + b.hi).clamp(-BIG, BIG))
+    """``a + b`` for values that may depend on each other: attained only where one is a single value."""
+    attained = (_attained(a) & (b.lo == b.hi)) | (_attained(b) & (a.lo == a.hi))
+    return Range((a.lo + b.lo).clamp(-BIG, BIG), (a.hi + b.hi).clamp(-BIG, BIG), attained)
 
 
-def _times(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``x * k`` saturated to [-BIG, BIG] (an int64 product could wrap around)."""
-    if k == 0:
-        return torch.zeros_like(x)
-    overflow = x.abs() > BIG // abs(k)
-    return torch.where(overflow, torch.sign(x) * (BIG if k > 0 else -BIG), x * k)
+def _times(x: torch.Tensor, k) -> torch.Tensor:
+    """``x * k`` saturated to [-BIG, BIG] (an int64 product could wrap around); k an int or a tensor."""
+    if isinstance(k, int):
+        if k == 0:
+            return torch.zeros_like(x)
+        overflow = x.abs() > BIG // abs(k)
+        return torch.where(overflow, torch.sign(x) * (BIG if k > 0 else -BIG), x * k)
+    overflow = x.abs() > BIG // k.abs().clamp(min=1)
+    return torch.where(overflow, torch.sign(x) * torch.sign(k) * BIG, x * k)
 
 
-def _scale(r: Range, k: int) -> Range:
+def _unit(k):
+    return abs(k) <= 1 if isinstance(k, int) else k.abs() <= 1
+
+
+def _scale(r: Range, k) -> Range:
     lo, hi = _times(r.lo, k), _times(r.hi, k)
-    return Range(torch.minimum(lo, hi), torch.maximum(lo, hi))
+    return Range(torch.minimum(lo, hi), torch.maximum(lo, hi), _attained(r) & _unit(k))
 
 
 class TileGrid:
@@ -73,7 +96,14 @@ class TileGrid:
 
     def range_of(self, form: Affine) -> Range:
         q, kv = self.inputs["q_idx"], self.inputs["kv_idx"]
-        return _add(_add(_scale(q, form.q_coef), _scale(kv, form.kv_coef)), form.offset)
+        lo_hi = _add(_add(_scale(q, form.q_coef), _scale(kv, form.kv_coef)), form.offset)
+        # q and kv vary independently over a box, so with unit coefficients and a
+        # single-valued offset the form takes every integer between its bounds.
+        no_index = (form.q_coef == 0) & (form.kv_coef == 0)
+        attained = torch.where(torch.as_tensor(no_index), torch.as_tensor(_attained(form.offset)),
+                               torch.as_tensor(_unit(form.q_coef) & _unit(form.kv_coef)
+                                               & (form.offset.lo == form.offset.hi)))
+        return Range(lo_hi.lo, lo_hi.hi, attained)
 
 
 def _as_range(value, grid: TileGrid) -> Range:
@@ -105,19 +135,33 @@ def _compare(op: Op, a, b, grid: TileGrid) -> Range:
         true, false = (d.lo == 0) & (d.hi == 0), (d.lo > 0) | (d.hi < 0)
     else:  # NE
         true, false = (d.lo > 0) | (d.hi < 0), (d.lo == 0) & (d.hi == 0)
-    return Range(true.long(), (~false).long())
+    # Where d takes every value in its range, each truth value its bounds allow occurs.
+    return Range(true.long(), (~false).long(), _attained(d))
 
 
 def _floordiv(a: Range, k: int) -> Range:
     lo, hi = torch.div(a.lo, k, rounding_mode="floor"), torch.div(a.hi, k, rounding_mode="floor")
-    return Range(torch.minimum(lo, hi), torch.maximum(lo, hi))
+    return Range(torch.minimum(lo, hi), torch.maximum(lo, hi), _attained(a))
 
 
-def _mod(a: Range, k: int) -> Range:
-    same_period = (torch.div(a.lo, k, rounding_mode="floor") == torch.div(a.hi, k, rounding_mode="floor"))
-    lo = torch.where(same_period, torch.remainder(a.lo, k), _t(0))
-    hi = torch.where(same_period, torch.remainder(a.hi, k), _t(k - 1))
-    return Range(lo, hi) if k > 0 else _any()
+def _mod(value, k: int, grid: "TileGrid"):
+    """``value % k`` (k > 0). In a box where ``value`` stays within one period p it
+    is ``value - k*p``: still affine, so ``q % W - kv % W`` keeps its correlation."""
+    a = _as_range(value, grid)
+    period = torch.div(a.lo, k, rounding_mode="floor")
+    same_period = period == torch.div(a.hi, k, rounding_mode="floor")
+    # Across periods the result is [0, k-1], every value taken if a whole period is.
+    wraps_fully = _attained(a) & (a.hi - a.lo + 1 >= k)
+    if not isinstance(value, Affine) or (_is_zero(value.q_coef) and _is_zero(value.kv_coef)):
+        lo = torch.where(same_period, torch.remainder(a.lo, k), _t(0))
+        hi = torch.where(same_period, torch.remainder(a.hi, k), _t(k - 1))
+        return Range(lo, hi, torch.where(same_period, torch.as_tensor(_attained(a)), wraps_fully))
+    shifted = _add(value.offset, _scale(Range(period, period), -k))
+    offset = Range(torch.where(same_period, shifted.lo, _t(0)), torch.where(same_period, shifted.hi, _t(k - 1)),
+                   torch.where(same_period, torch.as_tensor(_attained(shifted)), wraps_fully))
+    zero = _t(0)
+    return Affine(torch.where(same_period, _t(value.q_coef), zero), torch.where(same_period, _t(value.kv_coef), zero),
+                  offset)
 
 
 def _mul(a: Range, b: Range) -> Range:
@@ -128,18 +172,34 @@ def _mul(a: Range, b: Range) -> Range:
     return Range(torch.where(unbounded, _t(-BIG), corners.amin(0)), torch.where(unbounded, _t(BIG), corners.amax(0)))
 
 
+def _is_zero(coef) -> bool:
+    return isinstance(coef, int) and coef == 0
+
+
 def _const_of(value) -> int | None:
-    r = value.offset if isinstance(value, Affine) and value.q_coef == value.kv_coef == 0 else value
+    r = value.offset if isinstance(value, Affine) and _is_zero(value.q_coef) and _is_zero(value.kv_coef) else value
     if isinstance(r, Range) and r.lo.dim() == 0 and r.hi.dim() == 0 and int(r.lo) == int(r.hi):
         return int(r.lo)
     return None
 
 
+def _can_be(x: Range, value: int):
+    """Where the bool ``x`` is known to be ``value`` at some position of the box."""
+    if value:
+        return (x.lo == 1) | ((x.hi == 1) & _attained(x))
+    return (x.hi == 0) | ((x.lo == 0) & _attained(x))
+
+
 def _bool_op(op: Op, a: Range, b: Range) -> Range:
-    if op is Op.AND:
-        return Range(a.lo & b.lo, a.hi & b.hi)
-    if op is Op.OR:
-        return Range(a.lo | b.lo, a.hi | b.hi)
+    if op in (Op.AND, Op.OR):
+        # a & b is false wherever one is; it is true somewhere if one is always true
+        # and the other true somewhere (dually for |).
+        sure, other = (1, 0) if op is Op.AND else (0, 1)
+        reaches_other = _can_be(a, other) | _can_be(b, other)
+        reaches_sure = ((a.lo == a.hi) & (a.lo == sure) & _can_be(b, sure)) | (
+            (b.lo == b.hi) & (b.lo == sure) & _can_be(a, sure))
+        lo, hi = (a.lo & b.lo, a.hi & b.hi) if op is Op.AND else (a.lo | b.lo, a.hi | b.hi)
+        return Range(lo, hi, reaches_other & reaches_sure)
     # XOR: decided only when both are decided.
     decided = (a.lo == a.hi) & (b.lo == b.hi)
     value = a.lo ^ b.lo
@@ -190,29 +250,31 @@ def evaluate_ranges(graph: Graph, grid: TileGrid, load_range) -> Range:
         elif node.dtype is DType.BOOL and op in (Op.AND, Op.OR, Op.XOR):
             value = _bool_op(op, ins[0], ins[1])
         elif node.dtype is DType.BOOL and op is Op.NOT:
-            value = Range(1 - ins[0].hi, 1 - ins[0].lo)
+            value = Range(1 - ins[0].hi, 1 - ins[0].lo, ins[0].attained)
         else:
-            value = _interval_rule(node, [_as_range(v, grid) if v is not None else None for v in ins], ins)
+            value = _interval_rule(node, [_as_range(v, grid) if v is not None else None for v in ins], ins, grid)
         values[node] = value
     return _as_range(values[graph.output], grid)
 
 
-def _interval_rule(node, ranges: list, raw: list) -> Range:
+def _interval_rule(node, ranges: list, raw: list, grid: TileGrid):
     op = node.op
     if op is Op.WHERE:
         cond, a, b = ranges
         lo = torch.where(cond.lo == 1, a.lo, torch.where(cond.hi == 0, b.lo, torch.minimum(a.lo, b.lo)))
         hi = torch.where(cond.lo == 1, a.hi, torch.where(cond.hi == 0, b.hi, torch.maximum(a.hi, b.hi)))
-        return Range(lo, hi)
+        attained = torch.where(cond.lo == 1, torch.as_tensor(_attained(a)),
+                               (cond.hi == 0) & torch.as_tensor(_attained(b)))
+        return Range(lo, hi, attained)
     if op is Op.CAST:
         r = ranges[0]
         if node.dtype is DType.BOOL:  # x != 0
-            return Range(((r.lo > 0) | (r.hi < 0)).long(), (~((r.lo == 0) & (r.hi == 0))).long())
+            return Range(((r.lo > 0) | (r.hi < 0)).long(), (~((r.lo == 0) & (r.hi == 0))).long(), _attained(r))
         return r
     if op is Op.ABS:
         r = ranges[0]
         lo = torch.where(r.lo >= 0, r.lo, torch.where(r.hi <= 0, -r.hi, _t(0)))
-        return Range(lo, torch.maximum(r.lo.abs(), r.hi.abs()).clamp(max=BIG))
+        return Range(lo, torch.maximum(r.lo.abs(), r.hi.abs()).clamp(max=BIG), _attained(r))
     if op in (Op.MIN, Op.MAX):
         f = torch.minimum if op is Op.MIN else torch.maximum
         return Range(f(ranges[0].lo, ranges[1].lo), f(ranges[0].hi, ranges[1].hi))
@@ -220,14 +282,14 @@ def _interval_rule(node, ranges: list, raw: list) -> Range:
     if op is Op.FLOORDIV and k is not None and k > 0:
         return _floordiv(ranges[0], k)
     if op is Op.MOD and k is not None and k > 0:
-        return _mod(ranges[0], k)
+        return _mod(raw[0], k, grid)
     if op in (Op.AND, Op.OR, Op.XOR):
         return _bitwise(op, ranges[0], ranges[1])
     if op in (Op.LSHIFT, Op.RSHIFT) and k is not None and 0 <= k < 62:
         r = ranges[0]
         if op is Op.LSHIFT:
             return Range(_times(r.lo, 2 ** k), _times(r.hi, 2 ** k))
-        return Range(r.lo >> k, r.hi >> k)
+        return Range(r.lo >> k, r.hi >> k, _attained(r))
     if node.dtype is DType.BOOL:
         return Range(_t(0), _t(1))
     return _any()

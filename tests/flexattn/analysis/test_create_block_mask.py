@@ -9,9 +9,8 @@ from torch.nn.attention import flex_attention as torch_flex
 
 import flexattn
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
+from mask_programs import DOC, as_mask_mod, mask_expr
 
-DOC = torch.repeat_interleave(torch.arange(5), torch.tensor([13, 40, 3, 29, 60]))
-TABLE = torch.tensor([[0, 3, 1, 4], [1, 5, 9, 2], [6, 5, 3, 5]])
 FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
@@ -28,45 +27,14 @@ def _dense_classes(mask_mod, B, H, Q, KV, q_block, kv_block):
     return classes
 
 
-def _int_expr(depth):
-    leaf = st.sampled_from(["q_idx", "kv_idx", "b", "h", "(q_idx - kv_idx)", "(kv_idx - 2 * q_idx)"])
-    if depth == 0:
-        return leaf
-    sub = _int_expr(depth - 1)
-    return st.one_of(
-        leaf,
-        st.tuples(sub, st.sampled_from(["+", "-"]), sub).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
-        st.tuples(sub, st.sampled_from(["//", "%", "*"]), st.integers(1, 9)).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
-        st.tuples(sub, st.sampled_from(["&", "|", "^", ">>"]), st.integers(0, 7)).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
-        sub.map(lambda a: f"torch.abs({a})"), sub.map(lambda a: f"DOC[{a}]"),
-        st.tuples(sub, sub).map(lambda t: f"TABLE[{t[0]}, {t[1]}]"),
-        st.tuples(sub, sub).map(lambda t: f"torch.minimum({t[0]}, {t[1]})"),
-    )
-
-
-def _mask_expr(depth):
-    cmp = st.tuples(_int_expr(2), st.sampled_from(["<", "<=", ">", ">=", "==", "!="]),
-                    st.one_of(_int_expr(1), st.integers(-20, 60).map(str))).map(lambda t: f"({t[0]} {t[1]} {t[2]})")
-    if depth == 0:
-        return cmp
-    sub = _mask_expr(depth - 1)
-    return st.one_of(
-        cmp,
-        st.tuples(sub, st.sampled_from(["&", "|", "^"]), sub).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
-        sub.map(lambda a: f"(~{a})"),
-        st.tuples(sub, sub, sub).map(lambda t: f"torch.where({t[0]}, {t[1]}, {t[2]})"),
-        st.tuples(sub, _int_expr(1)).map(lambda t: f"torch.where({t[0]}, {t[1]} > 3, DOC[q_idx] == DOC[kv_idx])"),
-    )
-
-
 @settings(max_examples=120, deadline=None)
-@given(expr=_mask_expr(2), B=st.integers(1, 2), H=st.integers(1, 3), Q=st.integers(1, 145),
+@given(expr=mask_expr(2), B=st.integers(1, 2), H=st.integers(1, 3), Q=st.integers(1, 145),
        KV=st.integers(1, 145), q_block=st.sampled_from([1, 4, 16, 32]), kv_block=st.sampled_from([1, 8, 16, 64]))
 # Two "unbounded" ranges added once wrapped around int64 and claimed a FULL tile.
 @example(expr="((((kv_idx - 2 * q_idx) & 0) + ((kv_idx - 2 * q_idx) & 0)) < q_idx)",
          B=1, H=1, Q=4, KV=1, q_block=4, kv_block=1)
 def test_exact_block_mask_equals_dense_reduction(expr, B, H, Q, KV, q_block, kv_block):
-    mask_mod = eval(f"lambda b, h, q_idx, kv_idx: {expr}", {"torch": torch, "DOC": DOC, "TABLE": TABLE})  # noqa: S307
+    mask_mod = as_mask_mod(expr)
     expected = _dense_classes(mask_mod, B, H, Q, KV, q_block, kv_block)
     exact = flexattn.create_block_mask(mask_mod, B, H, Q, KV, BLOCK_SIZE=(q_block, kv_block))
     assert torch.equal(exact.tile_classes(), expected)

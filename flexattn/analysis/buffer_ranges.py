@@ -1,0 +1,44 @@
+"""Range summaries of captured buffers: min/max of a buffer over any index range."""
+
+from __future__ import annotations
+
+import torch
+
+from flexattn.analysis.intervals import Range
+
+
+class BufferRanges:
+    """Range summaries of the mask's buffers: min/max of a 1-D buffer over any index range in O(1)."""
+
+    def __init__(self, buffers):
+        self.tables = []
+        for buf in buffers:
+            values = buf.detach().to("cpu").long().reshape(-1) if buf.dim() == 1 else None
+            if values is None or values.numel() == 0:
+                flat = buf.detach().to("cpu").long().reshape(-1)
+                self.tables.append((int(flat.min()), int(flat.max())) if flat.numel() else (0, 0))
+                continue
+            mins, maxs = [values], [values]
+            width = 1
+            while 2 * width <= values.numel():  # sparse table: level k covers 2**k entries
+                mins.append(torch.minimum(mins[-1][:-width], mins[-1][width:]))
+                maxs.append(torch.maximum(maxs[-1][:-width], maxs[-1][width:]))
+                width *= 2
+            self.tables.append((mins, maxs))
+
+    def __call__(self, index: int, ranges: list[Range]) -> Range:
+        table = self.tables[index]
+        if isinstance(table[0], int):
+            return Range(torch.tensor(table[0]), torch.tensor(table[1]))
+        mins, maxs = table
+        n = mins[0].numel()
+        lo, hi = (r.clamp(0, n - 1) for r in (ranges[0].lo, ranges[0].hi))
+        lo, hi = torch.broadcast_tensors(lo, hi)
+        level = torch.floor(torch.log2((hi - lo + 1).double())).long()
+        out_lo, out_hi = torch.empty_like(lo), torch.empty_like(lo)
+        for k in torch.unique(level).tolist():
+            sel = level == k
+            a, b = lo[sel], hi[sel] - (1 << k) + 1
+            out_lo[sel] = torch.minimum(mins[k][a], mins[k][b])
+            out_hi[sel] = torch.maximum(maxs[k][a], maxs[k][b])
+        return Range(out_lo, out_hi)
