@@ -8,6 +8,7 @@ boxes of many tiles first, then boxes inside the tiles that stay undecided.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -40,15 +41,18 @@ class Boxes:
     def area(self) -> torch.Tensor:
         return (self.q_hi - self.q_lo + 1) * (self.kv_hi - self.kv_lo + 1)
 
-    def split(self) -> tuple["Boxes", torch.Tensor]:
-        """SPLIT x SPLIT children of every box (empty ones dropped), and each child's parent."""
-        q_step = (self.q_hi - self.q_lo + SPLIT) // SPLIT
-        kv_step = (self.kv_hi - self.kv_lo + SPLIT) // SPLIT
-        part = torch.arange(SPLIT)
-        q_lo = (self.q_lo.view(-1, 1, 1) + q_step.view(-1, 1, 1) * part.view(1, -1, 1))
-        kv_lo = (self.kv_lo.view(-1, 1, 1) + kv_step.view(-1, 1, 1) * part.view(1, 1, -1))
-        q_hi = torch.minimum(q_lo + q_step.view(-1, 1, 1) - 1, self.q_hi.view(-1, 1, 1))
-        kv_hi = torch.minimum(kv_lo + kv_step.view(-1, 1, 1) - 1, self.kv_hi.view(-1, 1, 1))
+    def split(self, q_cut=None, kv_cut=None) -> tuple["Boxes", torch.Tensor]:
+        """Children of every box (empty ones dropped), and each child's parent.
+
+        Along an axis with a cut (>= 0) a box is cut in two there; a box with a cut on
+        one axis only is not cut along the other; a box without cuts is cut into SPLIT
+        equal parts along both.
+        """
+        q_at, kv_at = _cut_inside(self.q_lo, self.q_hi, q_cut), _cut_inside(self.kv_lo, self.kv_hi, kv_cut)
+        q_lo, q_hi = _parts(self.q_lo, self.q_hi, q_cut, q_at, kv_at)
+        kv_lo, kv_hi = _parts(self.kv_lo, self.kv_hi, kv_cut, kv_at, q_at)
+        q_lo, q_hi = q_lo.unsqueeze(2), q_hi.unsqueeze(2)
+        kv_lo, kv_hi = kv_lo.unsqueeze(1), kv_hi.unsqueeze(1)
         shape = (len(self), SPLIT, SPLIT)
         keep = ((q_lo <= q_hi) & (kv_lo <= kv_hi)).flatten()
         parent = torch.arange(len(self)).view(-1, 1, 1).expand(shape).flatten()[keep]
@@ -57,15 +61,52 @@ class Boxes:
         return children, parent
 
 
-def decide(graph, load_range, boxes: Boxes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(always_true, always_false, both) per box, from the range evaluation; ``both``:
-    provably true at some position and false at another."""
+def _cut_inside(lo: torch.Tensor, hi: torch.Tensor, cut) -> torch.Tensor:
+    """Where ``cut`` falls strictly inside a range (so both pieces are non-empty)."""
+    if cut is None:
+        return torch.zeros_like(lo, dtype=torch.bool)
+    return (cut > lo) & (cut <= hi)
+
+
+def _parts(lo, hi, cut, here: torch.Tensor, elsewhere: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of up to SPLIT parts of each range, (M, SPLIT); a part with lo > hi is empty.
+
+    Two parts at ``cut`` where ``here``; one (the whole range) where only the other
+    axis is cut (``elsewhere``); else SPLIT equal parts.
+    """
+    lo, hi = lo.view(-1, 1), hi.view(-1, 1)
+    part = torch.arange(SPLIT)
+    step = torch.where(elsewhere.view(-1, 1), hi - lo + 1, (hi - lo + SPLIT) // SPLIT)
+    part_lo = lo + step * part
+    part_hi = torch.minimum(part_lo + step - 1, hi)
+    if cut is None:
+        return part_lo, part_hi
+    cut = cut.view(-1, 1)
+    two_lo = torch.where(part == 0, lo, torch.where(part == 1, cut, hi + 1))
+    two_hi = torch.where(part == 0, cut - 1, hi)
+    here = here.view(-1, 1)
+    return torch.where(here, two_lo, part_lo), torch.where(here, two_hi, part_hi)
+
+
+class Decision(NamedTuple):
+    """Per box: always true, always false, or provably both (true at some position, false
+    at another); and where to cut it next (-1: cut evenly), as the range evaluation suggests."""
+
+    true: torch.Tensor
+    false: torch.Tensor
+    both: torch.Tensor
+    q_cut: torch.Tensor | None
+    kv_cut: torch.Tensor | None
+
+
+def decide(graph, load_range, boxes: Boxes) -> Decision:
     grid = TileGrid(Range(boxes.b, boxes.b), Range(boxes.h, boxes.h),
                     Range(boxes.q_lo, boxes.q_hi), Range(boxes.kv_lo, boxes.kv_hi))
     ranges = evaluate_ranges(graph, grid, load_range)
     lo, hi = (x.expand(len(boxes)) for x in (ranges.lo, ranges.hi))
     both = (lo == 0) & (hi == 1) & torch.as_tensor(ranges.attained).expand(len(boxes))
-    return lo >= 1, hi <= 0, both
+    cuts = (None if c is None else c.expand(len(boxes)) for c in (grid.cuts["q_idx"], grid.cuts["kv_idx"]))
+    return Decision(lo >= 1, hi <= 0, both, *cuts)
 
 
 def evaluate_positions(graph, buffers, boxes: Boxes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,25 +133,32 @@ def evaluate_positions(graph, buffers, boxes: Boxes) -> tuple[torch.Tensor, torc
     return some_true, some_false
 
 
-def refine_tiles(graph, buffers, load_range, tiles: Boxes, ragged: torch.Tensor) -> tuple[torch.Tensor, int]:
+def refine_tiles(graph, buffers, load_range, tiles: Boxes, ragged: torch.Tensor, cuts=(None, None)):
     """Exact classes (EMPTY/PARTIAL/FULL) of undecided tiles, and how many needed positions.
 
     Each tile is cut into boxes, recursively, and only undecided boxes of
     undecided tiles go on: a tile is PARTIAL as soon as one box is always
     true and another always false (the diagonal of a causal mask), so the
     work follows the boundary of the mask, not the area of the tile.
-    ``ragged`` marks tiles cut by the end of the sequence (never FULL).
+    ``ragged`` marks tiles cut by the end of the sequence (never FULL); ``cuts`` are
+    the (q, kv) cuts suggested for the tiles (see ``Decision``).
     """
     some_true = torch.zeros(len(tiles), dtype=torch.bool)
     some_false = torch.zeros(len(tiles), dtype=torch.bool)
     used_positions = torch.zeros(len(tiles), dtype=torch.bool)
     boxes, owner = tiles, torch.arange(len(tiles))
+    q_cut, kv_cut = cuts
     while len(boxes):
-        boxes, parent = boxes.split()
+        boxes, parent = boxes.split(q_cut, kv_cut)
         owner = owner[parent]
         small = boxes.area() <= DENSE_AREA
         true, false, both = (torch.zeros(len(boxes), dtype=torch.bool) for _ in range(3))
-        true[~small], false[~small], both[~small] = decide(graph, load_range, boxes.select(~small))
+        q_cut, kv_cut = (torch.full((len(boxes),), -1, dtype=torch.int64) for _ in range(2))
+        decision = decide(graph, load_range, boxes.select(~small))
+        true[~small], false[~small], both[~small] = decision.true, decision.false, decision.both
+        for cut, suggested in ((q_cut, decision.q_cut), (kv_cut, decision.kv_cut)):
+            if suggested is not None:
+                cut[~small] = suggested
         # Small boxes: "true"/"false" here mean true/false at some position.
         true[small], false[small] = evaluate_positions(graph, buffers, boxes.select(small))
         used_positions[owner[small]] = True
@@ -118,7 +166,7 @@ def refine_tiles(graph, buffers, load_range, tiles: Boxes, ragged: torch.Tensor)
         some_false[owner[false | both]] = True
         settled = some_true & (some_false | ragged)
         go_on = ~small & ~true & ~false & ~both & ~settled[owner]
-        boxes, owner = boxes.select(go_on), owner[go_on]
+        boxes, owner, q_cut, kv_cut = boxes.select(go_on), owner[go_on], q_cut[go_on], kv_cut[go_on]
     classes = torch.full((len(tiles),), EMPTY, dtype=torch.int8)
     classes[some_true] = PARTIAL
     classes[some_true & ~some_false & ~ragged] = FULL

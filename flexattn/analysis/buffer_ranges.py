@@ -12,12 +12,18 @@ class BufferRanges:
 
     def __init__(self, buffers):
         self.tables = []
+        self.next_change = []  # per 1-D buffer: for each i, the first j > i with buf[j] != buf[j - 1]
         for buf in buffers:
             values = buf.detach().to("cpu").long().reshape(-1) if buf.dim() == 1 else None
             if values is None or values.numel() == 0:
                 flat = buf.detach().to("cpu").long().reshape(-1)
                 self.tables.append((int(flat.min()), int(flat.max())) if flat.numel() else (0, 0))
+                self.next_change.append(None)
                 continue
+            n = values.numel()
+            at = torch.where(values[1:] != values[:-1], torch.arange(1, n), n)
+            suffix_min = at.flip(0).cummin(0).values.flip(0)
+            self.next_change.append(torch.cat([suffix_min, torch.tensor([n])]))
             mins, maxs = [values], [values]
             width = 1
             while 2 * width <= values.numel():  # sparse table: level k covers 2**k entries
@@ -42,3 +48,15 @@ class BufferRanges:
             out_lo[sel] = torch.minimum(mins[k][a], mins[k][b])
             out_hi[sel] = torch.maximum(maxs[k][a], maxs[k][b])
         return Range(out_lo, out_hi)
+
+    def first_change(self, index: int, lo: torch.Tensor, hi: torch.Tensor):
+        """Per range [lo, hi] of a 1-D buffer's index, the first index in (lo, hi] where the
+        value changes (-1 where it does not); None for buffers without that summary."""
+        table = self.next_change[index]
+        if table is None:
+            return None
+        n = table.numel()
+        lo, hi = torch.broadcast_tensors(lo, hi)
+        # Loads clamp indices, so below 0 the value is buf[0] and past the end buf[n - 1].
+        change = table[lo.clamp(0, n - 1)]
+        return torch.where((change > lo) & (change <= hi) & (change < n), change, -1)

@@ -54,14 +54,15 @@ class _TilePlane:
 
 
 def _classify_tiles(graph, load_range, plane: _TilePlane):
-    """Paint every decided tile onto ``plane``; return the undecided ones as (b, h, qi, ki)."""
+    """Paint every decided tile onto ``plane``; return the undecided ones as (b, h, qi, ki),
+    with the cuts the range evaluation suggests for them."""
     nb, nh, nq, nkv = plane.n
     side = plane.side
     b, h, qi, ki = (x.flatten() for x in torch.meshgrid(
         torch.arange(nb), torch.arange(nh), torch.arange(math.ceil(nq / side)),
         torch.arange(math.ceil(nkv / side)), indexing="ij"))
     while True:
-        true, false, both = decide(graph, load_range, plane.boxes(b, h, qi, ki, side))
+        true, false, both, q_cut, kv_cut = decide(graph, load_range, plane.boxes(b, h, qi, ki, side))
         plane.paint(b[true], h[true], qi[true], ki[true], side, FULL)
         plane.paint(b[false], h[false], qi[false], ki[false], side, EMPTY)
         if side == 1:  # a single tile true somewhere and false elsewhere is PARTIAL
@@ -69,7 +70,7 @@ def _classify_tiles(graph, load_range, plane: _TilePlane):
         unknown = ~(true | false | (both if side == 1 else false))
         b, h, qi, ki = b[unknown], h[unknown], qi[unknown], ki[unknown]
         if side == 1:
-            return b, h, qi, ki
+            return (b, h, qi, ki), tuple(None if cut is None else cut[unknown] for cut in (q_cut, kv_cut))
         side //= SPLIT
         part = torch.arange(SPLIT)
         qi = (qi.view(-1, 1, 1) * SPLIT + part.view(1, -1, 1)).expand(-1, SPLIT, SPLIT).flatten()
@@ -117,12 +118,12 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=DE
     buffers = [t.detach().to("cpu") for t in traced.buffers]
     load_range = BufferRanges(buffers)
     plane = _TilePlane(nb, nh, nq, nkv, q_block, kv_block, Q_LEN, KV_LEN)
-    b, h, qi, ki = _classify_tiles(traced.graph, load_range, plane)
+    (b, h, qi, ki), cuts = _classify_tiles(traced.graph, load_range, plane)
     ragged = ((qi == nq - 1) & (Q_LEN % q_block != 0)) | ((ki == nkv - 1) & (KV_LEN % kv_block != 0))
     refined = 0
     if exact and len(b):
         tiles = plane.boxes(b, h, qi, ki, 1)
-        plane.padded[b, h, qi, ki], refined = refine_tiles(traced.graph, buffers, load_range, tiles, ragged)
+        plane.padded[b, h, qi, ki], refined = refine_tiles(traced.graph, buffers, load_range, tiles, ragged, cuts)
     else:
         plane.padded[b, h, qi, ki] = PARTIAL
     classes = plane.padded[:, :, :nq, :nkv]

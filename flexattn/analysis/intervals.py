@@ -71,8 +71,8 @@ def _add(a: Range, b: Range) -> Range:
 def _times(x: torch.Tensor, k) -> torch.Tensor:
     """``x * k`` saturated to [-BIG, BIG] (an int64 product could wrap around); k an int or a tensor."""
     if isinstance(k, int):
-        if k == 0:
-            return torch.zeros_like(x)
+        if k in (0, 1, -1):
+            return x * k
         overflow = x.abs() > BIG // abs(k)
         return torch.where(overflow, torch.sign(x) * (BIG if k > 0 else -BIG), x * k)
     overflow = x.abs() > BIG // k.abs().clamp(min=1)
@@ -84,6 +84,8 @@ def _unit(k):
 
 
 def _scale(r: Range, k) -> Range:
+    if isinstance(k, int) and k == 1:
+        return r
     lo, hi = _times(r.lo, k), _times(r.hi, k)
     return Range(torch.minimum(lo, hi), torch.maximum(lo, hi), _attained(r) & _unit(k))
 
@@ -93,10 +95,35 @@ class TileGrid:
 
     def __init__(self, b: Range, h: Range, q: Range, kv: Range):
         self.inputs = {"b": b, "h": h, "q_idx": q, "kv_idx": kv}
+        # Where to cut each box so the pieces are simpler: the first q_idx (kv_idx) in the
+        # box at which ``x // k``, ``x % k`` or ``buf[x]`` changes piece; -1 for none.
+        self.cuts = {"q_idx": None, "kv_idx": None}
+
+    def suggest_cut(self, form, next_piece) -> None:
+        """Record a cut where ``form`` (``axis + offset``) reaches a new piece.
+
+        ``next_piece(lo, hi)`` gives, per box, the first value in (lo, hi] that starts
+        a new piece, or -1.
+        """
+        if not isinstance(form, Affine) or not isinstance(form.q_coef, int) or not isinstance(form.kv_coef, int):
+            return
+        axis = {(1, 0): "q_idx", (0, 1): "kv_idx"}.get((form.q_coef, form.kv_coef))
+        if axis is None:
+            return
+        values = self.range_of(form)
+        start = next_piece(values.lo, values.hi)
+        if start is None:
+            return
+        usable = (start >= 0) & (form.offset.lo == form.offset.hi)
+        cut = torch.where(usable, start - form.offset.lo, -1)
+        previous = self.cuts[axis]
+        self.cuts[axis] = cut if previous is None else torch.where(previous >= 0, previous, cut)
 
     def range_of(self, form: Affine) -> Range:
-        q, kv = self.inputs["q_idx"], self.inputs["kv_idx"]
-        lo_hi = _add(_add(_scale(q, form.q_coef), _scale(kv, form.kv_coef)), form.offset)
+        lo_hi = form.offset
+        for axis, coef in (("q_idx", form.q_coef), ("kv_idx", form.kv_coef)):
+            if not _is_zero(coef):
+                lo_hi = _add(lo_hi, _scale(self.inputs[axis], coef))
         # q and kv vary independently over a box, so with unit coefficients and a
         # single-valued offset the form takes every integer between its bounds.
         no_index = (form.q_coef == 0) & (form.kv_coef == 0)
@@ -234,6 +261,8 @@ def evaluate_ranges(graph: Graph, grid: TileGrid, load_range) -> Range:
             value = _any() if node.dtype is not DType.BOOL else Range(_t(0), _t(1))
         elif op is Op.LOAD:
             value = load_range(node.inputs[0].arg, [_as_range(v, grid) for v in ins[1:]])
+            if len(ins) == 2:
+                grid.suggest_cut(ins[1], lambda lo, hi, i=node.inputs[0].arg: load_range.first_change(i, lo, hi))
         elif op in (Op.ADD, Op.SUB):
             value = _affine_add(ins[0], ins[1], 1 if op is Op.ADD else -1)
         elif op is Op.NEG:
@@ -279,6 +308,8 @@ def _interval_rule(node, ranges: list, raw: list, grid: TileGrid):
         f = torch.minimum if op is Op.MIN else torch.maximum
         return Range(f(ranges[0].lo, ranges[1].lo), f(ranges[0].hi, ranges[1].hi))
     k = _const_of(raw[1]) if len(raw) > 1 else None
+    if op in (Op.FLOORDIV, Op.MOD) and k is not None and k > 0:
+        grid.suggest_cut(raw[0], lambda lo, hi: torch.where((lo // k + 1) * k <= hi, (lo // k + 1) * k, -1))
     if op is Op.FLOORDIV and k is not None and k > 0:
         return _floordiv(ranges[0], k)
     if op is Op.MOD and k is not None and k > 0:

@@ -33,7 +33,7 @@ box = st.tuples(st.integers(0, 1), st.integers(0, 2), st.integers(0, 140), st.in
 def test_decisions_hold_at_every_position(expr, corners):
     traced = trace_mask_mod(as_mask_mod(expr))
     boxes = _boxes(corners)
-    always_true, always_false, both = decide(traced.graph, BufferRanges(traced.buffers), boxes)
+    always_true, always_false, both, _, _ = decide(traced.graph, BufferRanges(traced.buffers), boxes)
     some_true, some_false = evaluate_positions(traced.graph, traced.buffers, boxes)
     for i, corner in enumerate(corners):
         values = _values(traced, *(int(getattr(boxes, f)[i]) for f in boxes.__dataclass_fields__))
