@@ -1,11 +1,17 @@
 """create_block_mask: flexattn (symbolic) vs torch (dense evaluation), one process.
 
-Prints a markdown table: mask, length, flexattn ms, torch ms, tiles, tiles refined densely.
-torch runs up to --torch-max tokens (it evaluates every (q, kv) pair).
-Usage: python benchmarks/block_mask.py [--lengths 8192 32768 131072] [--torch-max 32768]
+Prints a markdown table: mask, length, flexattn ms (first call, best of 3), torch ms,
+tiles, tiles refined densely, peak memory. torch runs up to --torch-max tokens (it
+evaluates every (q, kv) pair). Each row runs in a fresh process, so the first call
+is cold and the peak RSS (ru_maxrss, which includes importing torch) is the row's own.
+Usage: python benchmarks/block_mask.py [--lengths 8192 32768 131072 1048576] [--torch-max 32768]
 """
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -39,32 +45,52 @@ def masks(n: int):
 
 
 def best_of(fn, repeats: int) -> float:
-    times = []
+    times, result = [], None
     for _ in range(repeats):
+        del result  # so that two results never live at once
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
     return min(times) * 1e3, result
 
 
+def one_row(name: str, n: int, with_torch: bool) -> dict:
+    mask_mod = next(m for m in masks(n) if m.__name__ == name)
+    first_ms, bm = best_of(lambda: flexattn.create_block_mask(mask_mod, None, None, n, n), 1)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # of the first call (and import)
+    del bm
+    ours_ms, bm = best_of(lambda: flexattn.create_block_mask(mask_mod, None, None, n, n), 3)
+    row = {"first_ms": first_ms, "best_ms": ours_ms, "tiles": bm.stats["tiles"], "refined": bm.stats["refined"],
+           "peak_gb": peak_gb, "torch_ms": None}
+    if with_torch:
+        ms, theirs = best_of(lambda: torch_flex.create_block_mask(mask_mod, None, None, n, n, device="cpu"), 1)
+        assert torch.equal(theirs.kv_num_blocks, bm.kv_num_blocks), name
+        assert torch.equal(theirs.full_kv_num_blocks, bm.full_kv_num_blocks), name
+        row["torch_ms"] = ms
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072, 1048576])
     parser.add_argument("--torch-max", type=int, default=32768)
+    parser.add_argument("--row", nargs=2, metavar=("MASK", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print("| mask | length | flexattn ms | torch ms | tiles | refined densely |")
-    print("|---|---|---|---|---|---|")
+    if args.row:
+        n = int(args.row[1])
+        print(json.dumps(one_row(args.row[0], n, n <= args.torch_max)))
+        return
+    print("| mask | length | flexattn first call ms | flexattn best of 3 ms | torch ms | tiles | refined densely "
+          "| peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in args.lengths:
         for mask_mod in masks(n):
-            ours_ms, bm = best_of(lambda: flexattn.create_block_mask(mask_mod, None, None, n, n), 3)
-            torch_ms = "-"
-            if n <= args.torch_max:
-                ms, theirs = best_of(lambda: torch_flex.create_block_mask(mask_mod, None, None, n, n, device="cpu"), 1)
-                assert torch.equal(theirs.kv_num_blocks, bm.kv_num_blocks), mask_mod.__name__
-                assert torch.equal(theirs.full_kv_num_blocks, bm.full_kv_num_blocks), mask_mod.__name__
-                torch_ms = f"{ms:.0f}"
-            print(f"| {mask_mod.__name__} | {n} | {ours_ms:.1f} | {torch_ms} | {bm.stats['tiles']} | "
-                  f"{bm.stats['refined']} |", flush=True)
+            out = subprocess.run([sys.executable, __file__, "--row", mask_mod.__name__, str(n),
+                                  "--torch-max", str(args.torch_max)], capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            torch_ms = "-" if row["torch_ms"] is None else f"{row['torch_ms']:.0f}"
+            print(f"| {mask_mod.__name__} | {n} | {row['first_ms']:.1f} | {row['best_ms']:.1f} | {torch_ms} | "
+                  f"{row['tiles']} | {row['refined']} | {row['peak_gb']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

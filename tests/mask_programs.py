@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 DOC = torch.repeat_interleave(torch.arange(5), torch.tensor([13, 40, 3, 29, 60]))
 TABLE = torch.tensor([[0, 3, 1, 4], [1, 5, 9, 2], [6, 5, 3, 5]])
-NAMESPACE = {"torch": torch, "DOC": DOC, "TABLE": TABLE}
+BIAS = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4] * 4)  # unsorted, unlike DOC
+NAMESPACE = {"torch": torch, "DOC": DOC, "TABLE": TABLE, "BIAS": BIAS}
 
 
 def as_mask_mod(expr: str):
@@ -23,7 +24,7 @@ def int_expr(depth):
         st.tuples(sub, st.sampled_from(["+", "-"]), sub).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
         st.tuples(sub, st.sampled_from(["//", "%", "*"]), st.integers(1, 9)).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
         st.tuples(sub, st.sampled_from(["&", "|", "^", ">>"]), st.integers(0, 7)).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
-        sub.map(lambda a: f"torch.abs({a})"), sub.map(lambda a: f"DOC[{a}]"),
+        sub.map(lambda a: f"torch.abs({a})"), sub.map(lambda a: f"DOC[{a}]"), sub.map(lambda a: f"BIAS[{a}]"),
         st.tuples(sub, sub).map(lambda t: f"TABLE[{t[0]}, {t[1]}]"),
         st.tuples(sub, sub).map(lambda t: f"torch.minimum({t[0]}, {t[1]})"),
     )

@@ -24,6 +24,9 @@ class BufferRanges:
             at = torch.where(values[1:] != values[:-1], torch.arange(1, n), n)
             suffix_min = at.flip(0).cummin(0).values.flip(0)
             self.next_change.append(torch.cat([suffix_min, torch.tensor([n])]))
+            if bool((values[1:] >= values[:-1]).all()):  # sorted (document ids): the ends are the extremes
+                self.tables.append(("sorted", values))
+                continue
             mins, maxs = [values], [values]
             width = 1
             while 2 * width <= values.numel():  # sparse table: level k covers 2**k entries
@@ -36,6 +39,10 @@ class BufferRanges:
         table = self.tables[index]
         if isinstance(table[0], int):
             return Range(torch.tensor(table[0]), torch.tensor(table[1]))
+        if table[0] == "sorted":
+            values = table[1]
+            lo, hi = (r.clamp(0, values.numel() - 1) for r in (ranges[0].lo, ranges[0].hi))
+            return Range(values[lo], values[hi])
         mins, maxs = table
         n = mins[0].numel()
         lo, hi = (r.clamp(0, n - 1) for r in (ranges[0].lo, ranges[0].hi))

@@ -32,9 +32,16 @@ class Range:
     attained: object = False  # a bool or a bool tensor over the boxes
 
 
+def _single(r: Range):
+    """Where ``r`` is a single value (known without work when lo and hi are one tensor)."""
+    return True if r.lo is r.hi else r.lo == r.hi
+
+
 def _attained(r: Range):
     """Where every value of ``r`` is taken: a single value always is (boxes are never empty)."""
-    return (r.lo == r.hi) | r.attained if r.attained is not True else True
+    if r.attained is True or r.lo is r.hi:
+        return True
+    return (r.lo == r.hi) | r.attained
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,16 @@ def _any() -> Range:
 
 
 def _point(value: int) -> Range:
-    return Range(_t(value), _t(value), True)
+    value = _t(value)
+    return Range(value, value, True)
 
 
 def _add(a: Range, b: Range) -> Range:
     """``a + b`` for values that may depend on each other: attained only where one is a single value."""
-    attained = (_attained(a) & (b.lo == b.hi)) | (_attained(b) & (a.lo == a.hi))
+    if a.lo is a.hi and b.lo is b.hi:
+        value = (a.lo + b.lo).clamp(-BIG, BIG)
+        return Range(value, value, True)
+    attained = (_attained(a) & _single(b)) | (_attained(b) & _single(a))
     return Range((a.lo + b.lo).clamp(-BIG, BIG), (a.hi + b.hi).clamp(-BIG, BIG), attained)
 
 
@@ -86,6 +97,9 @@ def _unit(k):
 def _scale(r: Range, k) -> Range:
     if isinstance(k, int) and k == 1:
         return r
+    if r.lo is r.hi:
+        value = _times(r.lo, k)
+        return Range(value, value, True)
     lo, hi = _times(r.lo, k), _times(r.hi, k)
     return Range(torch.minimum(lo, hi), torch.maximum(lo, hi), _attained(r) & _unit(k))
 
@@ -93,11 +107,13 @@ def _scale(r: Range, k) -> Range:
 class TileGrid:
     """The tiles being classified: per-tile index ranges of b, h, q_idx, kv_idx."""
 
-    def __init__(self, b: Range, h: Range, q: Range, kv: Range):
+    def __init__(self, b: Range, h: Range, q: Range, kv: Range, want_cuts: bool = False):
         self.inputs = {"b": b, "h": h, "q_idx": q, "kv_idx": kv}
         # Where to cut each box so the pieces are simpler: the first q_idx (kv_idx) in the
         # box at which ``x // k``, ``x % k`` or ``buf[x]`` changes piece; -1 for none.
+        self.want_cuts = want_cuts
         self.cuts = {"q_idx": None, "kv_idx": None}
+        self._ranges: dict = {}  # id(form) -> (form, its Range): forms are read by several nodes
 
     def suggest_cut(self, form, next_piece) -> None:
         """Record a cut where ``form`` (``axis + offset``) reaches a new piece.
@@ -105,7 +121,8 @@ class TileGrid:
         ``next_piece(lo, hi)`` gives, per box, the first value in (lo, hi] that starts
         a new piece, or -1.
         """
-        if not isinstance(form, Affine) or not isinstance(form.q_coef, int) or not isinstance(form.kv_coef, int):
+        if (not self.want_cuts or not isinstance(form, Affine) or not isinstance(form.q_coef, int)
+                or not isinstance(form.kv_coef, int)):
             return
         axis = {(1, 0): "q_idx", (0, 1): "kv_idx"}.get((form.q_coef, form.kv_coef))
         if axis is None:
@@ -114,12 +131,20 @@ class TileGrid:
         start = next_piece(values.lo, values.hi)
         if start is None:
             return
-        usable = (start >= 0) & (form.offset.lo == form.offset.hi)
+        usable = (start >= 0) & _single(form.offset)
         cut = torch.where(usable, start - form.offset.lo, -1)
         previous = self.cuts[axis]
         self.cuts[axis] = cut if previous is None else torch.where(previous >= 0, previous, cut)
 
     def range_of(self, form: Affine) -> Range:
+        cached = self._ranges.get(id(form))
+        if cached is None:
+            cached = self._ranges[id(form)] = (form, self._range_of(form))
+        return cached[1]
+
+    def _range_of(self, form: Affine) -> Range:
+        if _is_zero(form.q_coef) and _is_zero(form.kv_coef):
+            return form.offset
         lo_hi = form.offset
         for axis, coef in (("q_idx", form.q_coef), ("kv_idx", form.kv_coef)):
             if not _is_zero(coef):
@@ -129,7 +154,7 @@ class TileGrid:
         no_index = (form.q_coef == 0) & (form.kv_coef == 0)
         attained = torch.where(torch.as_tensor(no_index), torch.as_tensor(_attained(form.offset)),
                                torch.as_tensor(_unit(form.q_coef) & _unit(form.kv_coef)
-                                               & (form.offset.lo == form.offset.hi)))
+                                               & _single(form.offset)))
         return Range(lo_hi.lo, lo_hi.hi, attained)
 
 
@@ -167,8 +192,11 @@ def _compare(op: Op, a, b, grid: TileGrid) -> Range:
 
 
 def _floordiv(a: Range, k: int) -> Range:
-    lo, hi = torch.div(a.lo, k, rounding_mode="floor"), torch.div(a.hi, k, rounding_mode="floor")
-    return Range(torch.minimum(lo, hi), torch.maximum(lo, hi), _attained(a))
+    if a.lo is a.hi:
+        value = torch.div(a.lo, k, rounding_mode="floor")
+        return Range(value, value, True)
+    # k > 0: flooring keeps the order of the bounds.
+    return Range(torch.div(a.lo, k, rounding_mode="floor"), torch.div(a.hi, k, rounding_mode="floor"), _attained(a))
 
 
 def _mod(value, k: int, grid: "TileGrid"):
@@ -223,8 +251,8 @@ def _bool_op(op: Op, a: Range, b: Range) -> Range:
         # and the other true somewhere (dually for |).
         sure, other = (1, 0) if op is Op.AND else (0, 1)
         reaches_other = _can_be(a, other) | _can_be(b, other)
-        reaches_sure = ((a.lo == a.hi) & (a.lo == sure) & _can_be(b, sure)) | (
-            (b.lo == b.hi) & (b.lo == sure) & _can_be(a, sure))
+        reaches_sure = (_single(a) & (a.lo == sure) & _can_be(b, sure)) | (
+            _single(b) & (b.lo == sure) & _can_be(a, sure))
         lo, hi = (a.lo & b.lo, a.hi & b.hi) if op is Op.AND else (a.lo | b.lo, a.hi | b.hi)
         return Range(lo, hi, reaches_other & reaches_sure)
     # XOR: decided only when both are decided.
