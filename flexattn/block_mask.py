@@ -198,7 +198,8 @@ class BlockMask:
                  f"of {self.BLOCK_SIZE[0]}x{self.BLOCK_SIZE[1]} (sparsity {self.sparsity():.1f}%)"]
         if self.stats:
             lines.append(f"{self.stats['decided_symbolically']} of {self.stats['tiles']} distinct tiles decided "
-                         f"symbolically, {self.stats['refined']} refined densely, "
+                         f"symbolically ({self.stats.get('subdivided', 0)} of them from pieces of the tile), "
+                         f"{self.stats['refined']} refined densely, "
                          f"{self.stats['left_partial']} left partial (exact=False); "
                          f"the mask depends on {', '.join(self.stats['depends_on']) or 'nothing'}")
         return "\n".join(lines)

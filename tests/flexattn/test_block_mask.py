@@ -39,7 +39,8 @@ def test_from_torch_rejects_other_objects():
 def test_explain_reports_tiles_and_how_they_were_decided():
     text = flexattn.create_block_mask(causal, None, None, 256, 256, BLOCK_SIZE=64).explain()
     assert "6 full, 4 partial, 6 empty tiles of 64x64" in text
-    assert "16 of 16 distinct tiles decided symbolically, 0 refined densely" in text
+    assert "16 of 16 distinct tiles decided symbolically (0 of them from pieces of the tile), 0 refined densely" \
+        in text
     assert "depends on kv_idx, q_idx" in text
 
 
