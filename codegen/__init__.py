@@ -4,6 +4,8 @@ Every back end is called the same way (``BACKENDS[name](query, key, value,
 *, score_graph, score_buffers, mask_graph, mask_buffers, block_mask, scale,
 enable_gqa, kernel_options) -> (out, lse, max_scores)``) and sees only IR
 graphs, buffer tensors and the BlockMask, never the user's callables.
+``max_scores`` may be None unless ``kernel_options["OUTPUT_MAX_SCORES"]`` is
+set (``flex_attention`` sets it when ``return_aux`` asks for max_scores).
 
 Back ends that generate kernels also expose ``compile_kernel(score_graph,
 mask_graph, options) -> Kernel`` in their module; ``compile_kernel`` below

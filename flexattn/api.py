@@ -133,11 +133,14 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         _check_block_mask_batch(block_mask, query)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     run = codegen.BACKENDS[_pick_backend(backend, query)]
+    kernel_options = dict(kernel_options or {})
+    if return_aux is not None and return_aux.max_scores:
+        kernel_options["OUTPUT_MAX_SCORES"] = True  # back ends may skip computing it otherwise
     out, lse, max_scores = run(
         query, key, value,
         score_graph=score.graph if score else None, score_buffers=score.buffers if score else (),
         mask_graph=mask.graph if mask else None, mask_buffers=mask.buffers if mask else (),
-        block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=dict(kernel_options or {}),
+        block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
     )
     if return_aux is not None:
         return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)

@@ -27,7 +27,8 @@ import torch
 
 from codegen import split_kv
 from codegen.cache import KERNELS
-from codegen.torch_backend.kernel import Kernel
+from codegen.torch_backend import fused
+from codegen.torch_backend.kernel import Kernel, check_heads
 from codegen.torch_backend.printer import constants_of
 from codegen.torch_backend.template import kernel_source
 from flexattn.block_mask import DEFAULT_BLOCK_SIZE, _pair
@@ -46,6 +47,7 @@ def _generator_version() -> str:
 
 
 GENERATOR_VERSION = _generator_version()
+_DISPATCH_OPTIONS = ("FUSED", "OUTPUT_MAX_SCORES", "SPLIT_KV", "SPLIT_KV_CHUNK")
 
 
 def kernel_key(score_graph: Graph | None, mask_graph: Graph | None, options: dict) -> str:
@@ -81,7 +83,8 @@ def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None, options:
         >>> out, lse, max_scores = kernel(q, k, v, score_buffers=(), mask_buffers=(),
         ...                               block_mask=bm, scale=None, enable_gqa=False)
     """
-    options = dict(options or {})
+    # Options that only choose a path are not part of the kernel (nor of its cache key).
+    options = {name: value for name, value in (options or {}).items() if name not in _DISPATCH_OPTIONS}
     key = kernel_key(score_graph, mask_graph, options)
     namespace = KERNELS.get("torch", key, GENERATOR_VERSION,
                             build=lambda: kernel_source(score_graph, mask_graph), load=_load)
@@ -95,13 +98,27 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
 
     Decoding shapes (a few query rows against a long cache, no gradients) take
     the split-KV path instead, which reads each KV tile once per KV head.
+    Without a score_mod (and without a request for max_scores) attention runs
+    on torch's fused CPU flash kernel, rectangle by rectangle of FULL tiles and
+    in batches of PARTIAL tiles (``fused``), when its plan pays (``fused.pays``);
+    ``kernel_options={"FUSED": True}`` / ``False`` forces it / the generated
+    loop. max_scores is then None.
     """
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if _is_decode(query, key, value, score_buffers, block_mask, kernel_options):
-        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
         return split_kv.decode_attention(
             query, key, value, score_graph=score_graph, score_buffers=score_buffers, mask_graph=mask_graph,
             mask_buffers=mask_buffers, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
             kernel_options=kernel_options)
+    if fused.fusable(query, key, value, score_graph, kernel_options):
+        check_heads(query.shape[1], key.shape[1], enable_gqa)
+        block = _pair(block_mask.BLOCK_SIZE if block_mask is not None
+                      else kernel_options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
+        units = fused.plan(block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], block,
+                           force=kernel_options.get("FUSED") is True)
+        if units is not None:
+            return fused.attention(query, key, value, units=units, mask_graph=mask_graph,
+                                   mask_buffers=mask_buffers, block_size=block, scale=scale)
     kernel = compile_kernel(score_graph, mask_graph, kernel_options)
     return kernel(query, key, value, score_buffers=score_buffers, mask_buffers=mask_buffers,
                   block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)

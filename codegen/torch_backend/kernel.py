@@ -25,6 +25,13 @@ from flexattn.errors import LoweringError
 DEFAULT_MAX_TILES = 16
 
 
+def check_heads(Hq: int, Hkv: int, enable_gqa: bool) -> None:
+    """Raise ``LoweringError`` unless Hq == Hkv, or GQA is enabled and Hq is a multiple of Hkv."""
+    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
+        raise LoweringError(f"query has {Hq} heads and key/value {Hkv}: grouped-query attention needs "
+                            "enable_gqa=True and a query head count that is a multiple of the KV heads")
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     """out, lse, max_scores of attention; grads for q, k, v and floating score buffers."""
 
@@ -106,10 +113,7 @@ class Kernel:
     def run(self, query, key, value, *, score_buffers=(), mask_buffers=(), block_mask=None, scale=None,
             enable_gqa=False, score_constants=None, mask_constants=None):
         """The kernel call (see the class docstring), without the torch.compile guard."""
-        Hq, Hkv = query.shape[1], key.shape[1]
-        if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
-            raise LoweringError(f"query has {Hq} heads and key/value {Hkv}: grouped-query attention needs "
-                                "enable_gqa=True and a query head count that is a multiple of the KV heads")
+        check_heads(query.shape[1], key.shape[1], enable_gqa)
         L, S = query.shape[2], key.shape[2]
         scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
         if block_mask is not None:

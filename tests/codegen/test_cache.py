@@ -35,7 +35,8 @@ def test_same_structure_with_other_closure_values_reuses_the_kernel(fresh_cache)
     outs = []
     for size in (3, 17, 60):
         bm = flexattn.create_block_mask(_window(size), None, None, 100, 100, BLOCK_SIZE=32)
-        outs.append(flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch"))
+        outs.append(flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch",
+                                            kernel_options={"FUSED": False}))  # the generated loop
         ref = flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference")
         torch.testing.assert_close(outs[-1], ref, rtol=1e-5, atol=1e-5)
     assert _builds() == 1

@@ -1,0 +1,346 @@
+"""Block-sparse attention on torch's fused CPU flash-attention kernel.
+
+Without a score_mod, attention restricted to a set of FULL tiles is plain
+softmax attention, which torch's fused kernel (the one behind SDPA on CPU,
+``_scaled_dot_product_flash_attention_for_cpu``) computes in one C++ pass,
+returning its log-sum-exp. So this path:
+
+* covers the BlockMask's FULL tiles with few, large rectangles (boxes of a
+  quadtree over the tile matrix, neighbours with the same rows merged) and
+  runs each rectangle as one fused call, with no mask at all;
+* runs the PARTIAL tiles as batches of single tiles (a tile's queries against
+  its keys), the mask_mod evaluated into an additive 0 / -inf mask; tiles of
+  one q-row go to different batches, so each batch updates a row once;
+* merges every result into the output by its log-sum-exp: online softmax at
+  the granularity of rectangles and tile batches. EMPTY tiles are never read.
+
+The backward runs the fused backward kernel on the same rectangles and
+batches with the *final* output and lse (which is what flash-attention's
+backward needs per block) and adds up the gradients.
+
+The torch back end takes this path when there is no score_mod, head dims of
+q/k/v are equal, and max_scores is not requested (the fused kernel does not
+return it); see ``fusable``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexattn.block_mask import FULL, PARTIAL
+from flexattn.semantics import evaluate
+
+NEG_INF = float("-inf")
+MASK_CHUNK = 1 << 24  # mask elements materialised at once for a batch of PARTIAL tiles
+
+_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay
+MAX_PARTIAL_SHARE = 0.25  # ... and PARTIAL tiles (small batched calls) at most this share of the FULL ones
+
+
+def fusable(query, key, value, score_graph, kernel_options) -> bool:
+    """Whether the fused path computes this call exactly (see the module docstring)."""
+    return (score_graph is None and kernel_options.get("FUSED", "auto") is not False
+            and not kernel_options.get("OUTPUT_MAX_SCORES", False)
+            and query.shape[-1] == key.shape[-1] == value.shape[-1] and query.device.type == "cpu")
+
+
+def pays(units: list["Unit"]) -> bool:
+    """Whether the fused kernel beats the generated loop on this plan (measured, docs/performance.md).
+
+    The fused kernel is fast on tall rectangles (a causal triangle's squares, no
+    mask at all) and slower than batched matmuls on thin strips and on batches
+    of single tiles (a sliding window's band, a NATTEN mask).
+    """
+    full_tiles = sum((r[1] - r[0]) * (r[3] - r[2]) for u in units for r in u.rectangles)
+    if full_tiles == 0:
+        return False
+    mean_rows = sum((r[1] - r[0]) ** 2 * (r[3] - r[2]) for u in units for r in u.rectangles) / full_tiles
+    partial_tiles = sum(len(batch) for u in units for batch in u.batches)
+    return mean_rows >= MIN_ROWS_OF_TILES and partial_tiles <= MAX_PARTIAL_SHARE * full_tiles
+
+
+def full_rectangles(full: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """Rectangles (q0, q1, k0, k1), in tiles, covering exactly the True tiles of ``full`` (nq, nkv).
+
+    The fewer of two covers: quadtree boxes (a causal triangle: log-many large
+    squares per row) or runs along each row (a band, as a sliding window makes,
+    which a quadtree would cut into many small boxes).
+    """
+    boxes, runs = _merge_neighbours(_quadtree(full)), _merge_neighbours(_row_runs(full))
+    return boxes if len(boxes) <= len(runs) else runs
+
+
+def _row_runs(full: torch.Tensor) -> list:
+    """One rectangle per run of True tiles along each row."""
+    edges = torch.diff(torch.nn.functional.pad(full.to(torch.int8), (1, 1)), dim=1)
+    starts, stops = (edges == 1).nonzero(), (edges == -1).nonzero()
+    return [(row, row + 1, k0, k1) for (row, k0), (_, k1) in zip(starts.tolist(), stops.tolist())]
+
+
+def _quadtree(full: torch.Tensor) -> list:
+    """Boxes of a quadtree over ``full`` that are entirely True."""
+    nq, nkv = full.shape
+    area = torch.zeros(nq + 1, nkv + 1, dtype=torch.int64)
+    area[1:, 1:] = full.long().cumsum(0).cumsum(1)  # summed-area table: tiles in a box in O(1)
+    side = 1
+    while side < max(nq, nkv):
+        side *= 2
+    q0, k0 = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    found = []
+    while len(q0):
+        q1, k1 = (q0 + side).clamp(max=nq), (k0 + side).clamp(max=nkv)
+        count = area[q1, k1] - area[q0, k1] - area[q1, k0] + area[q0, k0]
+        whole = count == (q1 - q0) * (k1 - k0)
+        found += torch.stack([q0, q1, k0, k1], 1)[whole].tolist()
+        mixed = (count > 0) & ~whole
+        if side == 1:
+            break
+        side //= 2
+        q0 = (q0[mixed].view(-1, 1) + torch.tensor([0, 0, side, side])).flatten()
+        k0 = (k0[mixed].view(-1, 1) + torch.tensor([0, side, 0, side])).flatten()
+        inside = (q0 < nq) & (k0 < nkv)
+        q0, k0 = q0[inside], k0[inside]
+    return found
+
+
+def _merge_neighbours(rects: list) -> list[tuple[int, int, int, int]]:
+    """Join rectangles that share rows and touch along kv, then those that share columns and touch along q."""
+    for rows_first in (True, False):
+        key = (lambda r: (r[0], r[1], r[2])) if rows_first else (lambda r: (r[2], r[3], r[0]))
+        merged: list = []
+        for r in sorted(rects, key=key):
+            last = merged[-1] if merged else None
+            if last and rows_first and last[:2] == r[:2] and last[3] == r[2]:
+                merged[-1] = (last[0], last[1], last[2], r[3])
+            elif last and not rows_first and last[2:] == r[2:] and last[1] == r[0]:
+                merged[-1] = (last[0], r[1], last[2], last[3])
+            else:
+                merged.append(tuple(r))
+        rects = merged
+    return rects
+
+
+def partial_batches(partial: torch.Tensor) -> list[torch.Tensor]:
+    """The PARTIAL tiles (P, 2) of (q-tile, kv-tile), grouped so that no batch holds a q-tile twice."""
+    tiles = partial.nonzero()
+    if not len(tiles):
+        return []
+    first_of_row = torch.ones(len(tiles), dtype=torch.bool)
+    first_of_row[1:] = tiles[1:, 0] != tiles[:-1, 0]
+    start = torch.arange(len(tiles))[first_of_row]
+    rank = torch.arange(len(tiles)) - start[first_of_row.long().cumsum(0) - 1]
+    return [tiles[rank == r] for r in range(int(rank.max()) + 1)]
+
+
+class Unit:
+    """A slice of batch rows and query heads that share one tile matrix, and its plan."""
+
+    def __init__(self, b: slice, h: slice, classes: torch.Tensor):
+        self.b, self.h = b, h
+        self.rectangles = full_rectangles(classes == FULL)
+        self.batches = partial_batches(classes == PARTIAL)
+
+
+def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[Unit]:
+    """Units for a (nb, nh, nq, nkv) tile-class tensor (nb in {1, B}, nh in {1, Hq})."""
+    nb, nh = classes.shape[:2]
+    return [Unit(slice(0, B) if nb == 1 else slice(b, b + 1), slice(0, Hq) if nh == 1 else slice(h, h + 1),
+                 classes[b, h]) for b in range(nb) for h in range(nh)]
+
+
+class Problem:
+    """The tensors of one call in the compute float, K/V expanded to the query heads (GQA)."""
+
+    def __init__(self, q, k, v, block, scale, mask_graph, mask_buffers):
+        group = q.shape[1] // k.shape[1]
+        self.q = q
+        self.k = k.repeat_interleave(group, dim=1) if group > 1 else k
+        self.v = v.repeat_interleave(group, dim=1) if group > 1 else v
+        self.group, self.block, self.scale = group, block, scale
+        self.mask_graph, self.mask_buffers = mask_graph, mask_buffers
+        self.L, self.S = q.shape[2], k.shape[2]
+
+    def rows(self, rect):
+        q_block, kv_block = self.block
+        return (slice(rect[0] * q_block, min(rect[1] * q_block, self.L)),
+                slice(rect[2] * kv_block, min(rect[3] * kv_block, self.S)))
+
+    def tile_mask(self, unit: Unit, tiles: torch.Tensor, Bu: int) -> torch.Tensor:
+        """Bool (B_u * P, H_u or 1, q_block, kv_block), laid out like ``_tiles_of``: the mask_mod on
+        the tiles, False out of range."""
+        q_block, kv_block = self.block
+        q_idx = (tiles[:, 0].view(-1, 1, 1) * q_block + torch.arange(q_block).view(1, -1, 1)).view(1, 1, -1, q_block, 1)
+        kv_idx = (tiles[:, 1].view(-1, 1, 1) * kv_block + torch.arange(kv_block).view(1, 1, -1)).view(1, 1, -1, 1,
+                                                                                                        kv_block)
+        in_range = (q_idx < self.L) & (kv_idx < self.S)
+        keep = in_range
+        if self.mask_graph is not None:
+            env = {"b": torch.arange(unit.b.start, unit.b.stop).view(-1, 1, 1, 1, 1),
+                   "h": torch.arange(unit.h.start, unit.h.stop).view(1, -1, 1, 1, 1),
+                   "q_idx": q_idx.clamp(max=self.L - 1), "kv_idx": kv_idx.clamp(max=self.S - 1)}
+            keep = evaluate(self.mask_graph, env, self.mask_buffers).to(torch.bool) & in_range
+        keep = keep.expand(Bu, -1, len(tiles), -1, -1)  # (B_u, H_u or 1, P, q_block, kv_block)
+        return keep.transpose(1, 2).reshape(Bu * len(tiles), keep.shape[1], *keep.shape[3:])
+
+
+def _tiles_of(x: torch.Tensor, block: int, index: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) -> the tiles ``index`` as a batch (B * P, H, block, D) (zero rows past N)."""
+    B, H, N, D = x.shape
+    x = torch.nn.functional.pad(x, (0, 0, 0, -N % block)) if N % block else x
+    picked = x.view(B, H, -1, block, D).index_select(2, index)  # (B, H, P, block, D)
+    return picked.transpose(1, 2).reshape(B * len(index), H, block, D)
+
+
+def _from_tiles(x: torch.Tensor, B: int) -> torch.Tensor:
+    """(B * P, H, block, ...) -> (B, H, P, block, ...)."""
+    return x.view(B, -1, *x.shape[1:]).transpose(1, 2)
+
+
+def _bias(keep: torch.Tensor, dtype) -> torch.Tensor:
+    """The fused kernel's additive mask: 0 where kept, -inf elsewhere (it takes no bool masks)."""
+    return torch.where(keep, 0.0, NEG_INF).to(dtype)
+
+
+def _chunks(tiles: torch.Tensor, per_tile: int):
+    step = max(1, MASK_CHUNK // max(per_tile, 1))
+    return [tiles[i:i + step] for i in range(0, len(tiles), step)]
+
+
+def _merge(out, lse, rows, o, l, first: bool = False) -> None:
+    """out[..., rows, :], lse[..., rows] <- the softmax merge of themselves with (o, l).
+
+    Both are normalised, so the merge weighs each by exp(its lse - the new lse).
+    ``first``: nothing was written to these rows yet (a plain copy).
+    """
+    if first:
+        out[:, :, rows], lse[:, :, rows] = o, l
+        return
+    a = lse[:, :, rows]
+    new = torch.logaddexp(a, l)
+    shift = torch.where(new == NEG_INF, 0.0, new)  # rows with nothing so far and nothing now stay 0 / -inf
+    target = out[:, :, rows]
+    target.mul_(torch.exp(a - shift).unsqueeze(-1)).addcmul_(o, torch.exp(l - shift).unsqueeze(-1))
+    lse[:, :, rows] = new
+
+
+def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, L, D) and lse (B, Hq, L); rows that attend nowhere give 0 and -inf."""
+    B, Hq, L, D = p.q.shape
+    q_block, kv_block = p.block
+    padded = L + (-L % q_block)  # whole q tiles, so a batch of tiles writes through views
+    out = p.q.new_zeros(B, Hq, padded, D)
+    lse = p.q.new_full((B, Hq, padded), NEG_INF)
+    for unit in units:
+        q, k, v = (x[unit.b, unit.h] for x in (p.q, p.k, p.v))
+        out_u, lse_u = out[unit.b, unit.h], lse[unit.b, unit.h]  # views: merged in place
+        written = torch.zeros(out.shape[2] // q_block, dtype=torch.bool)  # q tiles with a result so far
+        for rect in unit.rectangles:
+            rows, cols = p.rows(rect)
+            o, l = _forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], scale=p.scale)
+            _merge(out_u, lse_u, rows, o, l, first=not bool(written[rect[0]:rect[1]].any()))
+            written[rect[0]:rect[1]] = True
+        Bu, Hu = q.shape[:2]
+        for batch in unit.batches:
+            for tiles in _chunks(batch, Bu * Hu * q_block * kv_block):
+                keep = p.tile_mask(unit, tiles, Bu)
+                o, l = _forward(_tiles_of(q, q_block, tiles[:, 0]), _tiles_of(k, kv_block, tiles[:, 1]),
+                                _tiles_of(v, kv_block, tiles[:, 1]), attn_mask=_bias(keep, q.dtype), scale=p.scale)
+                # A row that keeps nothing in its tile has lse -inf (the kernel reports 0).
+                o, l = _from_tiles(o, Bu), _from_tiles(torch.where(keep.any(-1), l, NEG_INF), Bu)
+                out_t, lse_t = out_u.unflatten(2, (-1, q_block)), lse_u.unflatten(2, (-1, q_block))
+                picked_o, picked_l = out_t[:, :, tiles[:, 0]], lse_t[:, :, tiles[:, 0]]
+                _merge(picked_o, picked_l, slice(None), o, l, first=not bool(written[tiles[:, 0]].any()))
+                written[tiles[:, 0]] = True
+                out_t[:, :, tiles[:, 0]], lse_t[:, :, tiles[:, 0]] = picked_o, picked_l
+    return out[:, :, :L], lse[:, :, :L]
+
+
+def backward(p: Problem, units: list[Unit], out, lse, grad_out):
+    """dq (B, Hq, L, D) and dk, dv (B, Hq, S, D) per query head, from the final out and lse."""
+    B, Hq, L, D = p.q.shape
+    q_block, kv_block = p.block
+    # Rows that attend nowhere: lse +inf makes every weight exp(s - lse) zero.
+    lse = torch.where(lse == NEG_INF, float("inf"), lse)
+    dq = p.q.new_zeros(B, Hq, L + (-L % q_block), D)
+    dk = p.q.new_zeros(B, Hq, p.S + (-p.S % kv_block), D)
+    dv = torch.zeros_like(dk)
+    for unit in units:
+        q, k, v, o, go = (x[unit.b, unit.h] for x in (p.q, p.k, p.v, out, grad_out))
+        l_u = lse[unit.b, unit.h]
+        dq_u, dk_u, dv_u = (x[unit.b, unit.h] for x in (dq, dk, dv))
+        for rect in unit.rectangles:
+            rows, cols = p.rows(rect)
+            gq, gk, gv = _backward(go[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols], o[:, :, rows],
+                                   l_u[:, :, rows], 0.0, False, scale=p.scale)
+            dq_u[:, :, rows] += gq
+            dk_u[:, :, cols] += gk
+            dv_u[:, :, cols] += gv
+        Bu, Hu = q.shape[:2]
+        for batch in unit.batches:
+            for tiles in _chunks(batch, Bu * Hu * q_block * kv_block):
+                q_rows, kv_cols = tiles[:, 0], tiles[:, 1]
+                lse_t = _tiles_of(l_u.unsqueeze(-1), q_block, q_rows).squeeze(-1)
+                gq, gk, gv = _backward(
+                    _tiles_of(go, q_block, q_rows), _tiles_of(q, q_block, q_rows), _tiles_of(k, kv_block, kv_cols),
+                    _tiles_of(v, kv_block, kv_cols), _tiles_of(o, q_block, q_rows), lse_t, 0.0, False,
+                    attn_mask=_bias(p.tile_mask(unit, tiles, Bu), q.dtype), scale=p.scale)
+                dq_u.unflatten(2, (-1, q_block)).index_add_(2, q_rows, _from_tiles(gq, Bu))
+                dk_u.unflatten(2, (-1, kv_block)).index_add_(2, kv_cols, _from_tiles(gk, Bu))
+                dv_u.unflatten(2, (-1, kv_block)).index_add_(2, kv_cols, _from_tiles(gv, Bu))
+    return dq[:, :, :L], dk[:, :, :p.S], dv[:, :, :p.S]
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, setup, units, q, k, v):
+        p = setup(q, k, v)
+        out, lse = forward(p, units)
+        ctx.setup, ctx.units = setup, units
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        p = ctx.setup(q, k, v)
+        dq, dk, dv = backward(p, ctx.units, out, lse, grad_out.to(out.dtype).contiguous())
+        if p.group > 1:  # the query heads of one KV head add up
+            dk, dv = (x.unflatten(1, (-1, p.group)).sum(2) for x in (dk, dv))
+        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool) -> list[Unit] | None:
+    """The units of this call, or None when the fused kernel would not pay (unless ``force``)."""
+    q_block, kv_block = block_size
+    if block_mask is not None:
+        classes = block_mask.tile_classes()
+    else:
+        classes = torch.full((1, 1, -(-L // q_block), -(-S // kv_block)), FULL, dtype=torch.int8)
+    units = plan_units(classes, B, Hq)
+    return units if force or pays(units) else None
+
+
+def attention(query, key, value, *, units, mask_graph, mask_buffers, block_size, scale):
+    """(out, lse, None) of block-sparse attention through the fused kernel (see the module docstring).
+
+    query (B, Hq, L, D), key/value (B, Hkv, S, D) with Hq a multiple of Hkv;
+    out in query's dtype, lse (B, Hq, L) in the compute float (float32, or float64).
+    """
+    q_block, kv_block = block_size
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+
+    def setup(q, k, v):
+        return Problem(q.to(compute), k.to(compute), v.to(compute), (q_block, kv_block), scale, mask_graph,
+                       tuple(mask_buffers))
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        out, lse = _FusedAttention.apply(setup, units, query, key, value)
+    else:
+        out, lse = forward(setup(query, key, value), units)
+    return out.to(query.dtype), lse, None

@@ -1,0 +1,116 @@
+"""The fused path of the torch back end (torch's CPU flash kernel on rectangles of FULL tiles and
+batches of PARTIAL tiles) equals the dense reference, forward and backward, on random mask programs."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mask_programs import as_mask_mod, mask_expr
+
+import codegen
+import flexattn
+from codegen.torch_backend import fused
+from flexattn.api import mask_of
+
+
+def _run(backend, q, k, v, bm, options):
+    mask = mask_of(bm) if bm is not None else None
+    return codegen.BACKENDS[backend](
+        q, k, v, score_graph=None, score_buffers=(), mask_graph=mask.graph if mask else None,
+        mask_buffers=mask.buffers if mask else (), block_mask=bm, scale=None, enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=options)
+
+
+shapes = dict(L=st.integers(1, 90), S=st.integers(1, 90), batch=st.integers(1, 2), kv_heads=st.integers(1, 2),
+              group=st.sampled_from([1, 2]), block=st.sampled_from([8, 16, (8, 32), 32]), per_head=st.booleans(),
+              expr=st.none() | mask_expr(1), seed=st.integers(0, 2**16))
+
+
+def _inputs(L, S, batch, kv_heads, group, block, per_head, expr, seed, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, h, n, 8, generator=g).to(dtype).requires_grad_(grad)
+               for h, n in ((kv_heads * group, L), (kv_heads, S), (kv_heads, S)))
+    bm = None
+    if expr is not None:
+        B, H = (batch, kv_heads * group) if per_head else (None, None)
+        bm = flexattn.create_block_mask(as_mask_mod(expr), B, H, L, S, BLOCK_SIZE=block)
+    return q, k, v, bm
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), **shapes)
+def test_forward_equals_reference(dtype, **kw):
+    q, k, v, bm = _inputs(dtype=dtype, **kw)
+    out, lse, max_scores = _run("torch", q, k, v, bm, {"BLOCK_SIZE": kw["block"], "SPLIT_KV": False, "FUSED": True})
+    ref, ref_lse, _ = _run("reference", q, k, v, bm, {})
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and max_scores is None  # the fused path ran
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(**shapes)
+def test_backward_equals_reference(**kw):
+    q, k, v, bm = _inputs(grad=True, **kw)
+    out, _, max_scores = _run("torch", q, k, v, bm, {"BLOCK_SIZE": kw["block"], "SPLIT_KV": False, "FUSED": True})
+    ref, _, _ = _run("reference", q, k, v, bm, {})
+    assert max_scores is None
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(kw["seed"]))
+    ours = torch.autograd.grad(out, [q, k, v], grad_out)
+    theirs = torch.autograd.grad(ref, [q, k, v], grad_out)
+    for a, b in zip(ours, theirs):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_in_float64():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 20, 20, BLOCK_SIZE=8)
+    assert torch.autograd.gradcheck(lambda q, k, v: _run("torch", q, k, v, bm, {"FUSED": True})[0], (q, k, v))
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_rectangles_cover_the_full_tiles_once(rows, cols, seed):
+    full = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < 0.6
+    covered = torch.zeros(rows, cols, dtype=torch.int64)
+    for q0, q1, k0, k1 in fused.full_rectangles(full):
+        covered[q0:q1, k0:k1] += 1
+    assert torch.equal(covered, full.long())
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_partial_batches_hold_each_tile_once_and_a_row_once_per_batch(rows, cols, seed):
+    partial = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < 0.4
+    seen = torch.zeros(rows, cols, dtype=torch.int64)
+    for batch in fused.partial_batches(partial):
+        assert len(torch.unique(batch[:, 0])) == len(batch)
+        seen[batch[:, 0], batch[:, 1]] += 1
+    assert torch.equal(seen, partial.long())
+
+
+def test_a_causal_mask_is_a_few_rectangles_and_one_batch_of_diagonal_tiles():
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 4096, 4096)
+    unit, = fused.plan_units(bm.tile_classes(), 1, 1)
+    assert len(unit.rectangles) <= 32 and len(unit.batches) == 1
+
+
+def test_the_fused_kernel_is_chosen_where_it_pays():
+    causal = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 4096, 4096)
+    band = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < 1024),
+                                      None, None, 8192, 8192)
+    assert fused.pays(fused.plan_units(causal.tile_classes(), 1, 1))
+    assert not fused.pays(fused.plan_units(band.tile_classes(), 1, 1))
+
+
+def test_max_scores_request_takes_the_generated_loop():
+    q = torch.randn(1, 2, 40, 8)
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 40, 40, BLOCK_SIZE=16)
+    _, aux = flexattn.flex_attention(q, q, q, block_mask=bm, backend="torch",
+                                     return_aux=flexattn.AuxRequest(max_scores=True))
+    _, ref = flexattn.flex_attention(q, q, q, block_mask=bm, backend="reference",
+                                     return_aux=flexattn.AuxRequest(max_scores=True))
+    torch.testing.assert_close(aux.max_scores, ref.max_scores)
