@@ -1,7 +1,8 @@
 """Attention speed on CPU: flexattn (torch back end) vs torch.compile(torch flex_attention) vs SDPA.
 
 fp32, B=1, H=8, D=64, one process. Prints a markdown table (median ms of a
-few runs after a warm-up; ratio < 1 means flexattn is faster) and, with
+few runs after a warm-up, the implementations taking turns so that noise from
+other jobs hits them alike; ratio < 1 means flexattn is faster) and, with
 ``--cold``, the first-call time of a new mod in fresh processes: once with
 an empty kernel cache directory and once with the cache it left on disk.
 
@@ -68,14 +69,20 @@ ROWS = [
 ]
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()  # warm-up (and compilation, for torch.compile)
-    times = []
+def median_ms(fns: dict, reps: int) -> dict:
+    """Median ms of each function; the functions take turns, so noise on a shared machine hits all alike."""
+    times: dict = {}
+    for name, fn in list(fns.items()):  # warm-up (and compilation, for torch.compile)
+        try:
+            fn()
+        except NotImplementedError:  # torch's flex_attention has no backward on CPU
+            del fns[name]
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times.setdefault(name, []).append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def measure(name, n, score_mod, mask_mod, sdpa, backward, reps, compiled_flex):
@@ -91,18 +98,13 @@ def measure(name, n, score_mod, mask_mod, sdpa, backward, reps, compiled_flex):
                 out.sum().backward()
         return run
 
-    ours = step(lambda: flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=ours_mask,
-                                                backend="torch"))
-    theirs = step(lambda: compiled_flex(q, k, v, score_mod=score_mod, block_mask=theirs_mask))
-    ours_ms = median_ms(ours, reps)
-    try:
-        theirs_ms = median_ms(theirs, reps)
-    except NotImplementedError:  # torch's flex_attention has no backward on CPU
-        theirs_ms = None
-    sdpa_ms = None
+    fns = {"ours": step(lambda: flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=ours_mask,
+                                                         backend="torch")),
+           "theirs": step(lambda: compiled_flex(q, k, v, score_mod=score_mod, block_mask=theirs_mask))}
     if sdpa is not None:
-        sdpa_ms = median_ms(step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=sdpa == "causal")), reps)
-    return ours_ms, theirs_ms, sdpa_ms
+        fns["sdpa"] = step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=sdpa == "causal"))
+    ms = median_ms(fns, reps)
+    return ms["ours"], ms.get("theirs"), ms.get("sdpa")
 
 
 def table(rows_filter: str, reps: int) -> None:
