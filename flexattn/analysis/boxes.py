@@ -99,9 +99,10 @@ class Decision(NamedTuple):
     kv_cut: torch.Tensor | None
 
 
-def decide(graph, load_range, boxes: Boxes, want_cuts: bool = True) -> Decision:
+def decide(graph, load_range, boxes: Boxes, want_cuts: bool = True, want_both: bool = True) -> Decision:
+    """``want_cuts``/``want_both`` False skip work whose answer the caller does not use."""
     grid = TileGrid(Range(boxes.b, boxes.b), Range(boxes.h, boxes.h),
-                    Range(boxes.q_lo, boxes.q_hi), Range(boxes.kv_lo, boxes.kv_hi), want_cuts)
+                    Range(boxes.q_lo, boxes.q_hi), Range(boxes.kv_lo, boxes.kv_hi), want_cuts, want_both)
     ranges = evaluate_ranges(graph, grid, load_range)
     lo, hi = (x.expand(len(boxes)) for x in (ranges.lo, ranges.hi))
     both = (lo == 0) & (hi == 1) & torch.as_tensor(ranges.attained).expand(len(boxes))

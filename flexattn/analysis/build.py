@@ -63,7 +63,7 @@ def _classify_tiles(graph, load_range, plane: _TilePlane):
         torch.arange(math.ceil(nkv / side)), indexing="ij"))
     while True:
         true, false, both, q_cut, kv_cut = decide(graph, load_range, plane.boxes(b, h, qi, ki, side),
-                                                  want_cuts=side == 1)
+                                                  want_cuts=side == 1, want_both=side == 1)
         plane.paint(b[true], h[true], qi[true], ki[true], side, FULL)
         plane.paint(b[false], h[false], qi[false], ki[false], side, EMPTY)
         if side == 1:  # a single tile true somewhere and false elsewhere is PARTIAL

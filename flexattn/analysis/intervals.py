@@ -107,8 +107,10 @@ def _scale(r: Range, k) -> Range:
 class TileGrid:
     """The tiles being classified: per-tile index ranges of b, h, q_idx, kv_idx."""
 
-    def __init__(self, b: Range, h: Range, q: Range, kv: Range, want_cuts: bool = False):
+    def __init__(self, b: Range, h: Range, q: Range, kv: Range, want_cuts: bool = False,
+                 want_attained: bool = True):
         self.inputs = {"b": b, "h": h, "q_idx": q, "kv_idx": kv}
+        self.want_attained = want_attained  # False: skip proving "both true and false somewhere"
         # Where to cut each box so the pieces are simpler: the first q_idx (kv_idx) in the
         # box at which ``x // k``, ``x % k`` or ``buf[x]`` changes piece; -1 for none.
         self.want_cuts = want_cuts
@@ -151,6 +153,8 @@ class TileGrid:
                 lo_hi = _add(lo_hi, _scale(self.inputs[axis], coef))
         # q and kv vary independently over a box, so with unit coefficients and a
         # single-valued offset the form takes every integer between its bounds.
+        if not self.want_attained:
+            return Range(lo_hi.lo, lo_hi.hi)
         no_index = (form.q_coef == 0) & (form.kv_coef == 0)
         attained = torch.where(torch.as_tensor(no_index), torch.as_tensor(_attained(form.offset)),
                                torch.as_tensor(_unit(form.q_coef) & _unit(form.kv_coef)
@@ -188,7 +192,7 @@ def _compare(op: Op, a, b, grid: TileGrid) -> Range:
     else:  # NE
         true, false = (d.lo > 0) | (d.hi < 0), (d.lo == 0) & (d.hi == 0)
     # Where d takes every value in its range, each truth value its bounds allow occurs.
-    return Range(true.long(), (~false).long(), _attained(d))
+    return Range(true.long(), (~false).long(), _attained(d) if grid.want_attained else False)
 
 
 def _floordiv(a: Range, k: int) -> Range:
@@ -246,6 +250,8 @@ def _can_be(x: Range, value: int):
 
 
 def _bool_op(op: Op, a: Range, b: Range) -> Range:
+    if op in (Op.AND, Op.OR) and a.attained is False and b.attained is False:
+        return Range(a.lo & b.lo, a.hi & b.hi) if op is Op.AND else Range(a.lo | b.lo, a.hi | b.hi)
     if op in (Op.AND, Op.OR):
         # a & b is false wherever one is; it is true somewhere if one is always true
         # and the other true somewhere (dually for |).
