@@ -7,6 +7,7 @@ from mask_programs import as_mask_mod, mask_expr
 
 from flexattn.analysis.boxes import Boxes, decide, evaluate_positions, refine_tiles
 from flexattn.analysis.buffer_ranges import BufferRanges
+from flexattn.analysis.intervals import Range
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 from flexattn.semantics import evaluate
 from flexattn.trace import trace_mask_mod
@@ -57,3 +58,33 @@ def test_refined_classes_are_exact(expr, corners, ragged):
         values = _values(traced, *(int(getattr(tiles, f)[i]) for f in tiles.__dataclass_fields__))
         expected = EMPTY if not values.any() else (FULL if values.all() and not ragged else PARTIAL)
         assert int(classes[i]) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.integers(0, 3), min_size=1, max_size=30), lo=st.integers(-5, 35), width=st.integers(0, 40))
+def test_first_change_is_the_first_index_where_a_clamped_load_changes(values, lo, width):
+    buf = torch.tensor(values)
+    hi = lo + width
+    got = int(BufferRanges([buf]).first_change(0, torch.tensor([lo]), torch.tensor([hi]))[0])
+    at = [int(buf[min(max(i, 0), len(values) - 1)]) for i in range(lo, hi + 1)]
+    expected = next((lo + i for i in range(1, len(at)) if at[i] != at[i - 1]), -1)
+    assert got == expected
+    summary = BufferRanges([buf])(0, [Range(torch.tensor([lo]), torch.tensor([hi]))])
+    assert int(summary.lo[0]) == min(at) and int(summary.hi[0]) == max(at)
+
+
+@settings(max_examples=200, deadline=None)
+@given(corners=st.lists(box, min_size=1, max_size=5), cut_at=st.lists(st.integers(-1, 45), min_size=2, max_size=2))
+def test_split_partitions_each_box(corners, cut_at):
+    boxes = _boxes(corners)
+    q_cut = boxes.q_lo + cut_at[0] if cut_at[0] >= 0 else torch.full_like(boxes.q_lo, -1)
+    kv_cut = boxes.kv_lo + cut_at[1] if cut_at[1] >= 0 else torch.full_like(boxes.kv_lo, -1)
+    children, parent = boxes.split(q_cut, kv_cut)
+    for i in range(len(boxes)):
+        cover = torch.zeros(int(boxes.q_hi[i] - boxes.q_lo[i]) + 1, int(boxes.kv_hi[i] - boxes.kv_lo[i]) + 1,
+                            dtype=torch.int64)
+        for j in (parent == i).nonzero().flatten().tolist():
+            assert children.q_lo[j] <= children.q_hi[j] and children.kv_lo[j] <= children.kv_hi[j]
+            cover[int(children.q_lo[j] - boxes.q_lo[i]):int(children.q_hi[j] - boxes.q_lo[i]) + 1,
+                  int(children.kv_lo[j] - boxes.kv_lo[i]):int(children.kv_hi[j] - boxes.kv_lo[i]) + 1] += 1
+        assert torch.all(cover == 1)
