@@ -6,8 +6,8 @@ softmax attention, which torch's fused kernel (the one behind SDPA on CPU,
 returning its log-sum-exp. So this path:
 
 * covers the BlockMask's FULL tiles with few, large rectangles (boxes of a
-  quadtree over the tile matrix, neighbours with the same rows merged) and
-  runs each rectangle as one fused call, with no mask at all;
+  quadtree over the tile matrix or runs along its rows, whichever are fewer,
+  neighbours merged) and runs each rectangle as one fused call, with no mask;
 * runs the PARTIAL tiles as batches of single tiles (a tile's queries against
   its keys), the mask_mod evaluated into an additive 0 / -inf mask; tiles of
   one q-row go to different batches, so each batch updates a row once;
@@ -19,8 +19,9 @@ batches with the *final* output and lse (which is what flash-attention's
 backward needs per block) and adds up the gradients.
 
 The torch back end takes this path when there is no score_mod, head dims of
-q/k/v are equal, and max_scores is not requested (the fused kernel does not
-return it); see ``fusable``.
+q/k/v are equal, max_scores is not requested (the fused kernel does not
+return it) (``fusable``), and the plan is one the fused kernel is fast on
+(``pays``: tall rectangles, few PARTIAL tiles).
 """
 
 from __future__ import annotations
@@ -32,13 +33,11 @@ from flexattn.semantics import evaluate
 
 NEG_INF = float("-inf")
 MASK_CHUNK = 1 << 24  # mask elements materialised at once for a batch of PARTIAL tiles
+MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay
+MAX_PARTIAL_SHARE = 0.25  # ... and PARTIAL tiles (small batched calls) at most this share of the FULL ones
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay
-MAX_PARTIAL_SHARE = 0.25  # ... and PARTIAL tiles (small batched calls) at most this share of the FULL ones
 
 
 def fusable(query, key, value, score_graph, kernel_options) -> bool:
