@@ -28,7 +28,7 @@ import torch
 from codegen import split_kv
 from codegen.cache import KERNELS
 from codegen.torch_backend import fused
-from codegen.torch_backend.kernel import Kernel, check_heads
+from codegen.torch_backend.kernel import Kernel, check_heads, outside_compiled_graphs
 from codegen.torch_backend.printer import constants_of
 from codegen.torch_backend.template import kernel_source
 from flexattn.block_mask import DEFAULT_BLOCK_SIZE, _pair
@@ -114,11 +114,11 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
         check_heads(query.shape[1], key.shape[1], enable_gqa)
         block = _pair(block_mask.BLOCK_SIZE if block_mask is not None
                       else kernel_options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
-        units = fused.plan(block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], block,
-                           force=kernel_options.get("FUSED") is True)
-        if units is not None:
-            return fused.attention(query, key, value, units=units, mask_graph=mask_graph,
-                                   mask_buffers=mask_buffers, block_size=block, scale=scale)
+        result = outside_compiled_graphs(fused.attention)(
+            query, key, value, block_mask=block_mask, mask_graph=mask_graph, mask_buffers=mask_buffers,
+            block_size=block, scale=scale, force=kernel_options.get("FUSED") is True)
+        if result is not None:
+            return result
     kernel = compile_kernel(score_graph, mask_graph, kernel_options)
     return kernel(query, key, value, score_buffers=score_buffers, mask_buffers=mask_buffers,
                   block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)

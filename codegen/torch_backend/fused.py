@@ -325,12 +325,16 @@ def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool) -
     return units if force or pays(units) else None
 
 
-def attention(query, key, value, *, units, mask_graph, mask_buffers, block_size, scale):
-    """(out, lse, None) of block-sparse attention through the fused kernel (see the module docstring).
+def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_size, scale, force=False):
+    """(out, lse, None) of block-sparse attention through the fused kernel (see the module docstring),
+    or None when its plan would not pay (``pays``) and ``force`` is False.
 
     query (B, Hq, L, D), key/value (B, Hkv, S, D) with Hq a multiple of Hkv;
     out in query's dtype, lse (B, Hq, L) in the compute float (float32, or float64).
     """
+    units = plan(block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], block_size, force)
+    if units is None:
+        return None
     q_block, kv_block = block_size
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
 

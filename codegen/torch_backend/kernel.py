@@ -106,9 +106,7 @@ class Kernel:
         return self.namespace["__source__"]
 
     def __call__(self, query, key, value, **kwargs):
-        if "torch._dynamo" in sys.modules:
-            return _run_outside_compiled_graphs(self, query, key, value, **kwargs)
-        return self.run(query, key, value, **kwargs)
+        return outside_compiled_graphs(Kernel.run)(self, query, key, value, **kwargs)
 
     def run(self, query, key, value, *, score_buffers=(), mask_buffers=(), block_mask=None, scale=None,
             enable_gqa=False, score_constants=None, mask_constants=None):
@@ -132,12 +130,14 @@ class Kernel:
         return _BlockSparseAttention.apply(call, query, key, value, *score_buffers)
 
 
-_disabled_run = None
+_disabled: dict = {}
 
 
-def _run_outside_compiled_graphs(kernel: Kernel, *args, **kwargs):
-    """``kernel.run`` behind ``torch.compiler.disable``: a graph break for a compiling caller."""
-    global _disabled_run
-    if _disabled_run is None:
-        _disabled_run = torch.compiler.disable(Kernel.run)
-    return _disabled_run(kernel, *args, **kwargs)
+def outside_compiled_graphs(fn):
+    """``fn``, behind ``torch.compiler.disable`` once torch._dynamo is loaded (only then can a
+    caller be compiling): a graph break for a compiling caller, plain ``fn`` otherwise."""
+    if "torch._dynamo" not in sys.modules:
+        return fn
+    if fn not in _disabled:
+        _disabled[fn] = torch.compiler.disable(fn)
+    return _disabled[fn]

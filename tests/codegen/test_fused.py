@@ -114,3 +114,19 @@ def test_max_scores_request_takes_the_generated_loop():
     _, ref = flexattn.flex_attention(q, q, q, block_mask=bm, backend="reference",
                                      return_aux=flexattn.AuxRequest(max_scores=True))
     torch.testing.assert_close(aux.max_scores, ref.max_scores)
+
+
+def test_inside_a_user_torch_compile_gives_the_same_values_and_grads():
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 64, 64, BLOCK_SIZE=16)
+
+    def layer(q, k, v):
+        return flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch",
+                                       kernel_options={"FUSED": True, "SPLIT_KV": False}).sin()
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=g, requires_grad=True) for _ in range(3))
+    eager = layer(q, k, v)
+    compiled = torch.compile(layer, backend="eager")(q, k, v)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled.sum(), [q, k, v]), torch.autograd.grad(eager.sum(), [q, k, v])):
+        torch.testing.assert_close(a, b)
