@@ -86,6 +86,8 @@ def _times(x: torch.Tensor, k) -> torch.Tensor:
             return x * k
         overflow = x.abs() > BIG // abs(k)
         return torch.where(overflow, torch.sign(x) * (BIG if k > 0 else -BIG), x * k)
+    if bool((k.abs() <= 1).all()):  # per-box coefficients of x % W are 0 or 1: no overflow possible
+        return x * k
     overflow = x.abs() > BIG // k.abs().clamp(min=1)
     return torch.where(overflow, torch.sign(x) * torch.sign(k) * BIG, x * k)
 
@@ -218,9 +220,8 @@ def _mod(value, k: int, grid: "TileGrid"):
     shifted = _add(value.offset, _scale(Range(period, period), -k))
     offset = Range(torch.where(same_period, shifted.lo, _t(0)), torch.where(same_period, shifted.hi, _t(k - 1)),
                    torch.where(same_period, torch.as_tensor(_attained(shifted)), wraps_fully))
-    zero = _t(0)
-    return Affine(torch.where(same_period, _t(value.q_coef), zero), torch.where(same_period, _t(value.kv_coef), zero),
-                  offset)
+    q_coef, kv_coef = (0 if _is_zero(c) else same_period * c for c in (value.q_coef, value.kv_coef))
+    return Affine(q_coef, kv_coef, offset)
 
 
 def _mul(a: Range, b: Range) -> Range:
