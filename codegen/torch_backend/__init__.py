@@ -100,7 +100,7 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
     the split-KV path instead, which reads each KV tile once per KV head.
     Without a score_mod (and without a request for max_scores) attention runs
     on torch's fused CPU flash kernel, rectangle by rectangle of FULL tiles and
-    in batches of PARTIAL tiles (``fused``), when its plan pays (``fused.pays``);
+    in batches of PARTIAL tiles (``fused``), when its plan pays (``fused_plan.pays``);
     ``kernel_options={"FUSED": True}`` / ``False`` forces it / the generated
     loop. max_scores is then None.
     """

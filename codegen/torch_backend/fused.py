@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from flexattn.block_mask import FULL, PARTIAL
+from codegen.torch_backend.fused_plan import Unit, plan
 from flexattn.semantics import evaluate
 
 NEG_INF = float("-inf")
 MASK_CHUNK = 1 << 24  # mask elements materialised at once for a batch of PARTIAL tiles
-MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay
-MAX_PARTIAL_SHARE = 0.25  # ... and PARTIAL tiles (small batched calls) at most this share of the FULL ones
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -45,110 +43,6 @@ def fusable(query, key, value, score_graph, kernel_options) -> bool:
     return (score_graph is None and kernel_options.get("FUSED", "auto") is not False
             and not kernel_options.get("OUTPUT_MAX_SCORES", False)
             and query.shape[-1] == key.shape[-1] == value.shape[-1] and query.device.type == "cpu")
-
-
-def pays(units: list["Unit"]) -> bool:
-    """Whether the fused kernel beats the generated loop on this plan (measured, docs/performance.md).
-
-    The fused kernel is fast on tall rectangles (a causal triangle's squares, no
-    mask at all) and slower than batched matmuls on thin strips and on batches
-    of single tiles (a sliding window's band, a NATTEN mask).
-    """
-    full_tiles = sum((r[1] - r[0]) * (r[3] - r[2]) for u in units for r in u.rectangles)
-    if full_tiles == 0:
-        return False
-    mean_rows = sum((r[1] - r[0]) ** 2 * (r[3] - r[2]) for u in units for r in u.rectangles) / full_tiles
-    partial_tiles = sum(len(batch) for u in units for batch in u.batches)
-    return mean_rows >= MIN_ROWS_OF_TILES and partial_tiles <= MAX_PARTIAL_SHARE * full_tiles
-
-
-def full_rectangles(full: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """Rectangles (q0, q1, k0, k1), in tiles, covering exactly the True tiles of ``full`` (nq, nkv).
-
-    The fewer of two covers: quadtree boxes (a causal triangle: log-many large
-    squares per row) or runs along each row (a band, as a sliding window makes,
-    which a quadtree would cut into many small boxes).
-    """
-    boxes, runs = _merge_neighbours(_quadtree(full)), _merge_neighbours(_row_runs(full))
-    return boxes if len(boxes) <= len(runs) else runs
-
-
-def _row_runs(full: torch.Tensor) -> list:
-    """One rectangle per run of True tiles along each row."""
-    edges = torch.diff(torch.nn.functional.pad(full.to(torch.int8), (1, 1)), dim=1)
-    starts, stops = (edges == 1).nonzero(), (edges == -1).nonzero()
-    return [(row, row + 1, k0, k1) for (row, k0), (_, k1) in zip(starts.tolist(), stops.tolist())]
-
-
-def _quadtree(full: torch.Tensor) -> list:
-    """Boxes of a quadtree over ``full`` that are entirely True."""
-    nq, nkv = full.shape
-    area = torch.zeros(nq + 1, nkv + 1, dtype=torch.int64)
-    area[1:, 1:] = full.long().cumsum(0).cumsum(1)  # summed-area table: tiles in a box in O(1)
-    side = 1
-    while side < max(nq, nkv):
-        side *= 2
-    q0, k0 = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-    found = []
-    while len(q0):
-        q1, k1 = (q0 + side).clamp(max=nq), (k0 + side).clamp(max=nkv)
-        count = area[q1, k1] - area[q0, k1] - area[q1, k0] + area[q0, k0]
-        whole = count == (q1 - q0) * (k1 - k0)
-        found += torch.stack([q0, q1, k0, k1], 1)[whole].tolist()
-        mixed = (count > 0) & ~whole
-        if side == 1:
-            break
-        side //= 2
-        q0 = (q0[mixed].view(-1, 1) + torch.tensor([0, 0, side, side])).flatten()
-        k0 = (k0[mixed].view(-1, 1) + torch.tensor([0, side, 0, side])).flatten()
-        inside = (q0 < nq) & (k0 < nkv)
-        q0, k0 = q0[inside], k0[inside]
-    return found
-
-
-def _merge_neighbours(rects: list) -> list[tuple[int, int, int, int]]:
-    """Join rectangles that share rows and touch along kv, then those that share columns and touch along q."""
-    for rows_first in (True, False):
-        key = (lambda r: (r[0], r[1], r[2])) if rows_first else (lambda r: (r[2], r[3], r[0]))
-        merged: list = []
-        for r in sorted(rects, key=key):
-            last = merged[-1] if merged else None
-            if last and rows_first and last[:2] == r[:2] and last[3] == r[2]:
-                merged[-1] = (last[0], last[1], last[2], r[3])
-            elif last and not rows_first and last[2:] == r[2:] and last[1] == r[0]:
-                merged[-1] = (last[0], r[1], last[2], last[3])
-            else:
-                merged.append(tuple(r))
-        rects = merged
-    return rects
-
-
-def partial_batches(partial: torch.Tensor) -> list[torch.Tensor]:
-    """The PARTIAL tiles (P, 2) of (q-tile, kv-tile), grouped so that no batch holds a q-tile twice."""
-    tiles = partial.nonzero()
-    if not len(tiles):
-        return []
-    first_of_row = torch.ones(len(tiles), dtype=torch.bool)
-    first_of_row[1:] = tiles[1:, 0] != tiles[:-1, 0]
-    start = torch.arange(len(tiles))[first_of_row]
-    rank = torch.arange(len(tiles)) - start[first_of_row.long().cumsum(0) - 1]
-    return [tiles[rank == r] for r in range(int(rank.max()) + 1)]
-
-
-class Unit:
-    """A slice of batch rows and query heads that share one tile matrix, and its plan."""
-
-    def __init__(self, b: slice, h: slice, classes: torch.Tensor):
-        self.b, self.h = b, h
-        self.rectangles = full_rectangles(classes == FULL)
-        self.batches = partial_batches(classes == PARTIAL)
-
-
-def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[Unit]:
-    """Units for a (nb, nh, nq, nkv) tile-class tensor (nb in {1, B}, nh in {1, Hq})."""
-    nb, nh = classes.shape[:2]
-    return [Unit(slice(0, B) if nb == 1 else slice(b, b + 1), slice(0, Hq) if nh == 1 else slice(h, h + 1),
-                 classes[b, h]) for b in range(nb) for h in range(nh)]
 
 
 class Problem:
@@ -312,17 +206,6 @@ class _FusedAttention(torch.autograd.Function):
         if p.group > 1:  # the query heads of one KV head add up
             dk, dv = (x.unflatten(1, (-1, p.group)).sum(2) for x in (dk, dv))
         return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool) -> list[Unit] | None:
-    """The units of this call, or None when the fused kernel would not pay (unless ``force``)."""
-    q_block, kv_block = block_size
-    if block_mask is not None:
-        classes = block_mask.tile_classes()
-    else:
-        classes = torch.full((1, 1, -(-L // q_block), -(-S // kv_block)), FULL, dtype=torch.int8)
-    units = plan_units(classes, B, Hq)
-    return units if force or pays(units) else None
 
 
 def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_size, scale, force=False):

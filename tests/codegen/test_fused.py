@@ -8,7 +8,7 @@ from mask_programs import as_mask_mod, mask_expr
 
 import codegen
 import flexattn
-from codegen.torch_backend import fused
+from codegen.torch_backend import fused_plan
 from flexattn.api import mask_of
 
 
@@ -76,7 +76,7 @@ def test_gradcheck_in_float64():
 def test_rectangles_cover_the_full_tiles_once(rows, cols, seed):
     full = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < 0.6
     covered = torch.zeros(rows, cols, dtype=torch.int64)
-    for q0, q1, k0, k1 in fused.full_rectangles(full):
+    for q0, q1, k0, k1 in fused_plan.full_rectangles(full):
         covered[q0:q1, k0:k1] += 1
     assert torch.equal(covered, full.long())
 
@@ -86,7 +86,7 @@ def test_rectangles_cover_the_full_tiles_once(rows, cols, seed):
 def test_partial_batches_hold_each_tile_once_and_a_row_once_per_batch(rows, cols, seed):
     partial = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < 0.4
     seen = torch.zeros(rows, cols, dtype=torch.int64)
-    for batch in fused.partial_batches(partial):
+    for batch in fused_plan.partial_batches(partial):
         assert len(torch.unique(batch[:, 0])) == len(batch)
         seen[batch[:, 0], batch[:, 1]] += 1
     assert torch.equal(seen, partial.long())
@@ -94,7 +94,7 @@ def test_partial_batches_hold_each_tile_once_and_a_row_once_per_batch(rows, cols
 
 def test_a_causal_mask_is_a_few_rectangles_and_one_batch_of_diagonal_tiles():
     bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 4096, 4096)
-    unit, = fused.plan_units(bm.tile_classes(), 1, 1)
+    unit, = fused_plan.plan_units(bm.tile_classes(), 1, 1)
     assert len(unit.rectangles) <= 32 and len(unit.batches) == 1
 
 
@@ -102,8 +102,8 @@ def test_the_fused_kernel_is_chosen_where_it_pays():
     causal = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 4096, 4096)
     band = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < 1024),
                                       None, None, 8192, 8192)
-    assert fused.pays(fused.plan_units(causal.tile_classes(), 1, 1))
-    assert not fused.pays(fused.plan_units(band.tile_classes(), 1, 1))
+    assert fused_plan.pays(fused_plan.plan_units(causal.tile_classes(), 1, 1))
+    assert not fused_plan.pays(fused_plan.plan_units(band.tile_classes(), 1, 1))
 
 
 def test_max_scores_request_takes_the_generated_loop():
