@@ -31,6 +31,7 @@ from codegen.torch_backend import fused
 from codegen.torch_backend.kernel import Kernel, check_heads, outside_compiled_graphs
 from codegen.torch_backend.printer import constants_of
 from codegen.torch_backend.template import kernel_source
+from flexattn.analysis.separable import separate
 from flexattn.block_mask import DEFAULT_BLOCK_SIZE, _pair
 from flexattn.ir import Graph
 
@@ -110,13 +111,17 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
             query, key, value, score_graph=score_graph, score_buffers=score_buffers, mask_graph=mask_graph,
             mask_buffers=mask_buffers, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
             kernel_options=kernel_options)
-    if fused.fusable(query, key, value, score_graph, kernel_options):
+    # A score_mod that adds a separable bias (ALiBi) runs fused too, unless its buffers need grads.
+    buffers_need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in score_buffers)
+    bias = separate(score_graph) if score_graph is not None and not buffers_need_grad else None
+    if fused.fusable(query, key, value, score_graph, bias, kernel_options):
         check_heads(query.shape[1], key.shape[1], enable_gqa)
         block = _pair(block_mask.BLOCK_SIZE if block_mask is not None
                       else kernel_options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
         result = outside_compiled_graphs(fused.attention)(
             query, key, value, block_mask=block_mask, mask_graph=mask_graph, mask_buffers=mask_buffers,
-            block_size=block, scale=scale, force=kernel_options.get("FUSED") is True)
+            block_size=block, scale=scale, force=kernel_options.get("FUSED") is True, bias=bias,
+            score_buffers=score_buffers)
         if result is not None:
             return result
     kernel = compile_kernel(score_graph, mask_graph, kernel_options)

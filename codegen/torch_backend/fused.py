@@ -18,10 +18,17 @@ The backward runs the fused backward kernel on the same rectangles and
 batches with the *final* output and lse (which is what flash-attention's
 backward needs per block) and adds up the gradients.
 
-The torch back end takes this path when there is no score_mod, head dims of
-q/k/v are equal, max_scores is not requested (the fused kernel does not
-return it) (``fusable``), and the plan is one the fused kernel is fast on
-(``pays``: tall rectangles, few PARTIAL tiles).
+A score_mod that adds a separable bias (``flexattn.analysis.separable``:
+ALiBi, linear position biases, per-key tables) runs here too: in rectangles
+the row factors become extra head-dim features of q and the column factors
+extra features of k (so the kernel's q.k adds the bias), row-only terms
+shift the lse; in PARTIAL tiles the bias goes into the additive mask.
+
+The torch back end takes this path when the score_mod is absent or separable
+(with no buffer needing a gradient), head dims of q/k/v are equal, max_scores
+is not requested (the fused kernel does not return it) (``fusable``), and the
+plan is one the fused kernel is fast on (``fused_plan.pays``: tall
+rectangles, few PARTIAL tiles).
 """
 
 from __future__ import annotations
@@ -38,24 +45,79 @@ _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def fusable(query, key, value, score_graph, kernel_options) -> bool:
-    """Whether the fused path computes this call exactly (see the module docstring)."""
-    return (score_graph is None and kernel_options.get("FUSED", "auto") is not False
+MAX_BIAS_SPAN = 2.0 ** 16  # |row factor| x span of a column factor: beyond, fp32 features lose digits
+FEATURE_ALIGN = 8  # extra head-dim features are padded to a multiple of this
+
+
+def fusable(query, key, value, score_graph, bias, kernel_options) -> bool:
+    """Whether the fused path computes this call exactly (see the module docstring): no score_mod,
+    or one whose bias is separable (``bias``, from ``flexattn.analysis.separable``)."""
+    return ((score_graph is None or bias is not None) and kernel_options.get("FUSED", "auto") is not False
             and not kernel_options.get("OUTPUT_MAX_SCORES", False)
             and query.shape[-1] == key.shape[-1] == value.shape[-1] and query.device.type == "cpu")
+
+
+class Features:
+    """A separable bias evaluated for one call: per product term a row factor (B, Hq, L) and a
+    column factor (B, Hq, S), and the row-only terms (B, Hq, L); all float64."""
+
+    def __init__(self, bias, score_buffers, B: int, Hq: int, L: int, S: int):
+        b, h = torch.arange(B).view(-1, 1, 1), torch.arange(Hq).view(1, -1, 1)
+        rows_env = {"b": b, "h": h, "q_idx": torch.arange(L).view(1, 1, -1)}
+        cols_env = {"b": b, "h": h, "kv_idx": torch.arange(S).view(1, 1, -1)}
+        self.bias, self.score_buffers = bias, score_buffers
+        self.rows = [(t.sign * bias.factor(t.rows, rows_env, score_buffers)).expand(B, Hq, L)
+                     for t in bias.products]
+        self.columns = [bias.factor(t.columns, cols_env, score_buffers).expand(B, Hq, S) for t in bias.products]
+        self.row_only = bias.row_only(rows_env, score_buffers).expand(B, Hq, L)
+
+    def span(self) -> float:
+        """The largest |row factor| x (range of its column factor): how big the features get."""
+        return max((float(r.abs().max() * (c.max() - c.min())) for r, c in zip(self.rows, self.columns)),
+                   default=0.0)
 
 
 class Problem:
     """The tensors of one call in the compute float, K/V expanded to the query heads (GQA)."""
 
-    def __init__(self, q, k, v, block, scale, mask_graph, mask_buffers):
+    def __init__(self, q, k, v, block, scale, mask_graph, mask_buffers, features: Features | None = None):
         group = q.shape[1] // k.shape[1]
         self.q = q
         self.k = k.repeat_interleave(group, dim=1) if group > 1 else k
         self.v = v.repeat_interleave(group, dim=1) if group > 1 else v
         self.group, self.block, self.scale = group, block, scale
         self.mask_graph, self.mask_buffers = mask_graph, mask_buffers
+        self.features = features
         self.L, self.S = q.shape[2], k.shape[2]
+
+    def rectangle(self, unit: Unit, rows: slice, cols: slice):
+        """(q, k, v) of a rectangle for the fused kernel, and the shift its lse needs (or None).
+
+        With a separable bias, q gains the row factors (divided by the scale, which the
+        kernel multiplies back) and k the column factors minus their value at a reference
+        column; what that subtraction and the row-only terms take off every score of a row
+        is added back to the lse. The reference is the column where the bias is largest, so
+        the features are small where the weights are (fp32 keeps their digits).
+        """
+        q, k, v = (x[unit.b, unit.h] for x in (self.q, self.k, self.v))
+        q, k, v = q[:, :, rows], k[:, :, cols], v[:, :, cols]
+        if self.features is None:
+            return q, k, v, None
+        f = self.features
+        shift = f.row_only[unit.b, unit.h, rows].clone()
+        q_extra, k_extra = [], []
+        for row, column in zip(f.rows, f.columns):
+            row, column = row[unit.b, unit.h, rows], column[unit.b, unit.h, cols]
+            rises = row.mean(-1, keepdim=True) >= 0  # per (b, h): is row * column largest at the largest column?
+            reference = torch.where(rises, column.amax(-1, keepdim=True), column.amin(-1, keepdim=True))
+            q_extra.append(row / self.scale)
+            k_extra.append(column - reference)
+            shift += row * reference
+        pad = -(len(q_extra)) % FEATURE_ALIGN
+        q = torch.cat([q, torch.stack(q_extra, -1).to(q.dtype), q.new_zeros(*q.shape[:-1], pad)], -1)
+        k = torch.cat([k, torch.stack(k_extra, -1).to(k.dtype), k.new_zeros(*k.shape[:-1], pad)], -1)
+        v = torch.cat([v, v.new_zeros(*v.shape[:-1], len(q_extra) + pad)], -1)
+        return q, k, v, shift.to(q.dtype)
 
     def rows(self, rect):
         q_block, kv_block = self.block
@@ -78,6 +140,26 @@ class Problem:
             keep = evaluate(self.mask_graph, env, self.mask_buffers).to(torch.bool) & in_range
         keep = keep.expand(Bu, -1, len(tiles), -1, -1)  # (B_u, H_u or 1, P, q_block, kv_block)
         return keep.transpose(1, 2).reshape(Bu * len(tiles), keep.shape[1], *keep.shape[3:])
+
+    def tile_bias(self, unit: Unit, tiles: torch.Tensor, keep: torch.Tensor, dtype) -> torch.Tensor:
+        """The fused kernel's additive mask for a batch of tiles: -inf where not kept, else the
+        score_mod's bias (the score_mod of a zero score), laid out like ``tile_mask``."""
+        if self.features is None:
+            return _bias(keep, dtype)
+        q_block, kv_block = self.block
+        Bu = keep.shape[0] // len(tiles)
+        env = {"score": torch.zeros((), dtype=dtype),
+               "b": torch.arange(unit.b.start, unit.b.stop).view(-1, 1, 1, 1, 1),
+               "h": torch.arange(unit.h.start, unit.h.stop).view(1, -1, 1, 1, 1),
+               "q_idx": (tiles[:, 0].view(-1, 1) * q_block + torch.arange(q_block)).clamp(max=self.L - 1)
+               .view(1, 1, -1, q_block, 1),
+               "kv_idx": (tiles[:, 1].view(-1, 1) * kv_block + torch.arange(kv_block)).clamp(max=self.S - 1)
+               .view(1, 1, -1, 1, kv_block)}
+        bias = evaluate(self.features.bias.graph, env, self.features.score_buffers).to(dtype)
+        bias = bias.view((1,) * (5 - bias.dim()) + tuple(bias.shape))
+        bias = bias.expand(Bu, bias.shape[1], len(tiles), q_block, kv_block)
+        bias = bias.transpose(1, 2).reshape(Bu * len(tiles), bias.shape[1], q_block, kv_block)
+        return torch.where(keep, bias, NEG_INF)
 
 
 def _tiles_of(x: torch.Tensor, block: int, index: torch.Tensor) -> torch.Tensor:
@@ -133,7 +215,9 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
         written = torch.zeros(out.shape[2] // q_block, dtype=torch.bool)  # q tiles with a result so far
         for rect in unit.rectangles:
             rows, cols = p.rows(rect)
-            o, l = _forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], scale=p.scale)
+            q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)
+            o, l = _forward(q_r, k_r, v_r, scale=p.scale)
+            o, l = (o, l) if shift is None else (o[..., :D].contiguous(), l + shift)
             _merge(out_u, lse_u, rows, o, l, first=not bool(written[rect[0]:rect[1]].any()))
             written[rect[0]:rect[1]] = True
         Bu, Hu = q.shape[:2]
@@ -141,7 +225,8 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
             for tiles in _chunks(batch, Bu * Hu * q_block * kv_block):
                 keep = p.tile_mask(unit, tiles, Bu)
                 o, l = _forward(_tiles_of(q, q_block, tiles[:, 0]), _tiles_of(k, kv_block, tiles[:, 1]),
-                                _tiles_of(v, kv_block, tiles[:, 1]), attn_mask=_bias(keep, q.dtype), scale=p.scale)
+                                _tiles_of(v, kv_block, tiles[:, 1]), attn_mask=p.tile_bias(unit, tiles, keep, q.dtype),
+                                scale=p.scale)
                 # A row that keeps nothing in its tile has lse -inf (the kernel reports 0).
                 o, l = _from_tiles(o, Bu), _from_tiles(torch.where(keep.any(-1), l, NEG_INF), Bu)
                 out_t, lse_t = out_u.unflatten(2, (-1, q_block)), lse_u.unflatten(2, (-1, q_block))
@@ -167,11 +252,15 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
         dq_u, dk_u, dv_u = (x[unit.b, unit.h] for x in (dq, dk, dv))
         for rect in unit.rectangles:
             rows, cols = p.rows(rect)
-            gq, gk, gv = _backward(go[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols], o[:, :, rows],
-                                   l_u[:, :, rows], 0.0, False, scale=p.scale)
-            dq_u[:, :, rows] += gq
-            dk_u[:, :, cols] += gk
-            dv_u[:, :, cols] += gv
+            q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)
+            extra = q_r.shape[-1] - D  # the bias features: zero columns in out and grad_out
+            pad = (lambda x: torch.nn.functional.pad(x, (0, extra))) if extra else (lambda x: x)
+            l_r = l_u[:, :, rows] if shift is None else l_u[:, :, rows] - shift
+            gq, gk, gv = _backward(pad(go[:, :, rows]), q_r, k_r, v_r, pad(o[:, :, rows]), l_r, 0.0, False,
+                                   scale=p.scale)
+            dq_u[:, :, rows] += gq[..., :D]
+            dk_u[:, :, cols] += gk[..., :D]
+            dv_u[:, :, cols] += gv[..., :D]
         Bu, Hu = q.shape[:2]
         for batch in unit.batches:
             for tiles in _chunks(batch, Bu * Hu * q_block * kv_block):
@@ -180,7 +269,7 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
                 gq, gk, gv = _backward(
                     _tiles_of(go, q_block, q_rows), _tiles_of(q, q_block, q_rows), _tiles_of(k, kv_block, kv_cols),
                     _tiles_of(v, kv_block, kv_cols), _tiles_of(o, q_block, q_rows), lse_t, 0.0, False,
-                    attn_mask=_bias(p.tile_mask(unit, tiles, Bu), q.dtype), scale=p.scale)
+                    attn_mask=p.tile_bias(unit, tiles, p.tile_mask(unit, tiles, Bu), q.dtype), scale=p.scale)
                 dq_u.unflatten(2, (-1, q_block)).index_add_(2, q_rows, _from_tiles(gq, Bu))
                 dk_u.unflatten(2, (-1, kv_block)).index_add_(2, kv_cols, _from_tiles(gk, Bu))
                 dv_u.unflatten(2, (-1, kv_block)).index_add_(2, kv_cols, _from_tiles(gv, Bu))
@@ -208,14 +297,21 @@ class _FusedAttention(torch.autograd.Function):
         return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_size, scale, force=False):
+def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_size, scale, force=False,
+              bias=None, score_buffers=()):
     """(out, lse, None) of block-sparse attention through the fused kernel (see the module docstring),
     or None when its plan would not pay (``pays``) and ``force`` is False.
 
     query (B, Hq, L, D), key/value (B, Hkv, S, D) with Hq a multiple of Hkv;
     out in query's dtype, lse (B, Hq, L) in the compute float (float32, or float64).
     """
-    units = plan(block_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], block_size, force)
+    B, Hq, L, _ = query.shape
+    features = None
+    if bias is not None:
+        features = Features(bias, [t.detach() for t in score_buffers], B, Hq, L, key.shape[2])
+        if features.span() > MAX_BIAS_SPAN:
+            return None
+    units = plan(block_mask, B, Hq, L, key.shape[2], block_size, force)
     if units is None:
         return None
     q_block, kv_block = block_size
@@ -223,7 +319,7 @@ def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_
 
     def setup(q, k, v):
         return Problem(q.to(compute), k.to(compute), v.to(compute), (q_block, kv_block), scale, mask_graph,
-                       tuple(mask_buffers))
+                       tuple(mask_buffers), features)
 
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         out, lse = _FusedAttention.apply(setup, units, query, key, value)

@@ -62,24 +62,30 @@ class SeparableBias:
 
 def separate(graph: Graph) -> SeparableBias | None:
     """The separable form of a score_mod graph, or None (see the module docstring)."""
-    out = graph.output
-    if out.op not in (Op.ADD, Op.SUB) or out.dtype is not DType.FLOAT32:
+    if graph.output.dtype is not DType.FLOAT32:
         return None
-    score, bias = out.inputs
-    sign = 1 if out.op is Op.ADD else -1
-    if out.op is Op.ADD and not _is_score(score):
-        score, bias = bias, score
-    if not _is_score(score):
-        return None
-    deps = dependencies(graph)
-    terms = _terms(bias, deps)
+    terms = _bias_terms(graph.output, dependencies(graph))
     if terms is None or sum(1 for t in terms if t.columns) > MAX_PRODUCTS:
         return None
-    return SeparableBias(graph, tuple(Term(sign * t.sign, t.rows, t.columns) for t in terms))
+    return SeparableBias(graph, tuple(terms))
 
 
-def _is_score(node: Node) -> bool:
-    return node.op is Op.INPUT and node.arg == "score"
+def _bias_terms(node: Node, deps: dict) -> list[Term] | None:
+    """The terms of ``node - score`` for a node that is the score plus or minus terms (at any depth)."""
+    if node.op is Op.INPUT and node.arg == "score":
+        return []
+    if node.op not in (Op.ADD, Op.SUB):
+        return None
+    a, b = node.inputs
+    if node.op is Op.ADD and "score" in deps[b]:
+        a, b = b, a
+    if "score" in deps[b]:
+        return None
+    inner, rest = _bias_terms(a, deps), _terms(b, deps)
+    if inner is None or rest is None:
+        return None
+    sign = 1 if node.op is Op.ADD else -1
+    return inner + [Term(sign * t.sign, t.rows, t.columns) for t in rest]
 
 
 def _terms(node: Node, deps: dict) -> list[Term] | None:

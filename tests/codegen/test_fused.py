@@ -12,20 +12,33 @@ from codegen.torch_backend import fused_plan
 from flexattn.api import mask_of
 
 
-def _run(backend, q, k, v, bm, options):
+SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+POSITION_BIAS = torch.linspace(-2.0, 3.0, 100)
+SEPARABLE = {  # score_mods whose bias splits into row x column factors (flexattn.analysis.separable)
+    "alibi": lambda s, b, h, q, kv: s + SLOPES[h] * (kv - q),
+    "linear": lambda s, b, h, q, kv: s - 0.01 * (q - kv) + 0.5,
+    "key_bias": lambda s, b, h, q, kv: s + POSITION_BIAS[kv] * (h + 1),
+    "product": lambda s, b, h, q, kv: s + 0.001 * q * kv - POSITION_BIAS[q],
+}
+
+
+def _run(backend, q, k, v, bm, options, score_mod=None):
     mask = mask_of(bm) if bm is not None else None
+    score = flexattn.trace_score_mod(score_mod) if score_mod is not None else None
     return codegen.BACKENDS[backend](
-        q, k, v, score_graph=None, score_buffers=(), mask_graph=mask.graph if mask else None,
+        q, k, v, score_graph=score.graph if score else None, score_buffers=score.buffers if score else (),
+        mask_graph=mask.graph if mask else None,
         mask_buffers=mask.buffers if mask else (), block_mask=bm, scale=None, enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=options)
 
 
 shapes = dict(L=st.integers(1, 90), S=st.integers(1, 90), batch=st.integers(1, 2), kv_heads=st.integers(1, 2),
               group=st.sampled_from([1, 2]), block=st.sampled_from([8, 16, (8, 32), 32]), per_head=st.booleans(),
-              expr=st.none() | mask_expr(1), seed=st.integers(0, 2**16))
+              expr=st.none() | mask_expr(1), seed=st.integers(0, 2**16),
+              score=st.sampled_from([None, *SEPARABLE]))
 
 
-def _inputs(L, S, batch, kv_heads, group, block, per_head, expr, seed, dtype=torch.float32, grad=False):
+def _inputs(L, S, batch, kv_heads, group, block, per_head, expr, seed, score=None, dtype=torch.float32, grad=False):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, h, n, 8, generator=g).to(dtype).requires_grad_(grad)
                for h, n in ((kv_heads * group, L), (kv_heads, S), (kv_heads, S)))
@@ -40,8 +53,10 @@ def _inputs(L, S, batch, kv_heads, group, block, per_head, expr, seed, dtype=tor
 @given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), **shapes)
 def test_forward_equals_reference(dtype, **kw):
     q, k, v, bm = _inputs(dtype=dtype, **kw)
-    out, lse, max_scores = _run("torch", q, k, v, bm, {"BLOCK_SIZE": kw["block"], "SPLIT_KV": False, "FUSED": True})
-    ref, ref_lse, _ = _run("reference", q, k, v, bm, {})
+    score_mod = SEPARABLE.get(kw["score"])
+    options = {"BLOCK_SIZE": kw["block"], "SPLIT_KV": False, "FUSED": True}
+    out, lse, max_scores = _run("torch", q, k, v, bm, options, score_mod)
+    ref, ref_lse, _ = _run("reference", q, k, v, bm, {}, score_mod)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and max_scores is None  # the fused path ran
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
@@ -53,8 +68,10 @@ def test_forward_equals_reference(dtype, **kw):
 @given(**shapes)
 def test_backward_equals_reference(**kw):
     q, k, v, bm = _inputs(grad=True, **kw)
-    out, _, max_scores = _run("torch", q, k, v, bm, {"BLOCK_SIZE": kw["block"], "SPLIT_KV": False, "FUSED": True})
-    ref, _, _ = _run("reference", q, k, v, bm, {})
+    score_mod = SEPARABLE.get(kw["score"])
+    out, _, max_scores = _run("torch", q, k, v, bm, {"BLOCK_SIZE": kw["block"], "SPLIT_KV": False, "FUSED": True},
+                              score_mod)
+    ref, _, _ = _run("reference", q, k, v, bm, {}, score_mod)
     assert max_scores is None
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(kw["seed"]))
     ours = torch.autograd.grad(out, [q, k, v], grad_out)
