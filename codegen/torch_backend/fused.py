@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from codegen.torch_backend.fused_plan import Unit, plan
+from flexattn.block_mask import PARTIAL
 from flexattn.semantics import evaluate
 
 NEG_INF = float("-inf")
@@ -213,6 +214,11 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = (x[unit.b, unit.h] for x in (p.q, p.k, p.v))
         out_u, lse_u = out[unit.b, unit.h], lse[unit.b, unit.h]  # views: merged in place
         written = torch.zeros(out.shape[2] // q_block, dtype=torch.bool)  # q tiles with a result so far
+        for a, b in unit.squares:  # exactly causal: the kernel's own causal mode
+            rows = slice(a * q_block, b * q_block)
+            o, l = _forward(q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True, scale=p.scale)
+            _merge(out_u, lse_u, rows, o, l, first=not bool(written[a:b].any()))
+            written[a:b] = True
         for rect in unit.rectangles:
             rows, cols = p.rows(rect)
             q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)
@@ -250,6 +256,13 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
         q, k, v, o, go = (x[unit.b, unit.h] for x in (p.q, p.k, p.v, out, grad_out))
         l_u = lse[unit.b, unit.h]
         dq_u, dk_u, dv_u = (x[unit.b, unit.h] for x in (dq, dk, dv))
+        for a, b in unit.squares:
+            rows = slice(a * q_block, b * q_block)
+            gq, gk, gv = _backward(go[:, :, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows], o[:, :, rows],
+                                   l_u[:, :, rows], 0.0, True, scale=p.scale)
+            dq_u[:, :, rows] += gq
+            dk_u[:, :, rows] += gk
+            dv_u[:, :, rows] += gv
         for rect in unit.rectangles:
             rows, cols = p.rows(rect)
             q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)
@@ -274,6 +287,27 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
                 dk_u.unflatten(2, (-1, kv_block)).index_add_(2, kv_cols, _from_tiles(gk, Bu))
                 dv_u.unflatten(2, (-1, kv_block)).index_add_(2, kv_cols, _from_tiles(gv, Bu))
     return dq[:, :, :L], dk[:, :, :p.S], dv[:, :, :p.S]
+
+
+def _causal_diagonal(mask_graph, mask_buffers, B: int, Hq: int, length: int, block: int):
+    """``causal_diagonal`` for ``fused_plan.plan``: which PARTIAL diagonal tiles (wholly inside
+    both sequences) hold exactly ``q_idx >= kv_idx``, for every batch row and head."""
+    tril = torch.ones(block, block, dtype=torch.bool).tril()
+
+    def flags(classes: torch.Tensor) -> torch.Tensor:
+        n = min(classes.shape)
+        diagonal = torch.arange(n)
+        candidates = diagonal[(classes[diagonal, diagonal] == PARTIAL) & ((diagonal + 1) * block <= length)]
+        result = torch.zeros(n, dtype=torch.bool)
+        for tiles in _chunks(candidates, B * Hq * block * block):
+            idx = (tiles.view(-1, 1) * block + torch.arange(block)).view(1, 1, -1, block)
+            env = {"b": torch.arange(B).view(-1, 1, 1, 1, 1), "h": torch.arange(Hq).view(1, -1, 1, 1, 1),
+                   "q_idx": idx.unsqueeze(-1), "kv_idx": idx.unsqueeze(-2)}
+            keep = evaluate(mask_graph, env, mask_buffers).to(torch.bool)
+            result[tiles] = (keep == tril).flatten(-2).all(-1).flatten(0, 1).all(0) if keep.dim() == 5 else \
+                (keep == tril).all()
+        return result
+    return flags
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -311,7 +345,10 @@ def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_
         features = Features(bias, [t.detach() for t in score_buffers], B, Hq, L, key.shape[2])
         if features.span() > MAX_BIAS_SPAN:
             return None
-    units = plan(block_mask, B, Hq, L, key.shape[2], block_size, force)
+    causal = None
+    if features is None and mask_graph is not None and block_size[0] == block_size[1]:
+        causal = _causal_diagonal(mask_graph, tuple(mask_buffers), B, Hq, min(L, key.shape[2]), block_size[0])
+    units = plan(block_mask, B, Hq, L, key.shape[2], block_size, force, causal)
     if units is None:
         return None
     q_block, kv_block = block_size

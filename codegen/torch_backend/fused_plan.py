@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from flexattn.block_mask import FULL, PARTIAL
+from flexattn.block_mask import EMPTY, FULL, PARTIAL
 
 MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay
 MAX_PARTIAL_SHARE = 0.25  # ... and PARTIAL tiles (small batched calls) at most this share of the FULL ones
@@ -21,10 +21,11 @@ def pays(units: list["Unit"]) -> bool:
     mask at all) and slower than batched matmuls on thin strips and on batches
     of single tiles (a sliding window's band, a NATTEN mask).
     """
-    full_tiles = sum((r[1] - r[0]) * (r[3] - r[2]) for u in units for r in u.rectangles)
+    rects = [r for u in units for r in u.rectangles] + [(a, b, a, b) for u in units for a, b in u.squares]
+    full_tiles = sum((r[1] - r[0]) * (r[3] - r[2]) for r in rects)
     if full_tiles == 0:
         return False
-    mean_rows = sum((r[1] - r[0]) ** 2 * (r[3] - r[2]) for u in units for r in u.rectangles) / full_tiles
+    mean_rows = sum((r[1] - r[0]) ** 2 * (r[3] - r[2]) for r in rects) / full_tiles
     partial_tiles = sum(len(batch) for u in units for batch in u.batches)
     return mean_rows >= MIN_ROWS_OF_TILES and partial_tiles <= MAX_PARTIAL_SHARE * full_tiles
 
@@ -103,12 +104,39 @@ def partial_batches(partial: torch.Tensor) -> list[torch.Tensor]:
 
 
 class Unit:
-    """A slice of batch rows and query heads that share one tile matrix, and its plan."""
+    """A slice of batch rows and query heads that share one tile matrix, and its plan:
+    ``squares`` (tile ranges [a, b) on the diagonal that are exactly causal), ``rectangles``
+    of FULL tiles and ``batches`` of PARTIAL tiles."""
 
-    def __init__(self, b: slice, h: slice, classes: torch.Tensor):
+    def __init__(self, b: slice, h: slice, classes: torch.Tensor, squares=()):
         self.b, self.h = b, h
+        self.squares = list(squares)
         self.rectangles = full_rectangles(classes == FULL)
         self.batches = partial_batches(classes == PARTIAL)
+
+
+def causal_squares(classes: torch.Tensor, causal_diagonal: torch.Tensor) -> list[tuple[int, int]]:
+    """Aligned squares [a, b) of tiles on the diagonal of a (nq, nkv) class matrix that are exactly
+    a causal mask: FULL below the diagonal, EMPTY above, and diagonal tiles whose mask is
+    ``q_idx >= kv_idx`` (``causal_diagonal``, one flag per diagonal tile). Largest first."""
+    n = len(causal_diagonal)
+    found: list[tuple[int, int]] = []
+    covered = torch.zeros(n, dtype=torch.bool)
+    side = 1
+    while side * 2 <= n:
+        side *= 2
+    while side >= 2:
+        for a in range(0, n - side + 1, side):
+            if covered[a:a + side].any() or not causal_diagonal[a:a + side].all():
+                continue
+            block = classes[a:a + side, a:a + side]
+            below = torch.ones(side, side, dtype=torch.bool).tril(-1)
+            above = torch.ones(side, side, dtype=torch.bool).triu(1)
+            if bool((block[below] == FULL).all()) and bool((block[above] == EMPTY).all()):
+                found.append((a, a + side))
+                covered[a:a + side] = True
+        side //= 2
+    return found
 
 
 def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[Unit]:
@@ -118,12 +146,26 @@ def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[Unit]:
                  classes[b, h]) for b in range(nb) for h in range(nh)]
 
 
-def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool) -> list[Unit] | None:
-    """The units of this call, or None when the fused kernel would not pay (unless ``force``)."""
+def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool,
+         causal_diagonal=None) -> list[Unit] | None:
+    """The units of this call, or None when the fused kernel would not pay (unless ``force``).
+
+    ``causal_diagonal(classes) -> flags`` (optional) says which diagonal tiles of a
+    (nq, nkv) class matrix hold exactly a causal mask; aligned squares of them run as one
+    causal call each (``causal_squares``), which is the fused kernel's fastest case.
+    """
     q_block, kv_block = block_size
     if block_mask is not None:
         classes = block_mask.tile_classes()
     else:
         classes = torch.full((1, 1, -(-L // q_block), -(-S // kv_block)), FULL, dtype=torch.int8)
+    if causal_diagonal is not None and classes.shape[:2] == (1, 1):
+        squares = causal_squares(classes[0, 0], causal_diagonal(classes[0, 0]))
+        if squares:
+            rest = classes[0, 0].clone()
+            for a, b in squares:
+                rest[a:b, a:b] = EMPTY
+            units = [Unit(slice(0, B), slice(0, Hq), rest, squares)]
+            return units if force or pays(units) else None
     units = plan_units(classes, B, Hq)
     return units if force or pays(units) else None

@@ -115,6 +115,23 @@ def test_a_causal_mask_is_a_few_rectangles_and_one_batch_of_diagonal_tiles():
     assert len(unit.rectangles) <= 32 and len(unit.batches) == 1
 
 
+def test_causal_diagonal_squares_run_in_the_kernels_causal_mode():
+    n = 1000  # the last, ragged tile stays a PARTIAL tile
+    classes = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n).tile_classes()
+    flags = torch.ones(8, dtype=torch.bool)
+    flags[7] = False
+    assert fused_plan.causal_squares(classes[0, 0], flags) == [(0, 4), (4, 6)]  # a lone tile stays PARTIAL
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for _ in range(3))
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n)
+    out = _run("torch", q, k, v, bm, {"FUSED": True, "SPLIT_KV": False})[0]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_the_fused_kernel_is_chosen_where_it_pays():
     causal = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 4096, 4096)
     band = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < 1024),
