@@ -41,13 +41,11 @@ from flexattn.semantics import evaluate
 
 NEG_INF = float("-inf")
 MASK_CHUNK = 1 << 24  # mask elements materialised at once for a batch of PARTIAL tiles
+MAX_BIAS_SPAN = 2.0 ** 16  # |row factor| x span of a column factor: beyond, fp32 features lose digits
+FEATURE_ALIGN = 8  # extra head-dim features are padded to a multiple of this
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-MAX_BIAS_SPAN = 2.0 ** 16  # |row factor| x span of a column factor: beyond, fp32 features lose digits
-FEATURE_ALIGN = 8  # extra head-dim features are padded to a multiple of this
 
 
 def fusable(query, key, value, score_graph, bias, kernel_options) -> bool:
@@ -106,6 +104,8 @@ class Problem:
             return q, k, v, None
         f = self.features
         shift = f.row_only[unit.b, unit.h, rows].clone()
+        if not f.rows:  # only row terms: softmax is unchanged, the lse shifts
+            return q, k, v, shift.to(q.dtype)
         q_extra, k_extra = [], []
         for row, column in zip(f.rows, f.columns):
             row, column = row[unit.b, unit.h, rows], column[unit.b, unit.h, cols]

@@ -19,6 +19,7 @@ SEPARABLE = {  # score_mods whose bias splits into row x column factors (flexatt
     "linear": lambda s, b, h, q, kv: s - 0.01 * (q - kv) + 0.5,
     "key_bias": lambda s, b, h, q, kv: s + POSITION_BIAS[kv] * (h + 1),
     "product": lambda s, b, h, q, kv: s + 0.001 * q * kv - POSITION_BIAS[q],
+    "rows_only": lambda s, b, h, q, kv: s + POSITION_BIAS[q] * 2.0,
 }
 
 
