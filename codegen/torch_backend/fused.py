@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from codegen.torch_backend import fused_plan
 from codegen.torch_backend.fused_plan import Unit, plan
-from flexattn.block_mask import PARTIAL
 from flexattn.semantics import evaluate
 
 NEG_INF = float("-inf")
@@ -163,6 +163,11 @@ class Problem:
         return torch.where(keep, bias, NEG_INF)
 
 
+def _flipper(kind: int):
+    """An UPPER triangle (q <= kv) is a causal one on both sequences reversed."""
+    return (lambda x: x.flip(2)) if kind == fused_plan.UPPER else (lambda x: x)
+
+
 def _tiles_of(x: torch.Tensor, block: int, index: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) -> the tiles ``index`` as a batch (B * P, H, block, D) (zero rows past N)."""
     B, H, N, D = x.shape
@@ -214,11 +219,14 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = (x[unit.b, unit.h] for x in (p.q, p.k, p.v))
         out_u, lse_u = out[unit.b, unit.h], lse[unit.b, unit.h]  # views: merged in place
         written = torch.zeros(out.shape[2] // q_block, dtype=torch.bool)  # q tiles with a result so far
-        for a, b in unit.squares:  # exactly causal: the kernel's own causal mode
-            rows = slice(a * q_block, b * q_block)
-            o, l = _forward(q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True, scale=p.scale)
-            _merge(out_u, lse_u, rows, o, l, first=not bool(written[a:b].any()))
-            written[a:b] = True
+        for a, c, side, kind in unit.squares:  # exactly causal triangles: the kernel's own causal mode
+            rows, cols = slice(a * q_block, (a + side) * q_block), slice(c * kv_block, (c + side) * kv_block)
+            flip = _flipper(kind)
+            o, l = _forward(flip(q[:, :, rows]), flip(k[:, :, cols]), flip(v[:, :, cols]), is_causal=True,
+                            scale=p.scale)
+            _merge(out_u, lse_u, rows, flip(o), flip(l.unsqueeze(-1)).squeeze(-1),
+                   first=not bool(written[a:a + side].any()))
+            written[a:a + side] = True
         for rect in unit.rectangles:
             rows, cols = p.rows(rect)
             q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)
@@ -256,13 +264,15 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
         q, k, v, o, go = (x[unit.b, unit.h] for x in (p.q, p.k, p.v, out, grad_out))
         l_u = lse[unit.b, unit.h]
         dq_u, dk_u, dv_u = (x[unit.b, unit.h] for x in (dq, dk, dv))
-        for a, b in unit.squares:
-            rows = slice(a * q_block, b * q_block)
-            gq, gk, gv = _backward(go[:, :, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows], o[:, :, rows],
-                                   l_u[:, :, rows], 0.0, True, scale=p.scale)
-            dq_u[:, :, rows] += gq
-            dk_u[:, :, rows] += gk
-            dv_u[:, :, rows] += gv
+        for a, c, side, kind in unit.squares:
+            rows, cols = slice(a * q_block, (a + side) * q_block), slice(c * kv_block, (c + side) * kv_block)
+            flip = _flipper(kind)
+            gq, gk, gv = _backward(flip(go[:, :, rows]), flip(q[:, :, rows]), flip(k[:, :, cols]),
+                                   flip(v[:, :, cols]), flip(o[:, :, rows]),
+                                   flip(l_u[:, :, rows].unsqueeze(-1)).squeeze(-1), 0.0, True, scale=p.scale)
+            dq_u[:, :, rows] += flip(gq)
+            dk_u[:, :, cols] += flip(gk)
+            dv_u[:, :, cols] += flip(gv)
         for rect in unit.rectangles:
             rows, cols = p.rows(rect)
             q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)
@@ -289,25 +299,27 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
     return dq[:, :, :L], dk[:, :, :p.S], dv[:, :, :p.S]
 
 
-def _causal_diagonal(mask_graph, mask_buffers, B: int, Hq: int, length: int, block: int):
-    """``causal_diagonal`` for ``fused_plan.plan``: which PARTIAL diagonal tiles (wholly inside
-    both sequences) hold exactly ``q_idx >= kv_idx``, for every batch row and head."""
-    tril = torch.ones(block, block, dtype=torch.bool).tril()
+def _tile_shapes(mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int, block: int):
+    """``tile_shapes`` for ``fused_plan.plan``: per tile, LOWER if the mask_mod keeps exactly
+    its q >= kv part (position within the tile), UPPER if exactly its q <= kv part, for every
+    batch row and head; 0 otherwise and for tiles cut by the end of a sequence."""
+    lower = torch.ones(block, block, dtype=torch.bool).tril()
 
-    def flags(classes: torch.Tensor) -> torch.Tensor:
-        n = min(classes.shape)
-        diagonal = torch.arange(n)
-        candidates = diagonal[(classes[diagonal, diagonal] == PARTIAL) & ((diagonal + 1) * block <= length)]
-        result = torch.zeros(n, dtype=torch.bool)
-        for tiles in _chunks(candidates, B * Hq * block * block):
-            idx = (tiles.view(-1, 1) * block + torch.arange(block)).view(1, 1, -1, block)
+    def shapes(tiles: torch.Tensor) -> torch.Tensor:
+        kinds = torch.zeros(len(tiles), dtype=torch.int64)
+        whole = ((tiles[:, 0] + 1) * block <= L) & ((tiles[:, 1] + 1) * block <= S)
+        for chunk in _chunks(whole.nonzero().flatten(), B * Hq * block * block):
+            offset = torch.arange(block)
             env = {"b": torch.arange(B).view(-1, 1, 1, 1, 1), "h": torch.arange(Hq).view(1, -1, 1, 1, 1),
-                   "q_idx": idx.unsqueeze(-1), "kv_idx": idx.unsqueeze(-2)}
+                   "q_idx": (tiles[chunk, 0].view(-1, 1) * block + offset).view(1, 1, -1, block, 1),
+                   "kv_idx": (tiles[chunk, 1].view(-1, 1) * block + offset).view(1, 1, -1, 1, block)}
             keep = evaluate(mask_graph, env, mask_buffers).to(torch.bool)
-            result[tiles] = (keep == tril).flatten(-2).all(-1).flatten(0, 1).all(0) if keep.dim() == 5 else \
-                (keep == tril).all()
-        return result
-    return flags
+            keep = keep.view((1,) * (5 - keep.dim()) + tuple(keep.shape))
+            for kind, pattern in ((fused_plan.LOWER, lower), (fused_plan.UPPER, lower.T)):
+                exact = (keep == pattern).flatten(-2).all(-1).flatten(0, 1).all(0)  # (P,)
+                kinds[chunk[exact.expand(len(chunk))]] = kind
+        return kinds
+    return shapes
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -345,10 +357,10 @@ def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_
         features = Features(bias, [t.detach() for t in score_buffers], B, Hq, L, key.shape[2])
         if features.span() > MAX_BIAS_SPAN:
             return None
-    causal = None
+    shapes = None
     if features is None and mask_graph is not None and block_size[0] == block_size[1]:
-        causal = _causal_diagonal(mask_graph, tuple(mask_buffers), B, Hq, min(L, key.shape[2]), block_size[0])
-    units = plan(block_mask, B, Hq, L, key.shape[2], block_size, force, causal)
+        shapes = _tile_shapes(mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2], block_size[0])
+    units = plan(block_mask, B, Hq, L, key.shape[2], block_size, force, shapes)
     if units is None:
         return None
     q_block, kv_block = block_size

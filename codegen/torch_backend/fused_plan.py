@@ -21,7 +21,8 @@ def pays(units: list["Unit"]) -> bool:
     mask at all) and slower than batched matmuls on thin strips and on batches
     of single tiles (a sliding window's band, a NATTEN mask).
     """
-    rects = [r for u in units for r in u.rectangles] + [(a, b, a, b) for u in units for a, b in u.squares]
+    rects = [r for u in units for r in u.rectangles] + [(a, a + n, c, c + (n + 1) // 2)
+                                                         for u in units for a, c, n, _ in u.squares]
     full_tiles = sum((r[1] - r[0]) * (r[3] - r[2]) for r in rects)
     if full_tiles == 0:
         return False
@@ -105,8 +106,8 @@ def partial_batches(partial: torch.Tensor) -> list[torch.Tensor]:
 
 class Unit:
     """A slice of batch rows and query heads that share one tile matrix, and its plan:
-    ``squares`` (tile ranges [a, b) on the diagonal that are exactly causal), ``rectangles``
-    of FULL tiles and ``batches`` of PARTIAL tiles."""
+    ``squares`` that are exactly causal triangles (``triangle_squares``), ``rectangles`` of
+    FULL tiles and ``batches`` of PARTIAL tiles."""
 
     def __init__(self, b: slice, h: slice, classes: torch.Tensor, squares=()):
         self.b, self.h = b, h
@@ -115,26 +116,45 @@ class Unit:
         self.batches = partial_batches(classes == PARTIAL)
 
 
-def causal_squares(classes: torch.Tensor, causal_diagonal: torch.Tensor) -> list[tuple[int, int]]:
-    """Aligned squares [a, b) of tiles on the diagonal of a (nq, nkv) class matrix that are exactly
-    a causal mask: FULL below the diagonal, EMPTY above, and diagonal tiles whose mask is
-    ``q_idx >= kv_idx`` (``causal_diagonal``, one flag per diagonal tile). Largest first."""
-    n = len(causal_diagonal)
-    found: list[tuple[int, int]] = []
-    covered = torch.zeros(n, dtype=torch.bool)
+LOWER, UPPER = 1, 2  # a diagonal tile holding exactly q >= kv (tril) or q <= kv (triu), position by position
+
+
+def triangle_squares(classes: torch.Tensor, shapes) -> list[tuple[int, int, int, int]]:
+    """Aligned squares (a, c, side, kind) of tiles (rows a.., columns c..) that are exactly a causal
+    triangle: diagonal tiles of one ``kind`` (LOWER: FULL below the diagonal, EMPTY above; UPPER:
+    the reverse, which the kernel runs causally on flipped sequences). Largest first, disjoint.
+
+    ``shapes(tiles (T, 2)) -> (T,) int`` says which diagonal tiles are LOWER / UPPER (else 0).
+    A causal mask is one square; a sliding window a chain of LOWER and UPPER squares.
+    """
+    nq, nkv = classes.shape
+    covered = torch.zeros(nq, nkv, dtype=torch.bool)
+    known: dict = {}
+    found = []
     side = 1
-    while side * 2 <= n:
+    while side * 2 <= min(nq, nkv):
         side *= 2
     while side >= 2:
-        for a in range(0, n - side + 1, side):
-            if covered[a:a + side].any() or not causal_diagonal[a:a + side].all():
+        n_q, n_kv = nq // side, nkv // side
+        view = classes[:n_q * side, :n_kv * side].reshape(n_q, side, n_kv, side)
+        diagonals = view.diagonal(dim1=1, dim2=3)  # (n_q, n_kv, side)
+        blocks = ((diagonals == PARTIAL).all(-1)).nonzero().tolist()
+        ask = [(bi * side + t, bj * side + t) for bi, bj in blocks for t in range(side) if (bi * side + t, bj * side + t)
+               not in known]
+        if ask:
+            known.update(zip(ask, shapes(torch.tensor(ask)).tolist()))
+        below = torch.ones(side, side, dtype=torch.bool).tril(-1)
+        for bi, bj in blocks:
+            a, c = bi * side, bj * side
+            kinds = {known[(a + t, c + t)] for t in range(side)}
+            block = classes[a:a + side, c:c + side]
+            if len(kinds) != 1 or kinds == {0} or bool(covered[a:a + side, c:c + side].any()):
                 continue
-            block = classes[a:a + side, a:a + side]
-            below = torch.ones(side, side, dtype=torch.bool).tril(-1)
-            above = torch.ones(side, side, dtype=torch.bool).triu(1)
-            if bool((block[below] == FULL).all()) and bool((block[above] == EMPTY).all()):
-                found.append((a, a + side))
-                covered[a:a + side] = True
+            kind = kinds.pop()
+            full_part, empty_part = (below, below.T) if kind == LOWER else (below.T, below)
+            if bool((block[full_part] == FULL).all()) and bool((block[empty_part] == EMPTY).all()):
+                found.append((a, c, side, kind))
+                covered[a:a + side, c:c + side] = True
         side //= 2
     return found
 
@@ -147,24 +167,24 @@ def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[Unit]:
 
 
 def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool,
-         causal_diagonal=None) -> list[Unit] | None:
+         tile_shapes=None) -> list[Unit] | None:
     """The units of this call, or None when the fused kernel would not pay (unless ``force``).
 
-    ``causal_diagonal(classes) -> flags`` (optional) says which diagonal tiles of a
-    (nq, nkv) class matrix hold exactly a causal mask; aligned squares of them run as one
-    causal call each (``causal_squares``), which is the fused kernel's fastest case.
+    ``tile_shapes(tiles) -> kinds`` (optional) says which tiles hold exactly a causal
+    triangle (see ``triangle_squares``); aligned squares of them run as one causal call
+    each, the fused kernel's fastest case.
     """
     q_block, kv_block = block_size
     if block_mask is not None:
         classes = block_mask.tile_classes()
     else:
         classes = torch.full((1, 1, -(-L // q_block), -(-S // kv_block)), FULL, dtype=torch.int8)
-    if causal_diagonal is not None and classes.shape[:2] == (1, 1):
-        squares = causal_squares(classes[0, 0], causal_diagonal(classes[0, 0]))
+    if tile_shapes is not None and classes.shape[:2] == (1, 1):
+        squares = triangle_squares(classes[0, 0], tile_shapes)
         if squares:
             rest = classes[0, 0].clone()
-            for a, b in squares:
-                rest[a:b, a:b] = EMPTY
+            for a, c, side, _ in squares:
+                rest[a:a + side, c:c + side] = EMPTY
             units = [Unit(slice(0, B), slice(0, Hq), rest, squares)]
             return units if force or pays(units) else None
     units = plan_units(classes, B, Hq)

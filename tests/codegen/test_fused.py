@@ -8,7 +8,7 @@ from mask_programs import as_mask_mod, mask_expr
 
 import codegen
 import flexattn
-from codegen.torch_backend import fused_plan
+from codegen.torch_backend import fused, fused_plan
 from flexattn.api import mask_of
 
 
@@ -116,17 +116,35 @@ def test_a_causal_mask_is_a_few_rectangles_and_one_batch_of_diagonal_tiles():
     assert len(unit.rectangles) <= 32 and len(unit.batches) == 1
 
 
-def test_causal_diagonal_squares_run_in_the_kernels_causal_mode():
+def test_causal_triangles_run_in_the_kernels_causal_mode():
     n = 1000  # the last, ragged tile stays a PARTIAL tile
     classes = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n).tile_classes()
-    flags = torch.ones(8, dtype=torch.bool)
-    flags[7] = False
-    assert fused_plan.causal_squares(classes[0, 0], flags) == [(0, 4), (4, 6)]  # a lone tile stays PARTIAL
+    def shapes(tiles):  # every diagonal tile but the ragged last one is exactly causal
+        return torch.where((tiles[:, 0] == tiles[:, 1]) & (tiles[:, 0] < 7), fused_plan.LOWER, 0)
+    squares = fused_plan.triangle_squares(classes[0, 0], shapes)
+    assert squares == [(0, 0, 4, fused_plan.LOWER), (4, 4, 2, fused_plan.LOWER)]  # a lone tile stays PARTIAL
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for _ in range(3))
     bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n)
     out = _run("torch", q, k, v, bm, {"FUSED": True, "SPLIT_KV": False})[0]
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_sliding_window_is_a_chain_of_causal_and_reversed_causal_squares():
+    n, window = 2048, 512
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= window),
+                                    None, None, n, n)
+    shapes = fused._tile_shapes(bm.traced_mask.graph, bm.traced_mask.buffers, 1, 1, n, n, 128)
+    squares = fused_plan.triangle_squares(bm.tile_classes()[0, 0], shapes)
+    assert {kind for *_, kind in squares} == {fused_plan.LOWER, fused_plan.UPPER}
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for _ in range(3))
+    out = _run("torch", q, k, v, bm, {"FUSED": True, "SPLIT_KV": False})[0]
+    ref = _run("reference", q, k, v, bm, {})[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn(out.shape, generator=g)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
