@@ -37,12 +37,14 @@ import torch
 
 from codegen.torch_backend import fused_plan
 from codegen.torch_backend.fused_plan import Unit, plan
+from flexattn.analysis.segments import segment_mask
 from flexattn.semantics import evaluate
 
 NEG_INF = float("-inf")
 MASK_CHUNK = 1 << 24  # mask elements materialised at once for a batch of PARTIAL tiles
 MAX_BIAS_SPAN = 2.0 ** 16  # |row factor| x span of a column factor: beyond, fp32 features lose digits
 FEATURE_ALIGN = 8  # extra head-dim features are padded to a multiple of this
+MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pay
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -219,6 +221,10 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = (x[unit.b, unit.h] for x in (p.q, p.k, p.v))
         out_u, lse_u = out[unit.b, unit.h], lse[unit.b, unit.h]  # views: merged in place
         written = torch.zeros(out.shape[2] // q_block, dtype=torch.bool)  # q tiles with a result so far
+        for start, stop, causal in unit.segments:  # documents: their rows attend to nothing else
+            rows = slice(start, stop)
+            out_u[:, :, rows], lse_u[:, :, rows] = _forward(q[:, :, rows], k[:, :, rows], v[:, :, rows],
+                                                            is_causal=causal, scale=p.scale)
         for a, c, side, kind in unit.squares:  # exactly causal triangles: the kernel's own causal mode
             rows, cols = slice(a * q_block, (a + side) * q_block), slice(c * kv_block, (c + side) * kv_block)
             flip = _flipper(kind)
@@ -264,6 +270,13 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
         q, k, v, o, go = (x[unit.b, unit.h] for x in (p.q, p.k, p.v, out, grad_out))
         l_u = lse[unit.b, unit.h]
         dq_u, dk_u, dv_u = (x[unit.b, unit.h] for x in (dq, dk, dv))
+        for start, stop, causal in unit.segments:
+            rows = slice(start, stop)
+            gq, gk, gv = _backward(go[:, :, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows], o[:, :, rows],
+                                   l_u[:, :, rows], 0.0, causal, scale=p.scale)
+            dq_u[:, :, rows] += gq
+            dk_u[:, :, rows] += gk
+            dv_u[:, :, rows] += gv
         for a, c, side, kind in unit.squares:
             rows, cols = slice(a * q_block, (a + side) * q_block), slice(c * kv_block, (c + side) * kv_block)
             flip = _flipper(kind)
@@ -297,6 +310,19 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
                 dk_u.unflatten(2, (-1, kv_block)).index_add_(2, kv_cols, _from_tiles(gk, Bu))
                 dv_u.unflatten(2, (-1, kv_block)).index_add_(2, kv_cols, _from_tiles(gv, Bu))
     return dq[:, :, :L], dk[:, :, :p.S], dv[:, :, :p.S]
+
+
+def _document_units(block_mask, mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int) -> list[Unit] | None:
+    """One call per document when the mask is exactly a segment mask (``flexattn.analysis.segments``)
+    and the BlockMask is its exact block reduction (built by create_block_mask from this mask)."""
+    exact = (block_mask is not None and block_mask.traced_mask is not None
+             and block_mask.traced_mask.graph is mask_graph and block_mask.stats.get("left_partial") == 0)
+    form = segment_mask(mask_graph) if exact and L == S else None
+    runs = form.segments(mask_buffers, L) if form is not None else None
+    if not runs or L < MIN_DOCUMENT * len(runs):
+        return None
+    return [Unit(slice(0, B), slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8),
+                 segments=[(start, stop, form.causal) for start, stop in runs])]
 
 
 def _tile_shapes(mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int, block: int):
@@ -357,10 +383,13 @@ def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_
         features = Features(bias, [t.detach() for t in score_buffers], B, Hq, L, key.shape[2])
         if features.span() > MAX_BIAS_SPAN:
             return None
+    units = _document_units(block_mask, mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2]) \
+        if features is None else None
     shapes = None
-    if features is None and mask_graph is not None and block_size[0] == block_size[1]:
+    if units is None and features is None and mask_graph is not None and block_size[0] == block_size[1]:
         shapes = _tile_shapes(mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2], block_size[0])
-    units = plan(block_mask, B, Hq, L, key.shape[2], block_size, force, shapes)
+    if units is None:
+        units = plan(block_mask, B, Hq, L, key.shape[2], block_size, force, shapes)
     if units is None:
         return None
     q_block, kv_block = block_size

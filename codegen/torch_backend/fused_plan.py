@@ -109,8 +109,9 @@ class Unit:
     ``squares`` that are exactly causal triangles (``triangle_squares``), ``rectangles`` of
     FULL tiles and ``batches`` of PARTIAL tiles."""
 
-    def __init__(self, b: slice, h: slice, classes: torch.Tensor, squares=()):
+    def __init__(self, b: slice, h: slice, classes: torch.Tensor, squares=(), segments=()):
         self.b, self.h = b, h
+        self.segments = list(segments)  # (start, stop, causal) in positions: a document each
         self.squares = list(squares)
         self.rectangles = full_rectangles(classes == FULL)
         self.batches = partial_batches(classes == PARTIAL)

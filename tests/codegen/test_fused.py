@@ -183,3 +183,22 @@ def test_inside_a_user_torch_compile_gives_the_same_values_and_grads():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(torch.autograd.grad(compiled.sum(), [q, k, v]), torch.autograd.grad(eager.sum(), [q, k, v])):
         torch.testing.assert_close(a, b)
+
+
+def test_packed_documents_run_one_call_per_document():
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([100, 37, 163]))
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g, requires_grad=True) for _ in range(3))
+    for causal in (True, False):
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = ids[q_idx] == ids[kv_idx]
+            return same & (q_idx >= kv_idx) if causal else same
+        bm = flexattn.create_block_mask(mask_mod, None, None, 300, 300, BLOCK_SIZE=64)
+        unit, = fused._document_units(bm, bm.traced_mask.graph, bm.traced_mask.buffers, 1, 2, 300, 300)
+        assert unit.segments == [(0, 100, causal), (100, 137, causal), (137, 300, causal)]
+        out = flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch")
+        ref = flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        grad = torch.randn(out.shape, generator=g)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
