@@ -36,15 +36,13 @@ from __future__ import annotations
 import torch
 
 from codegen.torch_backend import fused_plan
-from codegen.torch_backend.fused_plan import Unit, plan
-from flexattn.analysis.segments import segment_mask
+from codegen.torch_backend.fused_plan import Unit, document_units, plan, tile_shapes
 from flexattn.semantics import evaluate
 
 NEG_INF = float("-inf")
 MASK_CHUNK = 1 << 24  # mask elements materialised at once for a batch of PARTIAL tiles
 MAX_BIAS_SPAN = 2.0 ** 16  # |row factor| x span of a column factor: beyond, fp32 features lose digits
 FEATURE_ALIGN = 8  # extra head-dim features are padded to a multiple of this
-MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pay
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -312,42 +310,6 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
     return dq[:, :, :L], dk[:, :, :p.S], dv[:, :, :p.S]
 
 
-def _document_units(block_mask, mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int) -> list[Unit] | None:
-    """One call per document when the mask is exactly a segment mask (``flexattn.analysis.segments``)
-    and the BlockMask is its exact block reduction (built by create_block_mask from this mask)."""
-    exact = (block_mask is not None and block_mask.traced_mask is not None
-             and block_mask.traced_mask.graph is mask_graph and block_mask.stats.get("left_partial") == 0)
-    form = segment_mask(mask_graph) if exact and L == S else None
-    runs = form.segments(mask_buffers, L) if form is not None else None
-    if not runs or L < MIN_DOCUMENT * len(runs):
-        return None
-    return [Unit(slice(0, B), slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8),
-                 segments=[(start, stop, form.causal) for start, stop in runs])]
-
-
-def _tile_shapes(mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int, block: int):
-    """``tile_shapes`` for ``fused_plan.plan``: per tile, LOWER if the mask_mod keeps exactly
-    its q >= kv part (position within the tile), UPPER if exactly its q <= kv part, for every
-    batch row and head; 0 otherwise and for tiles cut by the end of a sequence."""
-    lower = torch.ones(block, block, dtype=torch.bool).tril()
-
-    def shapes(tiles: torch.Tensor) -> torch.Tensor:
-        kinds = torch.zeros(len(tiles), dtype=torch.int64)
-        whole = ((tiles[:, 0] + 1) * block <= L) & ((tiles[:, 1] + 1) * block <= S)
-        for chunk in _chunks(whole.nonzero().flatten(), B * Hq * block * block):
-            offset = torch.arange(block)
-            env = {"b": torch.arange(B).view(-1, 1, 1, 1, 1), "h": torch.arange(Hq).view(1, -1, 1, 1, 1),
-                   "q_idx": (tiles[chunk, 0].view(-1, 1) * block + offset).view(1, 1, -1, block, 1),
-                   "kv_idx": (tiles[chunk, 1].view(-1, 1) * block + offset).view(1, 1, -1, 1, block)}
-            keep = evaluate(mask_graph, env, mask_buffers).to(torch.bool)
-            keep = keep.view((1,) * (5 - keep.dim()) + tuple(keep.shape))
-            for kind, pattern in ((fused_plan.LOWER, lower), (fused_plan.UPPER, lower.T)):
-                exact = (keep == pattern).flatten(-2).all(-1).flatten(0, 1).all(0)  # (P,)
-                kinds[chunk[exact.expand(len(chunk))]] = kind
-        return kinds
-    return shapes
-
-
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, setup, units, q, k, v):
@@ -383,11 +345,11 @@ def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_
         features = Features(bias, [t.detach() for t in score_buffers], B, Hq, L, key.shape[2])
         if features.span() > MAX_BIAS_SPAN:
             return None
-    units = _document_units(block_mask, mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2]) \
+    units = document_units(block_mask, mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2]) \
         if features is None else None
     shapes = None
     if units is None and features is None and mask_graph is not None and block_size[0] == block_size[1]:
-        shapes = _tile_shapes(mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2], block_size[0])
+        shapes = tile_shapes(mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2], block_size[0])
     if units is None:
         units = plan(block_mask, B, Hq, L, key.shape[2], block_size, force, shapes)
     if units is None:

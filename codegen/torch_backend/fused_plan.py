@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from flexattn.analysis.segments import segment_mask
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
+from flexattn.semantics import evaluate
 
 MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay
 MAX_PARTIAL_SHARE = 0.25  # ... and PARTIAL tiles (small batched calls) at most this share of the FULL ones
+MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pay
+MASK_CHUNK = 1 << 24  # mask elements evaluated at once when looking at tiles
 
 
 def pays(units: list["Unit"]) -> bool:
@@ -190,3 +194,41 @@ def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool,
             return units if force or pays(units) else None
     units = plan_units(classes, B, Hq)
     return units if force or pays(units) else None
+
+
+def document_units(block_mask, mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int) -> list[Unit] | None:
+    """One call per document when the mask is exactly a segment mask (``flexattn.analysis.segments``)
+    and the BlockMask is its exact block reduction (built by create_block_mask from this mask)."""
+    exact = (block_mask is not None and block_mask.traced_mask is not None
+             and block_mask.traced_mask.graph is mask_graph and block_mask.stats.get("left_partial") == 0)
+    form = segment_mask(mask_graph) if exact and L == S else None
+    runs = form.segments(mask_buffers, L) if form is not None else None
+    if not runs or L < MIN_DOCUMENT * len(runs):
+        return None
+    return [Unit(slice(0, B), slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8),
+                 segments=[(start, stop, form.causal) for start, stop in runs])]
+
+
+def tile_shapes(mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int, block: int):
+    """``tile_shapes`` for ``plan``: per tile, LOWER if the mask_mod keeps exactly
+    its q >= kv part (position within the tile), UPPER if exactly its q <= kv part, for every
+    batch row and head; 0 otherwise and for tiles cut by the end of a sequence."""
+    lower = torch.ones(block, block, dtype=torch.bool).tril()
+
+    def shapes(tiles: torch.Tensor) -> torch.Tensor:
+        kinds = torch.zeros(len(tiles), dtype=torch.int64)
+        whole = ((tiles[:, 0] + 1) * block <= L) & ((tiles[:, 1] + 1) * block <= S)
+        candidates = whole.nonzero().flatten()
+        per_chunk = max(1, MASK_CHUNK // (B * Hq * block * block))
+        for chunk in (candidates[i:i + per_chunk] for i in range(0, len(candidates), per_chunk)):
+            offset = torch.arange(block)
+            env = {"b": torch.arange(B).view(-1, 1, 1, 1, 1), "h": torch.arange(Hq).view(1, -1, 1, 1, 1),
+                   "q_idx": (tiles[chunk, 0].view(-1, 1) * block + offset).view(1, 1, -1, block, 1),
+                   "kv_idx": (tiles[chunk, 1].view(-1, 1) * block + offset).view(1, 1, -1, 1, block)}
+            keep = evaluate(mask_graph, env, mask_buffers).to(torch.bool)
+            keep = keep.view((1,) * (5 - keep.dim()) + tuple(keep.shape))
+            for kind, pattern in ((LOWER, lower), (UPPER, lower.T)):
+                exact = (keep == pattern).flatten(-2).all(-1).flatten(0, 1).all(0)  # (P,)
+                kinds[chunk[exact.expand(len(chunk))]] = kind
+        return kinds
+    return shapes

@@ -8,7 +8,7 @@ from mask_programs import as_mask_mod, mask_expr
 
 import codegen
 import flexattn
-from codegen.torch_backend import fused, fused_plan
+from codegen.torch_backend import fused_plan
 from flexattn.api import mask_of
 
 
@@ -138,7 +138,7 @@ def test_a_sliding_window_is_a_chain_of_causal_and_reversed_causal_squares():
     n, window = 2048, 512
     bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= window),
                                     None, None, n, n)
-    shapes = fused._tile_shapes(bm.traced_mask.graph, bm.traced_mask.buffers, 1, 1, n, n, 128)
+    shapes = fused_plan.tile_shapes(bm.traced_mask.graph, bm.traced_mask.buffers, 1, 1, n, n, 128)
     squares = fused_plan.triangle_squares(bm.tile_classes()[0, 0], shapes)
     assert {kind for *_, kind in squares} == {fused_plan.LOWER, fused_plan.UPPER}
     g = torch.Generator().manual_seed(1)
@@ -194,7 +194,7 @@ def test_packed_documents_run_one_call_per_document():
             same = ids[q_idx] == ids[kv_idx]
             return same & (q_idx >= kv_idx) if causal else same
         bm = flexattn.create_block_mask(mask_mod, None, None, 300, 300, BLOCK_SIZE=64)
-        unit, = fused._document_units(bm, bm.traced_mask.graph, bm.traced_mask.buffers, 1, 2, 300, 300)
+        unit, = fused_plan.document_units(bm, bm.traced_mask.graph, bm.traced_mask.buffers, 1, 2, 300, 300)
         assert unit.segments == [(0, 100, causal), (100, 137, causal), (137, 300, causal)]
         out = flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch")
         ref = flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference")
