@@ -90,13 +90,8 @@ def ordered_lists(codes: torch.Tensor, selected: tuple[int, ...], transposed: bo
     return out
 
 
-def dense_to_ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """0/1 tiles (..., rows, cols) -> (num_blocks (..., rows), indices (..., rows, cols))."""
-    return ordered_lists(dense.to(torch.int8), (1,))[0]
-
-
 def ordered_to_dense(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """Inverse of ``dense_to_ordered``: int32 0/1 tiles of shape (..., rows, num_cols)."""
+    """Inverse of ``ordered_lists`` for one code: int32 0/1 tiles of shape (..., rows, num_cols)."""
     listed = torch.arange(indices.shape[-1], device=indices.device) < num_blocks.unsqueeze(-1)
     dense = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.int32, device=indices.device)
     # Unlisted entries write to a spare column that is dropped afterwards.

@@ -99,9 +99,10 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
 
     Decoding shapes (a few query rows against a long cache, no gradients) take
     the split-KV path instead, which reads each KV tile once per KV head.
-    Without a score_mod (and without a request for max_scores) attention runs
-    on torch's fused CPU flash kernel, rectangle by rectangle of FULL tiles and
-    in batches of PARTIAL tiles (``fused``), when its plan pays (``fused_plan.pays``);
+    Without a score_mod, or with one that adds a separable bias (and without a
+    request for max_scores), attention runs on torch's fused CPU flash kernel
+    (``fused``: per document, causal triangles, rectangles of FULL tiles,
+    batches of PARTIAL tiles) when its plan pays (``fused_plan.pays``);
     ``kernel_options={"FUSED": True}`` / ``False`` forces it / the generated
     loop. max_scores is then None.
     """

@@ -36,11 +36,10 @@ from __future__ import annotations
 import torch
 
 from codegen.torch_backend import fused_plan
-from codegen.torch_backend.fused_plan import Unit, document_units, plan, tile_shapes
-from flexattn.semantics import evaluate
+from codegen.torch_backend.fused_plan import (Unit, chunks, document_units, evaluate_on_tiles, plan, tile_env,
+                                              tile_shapes)
 
 NEG_INF = float("-inf")
-MASK_CHUNK = 1 << 24  # mask elements materialised at once for a batch of PARTIAL tiles
 MAX_BIAS_SPAN = 2.0 ** 16  # |row factor| x span of a column factor: beyond, fp32 features lose digits
 FEATURE_ALIGN = 8  # extra head-dim features are padded to a multiple of this
 
@@ -128,17 +127,9 @@ class Problem:
     def tile_mask(self, unit: Unit, tiles: torch.Tensor, Bu: int) -> torch.Tensor:
         """Bool (B_u * P, H_u or 1, q_block, kv_block), laid out like ``_tiles_of``: the mask_mod on
         the tiles, False out of range."""
-        q_block, kv_block = self.block
-        q_idx = (tiles[:, 0].view(-1, 1, 1) * q_block + torch.arange(q_block).view(1, -1, 1)).view(1, 1, -1, q_block, 1)
-        kv_idx = (tiles[:, 1].view(-1, 1, 1) * kv_block + torch.arange(kv_block).view(1, 1, -1)).view(1, 1, -1, 1,
-                                                                                                        kv_block)
-        in_range = (q_idx < self.L) & (kv_idx < self.S)
-        keep = in_range
+        env, keep = tile_env(unit.b, unit.h, tiles, self.block, self.L, self.S)
         if self.mask_graph is not None:
-            env = {"b": torch.arange(unit.b.start, unit.b.stop).view(-1, 1, 1, 1, 1),
-                   "h": torch.arange(unit.h.start, unit.h.stop).view(1, -1, 1, 1, 1),
-                   "q_idx": q_idx.clamp(max=self.L - 1), "kv_idx": kv_idx.clamp(max=self.S - 1)}
-            keep = evaluate(self.mask_graph, env, self.mask_buffers).to(torch.bool) & in_range
+            keep = evaluate_on_tiles(self.mask_graph, env, self.mask_buffers).to(torch.bool) & keep
         keep = keep.expand(Bu, -1, len(tiles), -1, -1)  # (B_u, H_u or 1, P, q_block, kv_block)
         return keep.transpose(1, 2).reshape(Bu * len(tiles), keep.shape[1], *keep.shape[3:])
 
@@ -149,15 +140,9 @@ class Problem:
             return _bias(keep, dtype)
         q_block, kv_block = self.block
         Bu = keep.shape[0] // len(tiles)
-        env = {"score": torch.zeros((), dtype=dtype),
-               "b": torch.arange(unit.b.start, unit.b.stop).view(-1, 1, 1, 1, 1),
-               "h": torch.arange(unit.h.start, unit.h.stop).view(1, -1, 1, 1, 1),
-               "q_idx": (tiles[:, 0].view(-1, 1) * q_block + torch.arange(q_block)).clamp(max=self.L - 1)
-               .view(1, 1, -1, q_block, 1),
-               "kv_idx": (tiles[:, 1].view(-1, 1) * kv_block + torch.arange(kv_block)).clamp(max=self.S - 1)
-               .view(1, 1, -1, 1, kv_block)}
-        bias = evaluate(self.features.bias.graph, env, self.features.score_buffers).to(dtype)
-        bias = bias.view((1,) * (5 - bias.dim()) + tuple(bias.shape))
+        env, _ = tile_env(unit.b, unit.h, tiles, self.block, self.L, self.S)
+        env["score"] = torch.zeros((), dtype=dtype)
+        bias = evaluate_on_tiles(self.features.bias.graph, env, self.features.score_buffers).to(dtype)
         bias = bias.expand(Bu, bias.shape[1], len(tiles), q_block, kv_block)
         bias = bias.transpose(1, 2).reshape(Bu * len(tiles), bias.shape[1], q_block, kv_block)
         return torch.where(keep, bias, NEG_INF)
@@ -184,11 +169,6 @@ def _from_tiles(x: torch.Tensor, B: int) -> torch.Tensor:
 def _bias(keep: torch.Tensor, dtype) -> torch.Tensor:
     """The fused kernel's additive mask: 0 where kept, -inf elsewhere (it takes no bool masks)."""
     return torch.where(keep, 0.0, NEG_INF).to(dtype)
-
-
-def _chunks(tiles: torch.Tensor, per_tile: int):
-    step = max(1, MASK_CHUNK // max(per_tile, 1))
-    return [tiles[i:i + step] for i in range(0, len(tiles), step)]
 
 
 def _merge(out, lse, rows, o, l, first: bool = False) -> None:
@@ -240,7 +220,7 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
             written[rect[0]:rect[1]] = True
         Bu, Hu = q.shape[:2]
         for batch in unit.batches:
-            for tiles in _chunks(batch, Bu * Hu * q_block * kv_block):
+            for tiles in chunks(batch, Bu * Hu * q_block * kv_block):
                 keep = p.tile_mask(unit, tiles, Bu)
                 o, l = _forward(_tiles_of(q, q_block, tiles[:, 0]), _tiles_of(k, kv_block, tiles[:, 1]),
                                 _tiles_of(v, kv_block, tiles[:, 1]), attn_mask=p.tile_bias(unit, tiles, keep, q.dtype),
@@ -297,7 +277,7 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
             dv_u[:, :, cols] += gv[..., :D]
         Bu, Hu = q.shape[:2]
         for batch in unit.batches:
-            for tiles in _chunks(batch, Bu * Hu * q_block * kv_block):
+            for tiles in chunks(batch, Bu * Hu * q_block * kv_block):
                 q_rows, kv_cols = tiles[:, 0], tiles[:, 1]
                 lse_t = _tiles_of(l_u.unsqueeze(-1), q_block, q_rows).squeeze(-1)
                 gq, gk, gv = _backward(

@@ -15,7 +15,7 @@ from flexattn.semantics import evaluate
 MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay
 MAX_PARTIAL_SHARE = 0.25  # ... and PARTIAL tiles (small batched calls) at most this share of the FULL ones
 MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pay
-MASK_CHUNK = 1 << 24  # mask elements evaluated at once when looking at tiles
+MASK_CHUNK = 1 << 24  # mask elements evaluated (and materialised) at once for a batch of tiles
 
 
 def pays(units: list["Unit"]) -> bool:
@@ -144,8 +144,8 @@ def triangle_squares(classes: torch.Tensor, shapes) -> list[tuple[int, int, int,
         view = classes[:n_q * side, :n_kv * side].reshape(n_q, side, n_kv, side)
         diagonals = view.diagonal(dim1=1, dim2=3)  # (n_q, n_kv, side)
         blocks = ((diagonals == PARTIAL).all(-1)).nonzero().tolist()
-        ask = [(bi * side + t, bj * side + t) for bi, bj in blocks for t in range(side) if (bi * side + t, bj * side + t)
-               not in known]
+        diagonal_tiles = [(bi * side + t, bj * side + t) for bi, bj in blocks for t in range(side)]
+        ask = [tile for tile in diagonal_tiles if tile not in known]
         if ask:
             known.update(zip(ask, shapes(torch.tensor(ask)).tolist()))
         below = torch.ones(side, side, dtype=torch.bool).tril(-1)
@@ -209,6 +209,30 @@ def document_units(block_mask, mask_graph, mask_buffers, B: int, Hq: int, L: int
                  segments=[(start, stop, form.causal) for start, stop in runs])]
 
 
+def chunks(tiles: torch.Tensor, per_tile: int) -> list[torch.Tensor]:
+    """``tiles`` in pieces of at most MASK_CHUNK / ``per_tile`` tiles (bounds the memory of a mask)."""
+    step = max(1, MASK_CHUNK // max(per_tile, 1))
+    return [tiles[i:i + step] for i in range(0, len(tiles), step)]
+
+
+def tile_env(b: slice, h: slice, tiles: torch.Tensor, block, L: int, S: int) -> tuple[dict, torch.Tensor]:
+    """The mods' inputs over a batch of tiles (P, 2), shaped (B, H, P, q_block, kv_block) when
+    broadcast, indices clamped into the sequences, and where positions are in range."""
+    q_block, kv_block = block
+    q_idx = (tiles[:, 0].view(-1, 1) * q_block + torch.arange(q_block)).view(1, 1, -1, q_block, 1)
+    kv_idx = (tiles[:, 1].view(-1, 1) * kv_block + torch.arange(kv_block)).view(1, 1, -1, 1, kv_block)
+    env = {"b": torch.arange(b.start, b.stop).view(-1, 1, 1, 1, 1),
+           "h": torch.arange(h.start, h.stop).view(1, -1, 1, 1, 1),
+           "q_idx": q_idx.clamp(max=L - 1), "kv_idx": kv_idx.clamp(max=S - 1)}
+    return env, (q_idx < L) & (kv_idx < S)
+
+
+def evaluate_on_tiles(graph, env: dict, buffers) -> torch.Tensor:
+    """``evaluate`` on a ``tile_env``, always 5-D (an input the graph does not read stays size 1)."""
+    value = evaluate(graph, env, buffers)
+    return value.view((1,) * (5 - value.dim()) + tuple(value.shape))
+
+
 def tile_shapes(mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int, block: int):
     """``tile_shapes`` for ``plan``: per tile, LOWER if the mask_mod keeps exactly
     its q >= kv part (position within the tile), UPPER if exactly its q <= kv part, for every
@@ -218,15 +242,9 @@ def tile_shapes(mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int, block
     def shapes(tiles: torch.Tensor) -> torch.Tensor:
         kinds = torch.zeros(len(tiles), dtype=torch.int64)
         whole = ((tiles[:, 0] + 1) * block <= L) & ((tiles[:, 1] + 1) * block <= S)
-        candidates = whole.nonzero().flatten()
-        per_chunk = max(1, MASK_CHUNK // (B * Hq * block * block))
-        for chunk in (candidates[i:i + per_chunk] for i in range(0, len(candidates), per_chunk)):
-            offset = torch.arange(block)
-            env = {"b": torch.arange(B).view(-1, 1, 1, 1, 1), "h": torch.arange(Hq).view(1, -1, 1, 1, 1),
-                   "q_idx": (tiles[chunk, 0].view(-1, 1) * block + offset).view(1, 1, -1, block, 1),
-                   "kv_idx": (tiles[chunk, 1].view(-1, 1) * block + offset).view(1, 1, -1, 1, block)}
-            keep = evaluate(mask_graph, env, mask_buffers).to(torch.bool)
-            keep = keep.view((1,) * (5 - keep.dim()) + tuple(keep.shape))
+        for chunk in chunks(whole.nonzero().flatten(), B * Hq * block * block):
+            env, _ = tile_env(slice(0, B), slice(0, Hq), tiles[chunk], (block, block), L, S)
+            keep = evaluate_on_tiles(mask_graph, env, mask_buffers).to(torch.bool)
             for kind, pattern in ((LOWER, lower), (UPPER, lower.T)):
                 exact = (keep == pattern).flatten(-2).all(-1).flatten(0, 1).all(0)  # (P,)
                 kinds[chunk[exact.expand(len(chunk))]] = kind
