@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import flexattn
-from codegen import BACKENDS
+from codegen import BACKENDS, split_kv
 from codegen.split_kv import MAX_Q_LEN, decode_attention
 from flexattn.errors import LoweringError
 from flexattn.paged import PagedKVCache
@@ -71,10 +71,15 @@ def test_scattered_tiles(B):
     _assert_equal_results(got, _run(BACKENDS["reference"], q, k, v, None, block_mask))
 
 
-@pytest.mark.parametrize("window", [None, 40])
-def test_paged_cache(window):
-    """Scattered pages, read in place (causal: rows visit the whole pool) or gathered per
-    chunk (sliding window: rows visit a few pages); same result as contiguous attention."""
+@pytest.mark.parametrize("window, gather_bytes", [(None, None), (40, None), (40, 1)])
+def test_paged_cache(window, gather_bytes, monkeypatch):
+    """Scattered pages, read in place (causal: rows visit the whole pool) or each row's pages
+    gathered side by side (sliding window: rows visit a few pages; all KV heads at once, or one
+    per step when the copy budget is tiny); same result as contiguous attention."""
+    gathered = []
+    monkeypatch.setattr(split_kv, "_gathered_rows", _spy(split_kv._gathered_rows, gathered))
+    if gather_bytes is not None:
+        monkeypatch.setattr(split_kv, "GATHER_BYTES", gather_bytes)
     torch.manual_seed(0)
     lengths, Hq, Hkv, D = [300, 77, 160], 8, 2, 16
     cache = PagedKVCache(n_pages=18, page_size=32, max_batch_size=3)
@@ -98,6 +103,15 @@ def test_paged_cache(window):
     got = _run(decode_attention, q, *cache.expand_kv(k_cache, v_cache, 3), cache.get_score_mod(alibi), paged,
                SPLIT_KV_CHUNK=64)
     _assert_equal_results(got, want)
+    assert bool(gathered) == (window is not None)
+
+
+def _spy(function, calls: list):
+    def spied(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return spied
 
 
 def test_long_queries_and_gradients_are_refused():
