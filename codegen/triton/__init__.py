@@ -2,9 +2,12 @@
 
 ``compile_kernel(score_graph, mask_graph, options) -> Kernel`` generates (and
 caches in memory, keyed by the graphs' structure without constants or buffer
-shapes) a Triton module with a forward kernel and dq / dk,dv backward kernels;
-``attention(...)`` is the ``codegen.BACKENDS["triton"]`` entry point, with
-autograd for query, key, value and the score_mod's floating-point buffers.
+shapes) a Triton module with a forward kernel, dq / dk,dv backward kernels
+and split-KV decoding kernels (``codegen.triton.decode``); ``attention(...)``
+is the ``codegen.BACKENDS["triton"]`` entry point, with autograd for query,
+key, value and the score_mod's floating-point buffers. Decoding shapes (Q_LEN
+<= ``split_kv.MAX_Q_LEN``, nothing needing gradients) take the split-KV
+kernels, as in the torch back end.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from flexattn.ir import Graph
 
+from codegen import split_kv
 from codegen.triton.kernel import Kernel
 from codegen.triton.printer import constant_args
 from codegen.triton.source import kernel_source, score_grad_buffers
@@ -91,10 +95,28 @@ class _Attention(torch.autograd.Function):
 
 def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask_buffers, block_mask,
               scale, enable_gqa, kernel_options):
-    """Back-end entry point (see ``codegen.BACKENDS``): compile (cached) and run, differentiably."""
+    """Back-end entry point (see ``codegen.BACKENDS``): compile (cached) and run, differentiably.
+
+    Decoding shapes take ``Kernel.decode`` (split-KV, forward only) instead of
+    the general forward; ``kernel_options={"SPLIT_KV": False}`` turns that off.
+    """
     kernel = compile_kernel(score_graph, mask_graph, kernel_options)
     call = dict(mask_buffers=tuple(mask_buffers), block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if _is_decode(query, key, value, score_buffers, kernel_options):
+        return kernel.decode(query, key, value, score_buffers=score_buffers, **call)
     return _Attention.apply(kernel, call, query, key, value, *score_buffers)
+
+
+def _is_decode(query, key, value, score_buffers, kernel_options) -> bool:
+    """Q_LEN <= ``MAX_Q_LEN``, no gradients and ``SPLIT_KV`` not False, as in the torch back end.
+
+    Unlike there, at any KV length: the torch back end needs 8 KV tiles before
+    its per-chunk overhead pays, while the decode kernel reads each K/V tile
+    once per KV head (the general forward: once per query head, in tiles padded
+    to BLOCK_M query rows), at the cost of one small merge launch.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *score_buffers))
+    return kernel_options.get("SPLIT_KV", True) and query.shape[2] <= split_kv.MAX_Q_LEN and not needs_grad
 
 
 __all__ = ["Kernel", "attention", "compile_kernel", "kernel_key"]

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from codegen.split_kv import MAX_Q_LEN
 from flexattn.errors import LoweringError
 
 # Tile sizes (rows of Q x rows of K/V) when kernel_options name none; each must divide the
@@ -13,6 +14,8 @@ from flexattn.errors import LoweringError
 FORWARD_TILE = (128, 64)
 BACKWARD_TILE = (64, 64)
 DEFAULT_BLOCK_SIZE = 128
+# Split-KV decoding on a GPU: enough (unit, split) programs to fill every SM about twice.
+PROGRAMS_PER_SM = 2
 
 
 def _pad(d: int) -> int:
@@ -58,7 +61,8 @@ class Kernel:
     scale, enable_gqa) -> (out, lse, max_scores)``: query (B, Hq, L, E), key
     (B, Hkv, S, E), value (B, Hkv, S, Ev) on one device; out (B, Hq, L, Ev) in
     query's dtype, lse and max_scores float32 (B, Hq, L); a fully masked row
-    gives out 0 and lse -inf. ``kernel.source`` is the generated Triton code.
+    gives out 0 and lse -inf. ``kernel.decode`` (same call) is the split-KV
+    path for Q_LEN <= 16. ``kernel.source`` is the generated Triton code.
     Raises ``LoweringError`` for float64 inputs, mismatched heads or tiles.
     """
 
@@ -151,3 +155,65 @@ class Kernel:
             *(qm[0:2] + full_q[0:2] + qm[2:9]), *a["mod_args"], *grad_args, **a["consts"],
             BUFFER_GRAD=bool(buffer_grads and grad_args))
         return dq, dk, dv, grads
+
+    def decode(self, query, key, value, *, score_buffers=(), mask_buffers=(), block_mask=None,
+               scale=None, enable_gqa=False):
+        """Split-KV decoding: ``(out, lse, max_scores)`` as ``__call__`` gives, forward only.
+
+        For L <= ``MAX_Q_LEN`` query rows: one program per (batch, KV head,
+        q block, split) takes all query rows of the KV head's G = Hq / Hkv
+        query heads and one share of their KV blocks; a second kernel merges
+        the splits by log-sum-exp. A BlockMask with a per-head dimension may
+        list different blocks for the heads of a group, so such a call takes
+        one query head per program instead. The split count is
+        ``ceil(KV tiles / tiles per SPLIT_KV_CHUNK)`` when ``kernel_options``
+        name ``SPLIT_KV_CHUNK`` (KV positions, rounded up to whole sparse
+        blocks), else enough programs for ``PROGRAMS_PER_SM`` per SM on a GPU,
+        and 1 elsewhere (the interpreter runs programs one after another).
+        Each row's visited blocks are divided evenly among the splits.
+
+        Raises ``LoweringError`` for L > ``MAX_Q_LEN`` and as ``__call__``.
+
+        Example::
+
+            >>> out, lse, max_scores = kernel.decode(q, k, v, block_mask=bm, enable_gqa=True)  # q (B, Hq, 1, E)
+        """
+        B, Hq, L = query.shape[:3]
+        if L > MAX_Q_LEN:
+            raise LoweringError(f"split-KV decoding handles Q_LEN <= {MAX_Q_LEN}, got {L}")
+        a = self._setup(query, key, value, score_buffers, mask_buffers, block_mask, scale, enable_gqa, "FWD")
+        q, k, v, S, Ev = a["q"], a["k"], a["v"], a["S"], a["Ev"]
+        sparse_m, sparse_n = a["sparse"]
+        group = Hq // a["Hkv"]
+        per_head_mask = block_mask is not None and block_mask.kv_num_blocks.shape[1] > 1
+        heads = 1 if per_head_mask else group
+        rows_per_head = min(L, sparse_m)
+        q_blocks = math.ceil(L / sparse_m)
+        units = B * (Hq // heads) * q_blocks
+        splits = self._decode_splits(math.ceil(S / sparse_n), sparse_n, units, q.device)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        m_part, l_part = torch.empty(B * Hq, splits, L, **f32), torch.empty(B * Hq, splits, L, **f32)
+        acc_part = torch.empty(B * Hq, splits, L, Ev, **f32)
+        kv = _sparse_args(*a["tables"]["kv"], q.device)
+        full_kv = _sparse_args(*a["tables"]["full_kv"], q.device)
+        consts = {name: value for name, value in a["consts"].items() if name != "BLOCK_M"}  # rows: ROWS
+        self.module.attention_decode[(units, splits)](
+            q, k, v, m_part, l_part, acc_part, a["scale"], L, S, Hq, group, heads, q_blocks, splits,
+            rows_per_head, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *(kv[0:2] + full_kv[0:2] + kv[2:9]), *a["mod_args"], ROWS=_pad(heads * rows_per_head), **consts)
+        out = torch.empty(B, Hq, L, Ev, dtype=query.dtype, device=q.device)
+        lse, max_scores = torch.empty(B, Hq, L, **f32), torch.empty(B, Hq, L, **f32)
+        self.module.attention_decode_merge[(B * Hq,)](
+            m_part, l_part, acc_part, out, lse, max_scores, L, Hq, splits, *out.stride()[:3],
+            ROWS=_pad(L), DV=Ev, DV_PAD=consts["DV_PAD"])
+        return out, lse, max_scores
+
+    def _decode_splits(self, kv_tiles: int, sparse_n: int, units: int, device: torch.device) -> int:
+        """How many splits each unit's KV blocks are cut into (see ``decode``)."""
+        if "SPLIT_KV_CHUNK" in self.options:
+            tiles_per_split = math.ceil(max(1, int(self.options["SPLIT_KV_CHUNK"])) / sparse_n)
+            return math.ceil(kv_tiles / tiles_per_split)
+        if device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(kv_tiles, math.ceil(PROGRAMS_PER_SM * sms / units)))

@@ -6,7 +6,7 @@ import textwrap
 
 from flexattn.ir import Graph, Op
 
-from codegen.triton import templates
+from codegen.triton import decode, templates
 from codegen.triton.printer import ModPrinter
 
 
@@ -26,7 +26,7 @@ def score_grad_buffers(score_graph: Graph | None) -> list[int]:
 
 
 def kernel_source(score_graph: Graph | None, mask_graph: Graph | None) -> str:
-    """The Triton module (forward, dq and dk/dv kernels) for these mods.
+    """The Triton module (forward, dq, dk/dv, split-KV decode and merge kernels) for these mods.
 
     Example: ``kernel_source(None, trace_mask_mod(causal).graph)`` contains
     ``def attention_forward(``. Raises ``LoweringError`` for an op the printer cannot lower.
@@ -55,7 +55,7 @@ def kernel_source(score_graph: Graph | None, mask_graph: Graph | None) -> str:
                  GRAD_ARGS=_args(grad_params), SCORE_TILE=_block(tile.strip().splitlines(), 12),
                  DSCORE=_block(dscore_lines, 12), BUFFER_GRADS=_block(grad_lines, 16))
     parts = [templates.HELPERS]
-    for template in (templates.FORWARD, templates.BACKWARD_DQ, templates.BACKWARD_DKDV):
+    for template in (templates.FORWARD, templates.BACKWARD_DQ, templates.BACKWARD_DKDV, decode.DECODE):
         parts.append(_fill(template, hooks))
     return "\n".join(parts)
 

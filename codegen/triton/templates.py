@@ -46,6 +46,15 @@ def _floordiv_float(a, b):
 @triton.jit
 def _mod_float(a, b):
     return a - b * tl.floor(a / b)
+
+
+@triton.jit
+def _normalise(acc, m_i, l_i):
+    # out = acc / l and lse = m + log(l); a fully masked row (l = 0) gets out 0 and lse -inf.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    return out, lse
 '''
 
 # The score of one tile: raw q.k * scale, the score_mod, bounds and (PARTIAL tiles) the mask_mod.
@@ -134,10 +143,7 @@ def attention_forward(Q, K, V, Out, LSE, MAX, scale, L, S, HQ, GROUP,
                                    tl.load(kv_num + row), kv_idx + idx_row, bi_sn, stride_kn, stride_vn,
                                    S, L, scale, {MOD_ARGS} True, SPARSE_N, BLOCK_N, D, DV, D_PAD, DV_PAD,
                                    DOT_PRECISION)
-    # A fully masked row: out 0, lse -inf (l_i is 0 there).
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    out, lse = _normalise(acc, m_i, l_i)
     in_m = offs_m < L
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=in_m[:, None] & (offs_dv[None, :] < DV))
