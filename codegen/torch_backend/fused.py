@@ -33,6 +33,8 @@ rectangles, few PARTIAL tiles).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from codegen.torch_backend import fused_plan
@@ -290,6 +292,32 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
     return dq[:, :, :L], dk[:, :, :p.S], dv[:, :, :p.S]
 
 
+# Plans by BlockMask: a training or serving loop calls attention with one BlockMask many times,
+# and planning (the causal squares' tile checks evaluate the mask_mod) cost ~6% of a sliding-window
+# call at 16k. Entries go with their BlockMask; the key holds every input's in-place version.
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cached_units(block_mask, mask_graph, mask_buffers, B, Hq, L, S, block_size, force, biased):
+    """``plan``'s units for this call (or None: the plan would not pay), from the cache when it can."""
+    tensors = [t for t in (getattr(block_mask, name, None) for name in
+                           ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"))
+               if t is not None] + list(mask_buffers)
+    key = (B, Hq, L, S, block_size, force, biased, mask_graph.structural_key() if mask_graph is not None else None,
+           tuple((t.data_ptr(), t._version) for t in tensors))
+    cache = _PLANS.setdefault(block_mask, {}) if block_mask is not None else {}
+    if key not in cache:
+        units = document_units(block_mask, mask_graph, mask_buffers, B, Hq, L, S) if not biased else None
+        if units is None:
+            shapes = None
+            if not biased and mask_graph is not None and block_size[0] == block_size[1]:
+                shapes = tile_shapes(mask_graph, mask_buffers, B, Hq, L, S, block_size[0])
+            units = plan(block_mask, B, Hq, L, S, block_size, force, shapes)
+        cache.clear()  # one plan per BlockMask: the shapes of the latest call
+        cache[key] = units
+    return cache[key]
+
+
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, setup, units, q, k, v):
@@ -325,13 +353,8 @@ def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_
         features = Features(bias, [t.detach() for t in score_buffers], B, Hq, L, key.shape[2])
         if features.span() > MAX_BIAS_SPAN:
             return None
-    units = document_units(block_mask, mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2]) \
-        if features is None else None
-    shapes = None
-    if units is None and features is None and mask_graph is not None and block_size[0] == block_size[1]:
-        shapes = tile_shapes(mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2], block_size[0])
-    if units is None:
-        units = plan(block_mask, B, Hq, L, key.shape[2], block_size, force, shapes)
+    units = _cached_units(block_mask, mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2], tuple(block_size),
+                          force, features is not None)
     if units is None:
         return None
     q_block, kv_block = block_size

@@ -202,3 +202,24 @@ def test_packed_documents_run_one_call_per_document():
         grad = torch.randn(out.shape, generator=g)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_plans_are_reused_per_block_mask_until_an_input_changes(monkeypatch):
+    from codegen.torch_backend import fused
+
+    calls = []
+    monkeypatch.setattr(fused, "plan", lambda *args, **kw: calls.append(args) or fused_plan.plan(*args, **kw))
+    doc = torch.tensor([0] * 300 + [1] * 212)
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (doc[q_idx] < 5),
+                                    None, None, 512, 512, BLOCK_SIZE=64)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 16, generator=g) for _ in range(3))
+    first = _run("torch", q, k, v, bm, {"FUSED": True, "SPLIT_KV": False})[0]
+    second = _run("torch", q, k, v, bm, {"FUSED": True, "SPLIT_KV": False})[0]
+    assert len(calls) == 1 and torch.equal(first, second)
+    doc[:] = 7  # the mask_mod's buffer changed in place: plan again (the BlockMask is now stale, not the plan)
+    _run("torch", q, k, v, bm, {"FUSED": True, "SPLIT_KV": False})
+    other = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 512, 512,
+                                       BLOCK_SIZE=64)
+    _run("torch", q, k, v, other, {"FUSED": True, "SPLIT_KV": False})
+    assert len(calls) == 3
