@@ -7,11 +7,12 @@ tokens), as in a serving batch; two masks:
 * ``causal``: causal with an offset, ``kv_idx <= length[b] - 1 + q_idx``;
 * ``sliding``: the same, limited to the last WINDOW tokens.
 
-Rows: flexattn (``backend="auto"``), flexattn's split-KV decode path
-(``codegen.split_kv``, called directly until flex_attention dispatches to it),
-``torch.compile(torch flex_attention)``, ``scaled_dot_product_attention`` with
-a dense bool mask, and both flexattn paths on a paged cache holding the same data (pages handed out round-robin as the
-sequences grow, so they interleave in the pool). Decode is memory-bound, so
+Rows: flexattn (``backend="auto"``, which takes the split-KV decode path,
+``codegen.split_kv``), ``torch.compile(torch flex_attention)``,
+``scaled_dot_product_attention`` with a dense bool mask, and flexattn on a
+paged cache holding the same data (pages handed out round-robin as the
+sequences grow, so they interleave in the pool); the implementations take
+turns call by call, so a drifting machine slows them alike. Decode is memory-bound, so
 next to the time each row reports the K/V bytes the mask needs (fp32, each
 needed position's key and value read once) divided by the time, and the
 machine's copy bandwidth measured on a large tensor copy (bytes read +
@@ -32,7 +33,6 @@ import torch.nn.attention.flex_attention as torch_flex
 import torch.nn.functional as F
 
 import flexattn
-from codegen.split_kv import decode_attention
 from flexattn.paged import PagedKVCache
 
 B, H_Q, H_KV, HEAD_DIM, WINDOW, PAGE_SIZE = 8, 32, 8, 128, 1024, 128
@@ -41,21 +41,20 @@ BLOCK_SIZE = (1, PAGE_SIZE)  # one query row; kv tiles of a page
 
 def timed(fn, reps: int) -> float:
     """Median seconds of ``reps`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+    return interleaved({"fn": fn}, reps)["fn"]
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds of each function; they take turns, so a drifting machine hits all alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def split_kv(q, k, v, block_mask):
-    """flexattn's split-KV decode path (``codegen.split_kv``), called as a back end."""
-    traced = flexattn.trace_mask_mod(block_mask.mask_mod)
-    return decode_attention(q, k, v, score_graph=None, score_buffers=(), mask_graph=traced.graph,
-                            mask_buffers=traced.buffers, block_mask=block_mask, scale=HEAD_DIM ** -0.5,
-                            enable_gqa=True, kernel_options={})[0]
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
@@ -112,34 +111,23 @@ def bench_length(kv_len: int, reps: int, compile_torch: bool, bandwidth: float) 
             rows.append((name, kv_len, impl, seconds * 1e3, gbps, 100 * gbps / bandwidth, vs_contiguous))
 
         logical = flexattn.create_block_mask(mask_mod, B, None, 1, kv_len, BLOCK_SIZE=BLOCK_SIZE)
-        ours = lambda: flexattn.flex_attention(q, k, v, block_mask=logical, enable_gqa=True)  # noqa: E731
-        expected = ours()
-        contiguous = timed(ours, reps)
-        report("flexattn", contiguous)
-        torch.testing.assert_close(split_kv(q, k, v, logical), expected, rtol=1e-5, atol=1e-5)
-        split_contiguous = timed(lambda: split_kv(q, k, v, logical), reps)
-        report("flexattn split-KV", split_contiguous)
+        paged_mask = cache.convert_logical_block_mask(logical)
+        fns = {"flexattn": lambda: flexattn.flex_attention(q, k, v, block_mask=logical, enable_gqa=True),
+               "flexattn paged": lambda: flexattn.flex_attention(q, k_pages, v_pages, block_mask=paged_mask,
+                                                                 enable_gqa=True)}
+        expected = fns["flexattn"]()
+        torch.testing.assert_close(fns["flexattn paged"](), expected, rtol=1e-5, atol=1e-5)
         if compiled_flex is not None:
             theirs = torch_flex.create_block_mask(mask_mod, B, None, 1, kv_len, device="cpu", BLOCK_SIZE=PAGE_SIZE)
-            torch.testing.assert_close(compiled_flex(q, k, v, block_mask=theirs, enable_gqa=True), expected,
-                                       rtol=1e-4, atol=1e-4)
-            report("torch.compile(flex_attention)",
-                   timed(lambda: compiled_flex(q, k, v, block_mask=theirs, enable_gqa=True), reps))
+            fns["torch.compile(flex_attention)"] = lambda: compiled_flex(q, k, v, block_mask=theirs, enable_gqa=True)
+            torch.testing.assert_close(fns["torch.compile(flex_attention)"](), expected, rtol=1e-4, atol=1e-4)
         dense = flexattn.create_mask(mask_mod, B, 1, 1, kv_len)
-        torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True),
-                                   expected, rtol=1e-4, atol=1e-4)
-        report("scaled_dot_product_attention",
-               timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True), reps))
-
-        paged_mask = cache.convert_logical_block_mask(logical)
-        paged = lambda: flexattn.flex_attention(q, k_pages, v_pages, block_mask=paged_mask,  # noqa: E731
-                                                enable_gqa=True)
-        torch.testing.assert_close(paged(), expected, rtol=1e-5, atol=1e-5)
-        seconds = timed(paged, reps)
-        report("flexattn paged", seconds, f"{seconds / contiguous:.3f}x")
-        torch.testing.assert_close(split_kv(q, k_pages, v_pages, paged_mask), expected, rtol=1e-5, atol=1e-5)
-        seconds = timed(lambda: split_kv(q, k_pages, v_pages, paged_mask), reps)
-        report("flexattn split-KV paged", seconds, f"{seconds / split_contiguous:.3f}x")
+        fns["scaled_dot_product_attention"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
+                                                                                     enable_gqa=True)
+        torch.testing.assert_close(fns["scaled_dot_product_attention"](), expected, rtol=1e-4, atol=1e-4)
+        seconds = interleaved(fns, reps)
+        for impl, time_s in seconds.items():
+            report(impl, time_s, f"{time_s / seconds['flexattn']:.3f}x" if impl == "flexattn paged" else "")
         convert = timed(lambda: cache.convert_logical_block_mask(logical), reps)
         rows.append((name, kv_len, "  convert_logical_block_mask", convert * 1e3, None, None, ""))
     return rows
