@@ -360,7 +360,7 @@ def _chunk(q, k, v, tiles, b, q_heads, tile_classes, scale, mods: _Mods):
     else:  # scattered tiles (a paged cache): gather them once
         kv_idx = (tiles.view(-1, 1) * kv_block + torch.arange(kv_block, device=k.device)).flatten()
         kv_idx = kv_idx[kv_idx < S]
-        k_chunk, v_chunk = _gather(k, tiles, kv_idx, kv_block), _gather(v, tiles, kv_idx, kv_block)
+        k_chunk, v_chunk = (_gather(x, tiles, kv_idx, kv_block, slot) for slot, x in enumerate((k, v)))
     # All query rows of a KV head in one matmul, keys-major (see ``_keys_major_scores``).
     s = _keys_major_scores(k_chunk, q.reshape(Hkv_u, group * L, -1), scale).view(Hkv_u, group, L, -1)
     env = None
@@ -379,12 +379,14 @@ def _chunk(q, k, v, tiles, b, q_heads, tile_classes, scale, mods: _Mods):
     return m.reshape(-1, L), p.sum(dim=-1).reshape(-1, L), o
 
 
-def _gather(x: torch.Tensor, tiles: torch.Tensor, kv_idx: torch.Tensor, kv_block: int) -> torch.Tensor:
-    """Rows ``kv_idx`` (the positions of ``tiles``) of x (H, S, D), copying whole tiles when the layout allows."""
+def _gather(x: torch.Tensor, tiles: torch.Tensor, kv_idx: torch.Tensor, kv_block: int, slot: int) -> torch.Tensor:
+    """Rows ``kv_idx`` (the positions of ``tiles``) of x (H, S, D), copying whole tiles when the layout allows
+    (into this thread's reused buffer ``slot``, valid until the next gather into it)."""
     H, S, D = x.shape
     if S % kv_block == 0 and x.stride(2) == 1 and x.stride(1) == D:
         # Each tile is one contiguous run of kv_block * D values: copy runs, not rows (much faster).
-        return x.view(H, S // kv_block, kv_block * D).index_select(1, tiles).view(H, -1, D)
+        out = _reused_buffer(slot, (H * len(tiles), kv_block * D), x).view(H, len(tiles), kv_block * D)
+        return torch.index_select(x.view(H, S // kv_block, kv_block * D), 1, tiles, out=out).view(H, -1, D)
     return x.index_select(1, kv_idx)
 
 
