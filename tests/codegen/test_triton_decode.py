@@ -108,7 +108,8 @@ def test_decode_matches_reference_and_general_forward(monkeypatch, name, L, Hq, 
         assert torch.all(got[0][:, :, 1] == 0) and torch.all(got[1][:, :, 1] == float("-inf"))
 
 
-@pytest.mark.parametrize("name, L, Hq, Hkv, S, chunk", [("alibi", 1, 4, 2, 300, 96), ("per-head mask", 3, 4, 2, 200, 64)])
+@pytest.mark.parametrize("name, L, Hq, Hkv, S, chunk",
+                         [("alibi", 1, 4, 2, 300, 96), ("per-head mask", 3, 4, 2, 200, 64)])
 def test_decode_bfloat16_matches_fp32_reference(name, L, Hq, Hkv, S, chunk):
     """bf16 out within 1e-2 of the reference on the same values in fp32; lse (fp32 throughout) as tight as fp32."""
     q, k, v, args = _inputs(name, L, Hq, Hkv, S)
