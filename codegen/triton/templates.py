@@ -18,6 +18,21 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+# Read when this module is loaded, as triton.jit reads it to choose the interpreter for its kernels.
+INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    # Triton's CPU interpreter keeps bfloat16 tiles as their uint16 bit patterns (numpy has no
+    # bf16) and its tl.dot multiplies those patterns as integers (triton-lang/triton#11584; loads,
+    # stores and casts do convert). Its matmul is fp32 whatever the operands or DOT_PRECISION, so
+    # widening them there changes only bf16, and makes it right. On a GPU INTERPRET is False, the
+    # branch is not compiled and the MMA takes the operands as they are.
+    if INTERPRET:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -62,7 +77,7 @@ def _normalise(acc, m_i, l_i):
 SCORE_TILE = '''
 q_idx = offs_m[:, None].to(tl.int64)
 kv_idx = offs_n[None, :].to(tl.int64)
-score = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+score = _dot(q, tl.trans(k), DOT_PRECISION) * scale
 {SCORE_MOD}
 keep = (q_idx < L) & (kv_idx < S)
 if MASKED:
@@ -102,7 +117,7 @@ def _forward_tiles(q, acc, m_i, l_i, b, h, offs_m, K_base, V_base, num, indices,
             alpha = tl.exp2((m_i - m_safe) * LOG2E)
             p = tl.exp2((score - m_safe[:, None]) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
             m_i = m_new
     return acc, m_i, l_i
 
@@ -162,10 +177,10 @@ def _dq_tiles(q, do, lse, delta, dq, b, h, offs_m, K_base, V_base, num, indices,
 {SCORE_TILE}
 {DSCORE}
             p = tl.exp2((score - lse[:, None]) * LOG2E)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            dp = _dot(do, tl.trans(v), DOT_PRECISION)
             # dS through softmax, then through the score_mod (chain rule); masked scores get 0.
             ds = tl.where(keep, p * (dp - delta[:, None]) * dscore, 0.0)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            dq += _dot(ds.to(k.dtype), k, DOT_PRECISION)
     return dq
 
 
@@ -234,13 +249,13 @@ def _dkdv_tiles(k, v, dk, dv, b, h, offs_n, Q_base, DO_base, LSE_base, DELTA_bas
 {SCORE_TILE}
 {DSCORE}
             p = tl.exp2((score - lse[:, None]) * LOG2E)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION)
+            dp = _dot(do, tl.trans(v), DOT_PRECISION)
             ds = tl.where(keep, p * (dp - delta[:, None]), 0.0)  # d loss / d modded score
             if BUFFER_GRAD:
 {BUFFER_GRADS}
             ds = tl.where(keep, ds * dscore, 0.0)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION)
     return dk, dv
 
 
