@@ -71,11 +71,12 @@ def test_scattered_tiles(B):
     _assert_equal_results(got, _run(BACKENDS["reference"], q, k, v, None, block_mask))
 
 
-@pytest.mark.parametrize("window, gather_bytes", [(None, None), (40, None), (40, 1)])
-def test_paged_cache(window, gather_bytes, monkeypatch):
+@pytest.mark.parametrize("window, gather_bytes, q_len", [(None, None, 1), (40, None, 1), (40, 1, 1), (40, None, 3)])
+def test_paged_cache(window, gather_bytes, q_len, monkeypatch):
     """Scattered pages, read in place (causal: rows visit the whole pool) or each row's pages
     gathered side by side (sliding window: rows visit a few pages; all KV heads at once, or one
-    per step when the copy budget is tiny); same result as contiguous attention."""
+    per step when the copy budget is tiny); the last ``q_len`` tokens of each sequence as
+    queries; same result as contiguous attention."""
     gathered = []
     monkeypatch.setattr(split_kv, "_gathered_rows", _spy(split_kv._gathered_rows, gathered))
     if gather_bytes is not None:
@@ -92,11 +93,12 @@ def test_paged_cache(window, gather_bytes, monkeypatch):
         cache.assign(torch.tensor([b]), torch.arange(n)[None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], k_cache, v_cache)
     last = torch.tensor(lengths) - 1
     def mask(b, h, q_idx, kv_idx):
-        causal = kv_idx <= last[b] + q_idx
-        return causal if window is None else causal & (last[b] + q_idx - kv_idx < window)
+        position = last[b] - (q_len - 1) + q_idx
+        causal = kv_idx <= position
+        return causal if window is None else causal & (position - kv_idx < window)
 
-    logical = flexattn.create_block_mask(mask, 3, None, 1, 300, BLOCK_SIZE=(1, 32))
-    q = torch.randn(3, Hq, 1, D)
+    logical = flexattn.create_block_mask(mask, 3, None, q_len, 300, BLOCK_SIZE=(1, 32))
+    q = torch.randn(3, Hq, q_len, D)
     alibi = lambda score, b, h, q_idx, kv_idx: score - 0.1 * h * (last[b] + q_idx - kv_idx)  # noqa: E731
     want = _run(BACKENDS["reference"], q, k, v, alibi, logical)
     paged = cache.convert_logical_block_mask(logical)
