@@ -13,14 +13,18 @@ cost is reading K/V. This path is organised around that read:
   by their log-sum-exp at the end. Chunks need no running state from each
   other, so they can run in parallel; a chunk of consecutive tiles is a view
   of the cache (no copy), a chunk of scattered tiles is gathered once.
-* **A paged pool** (K/V shared by the batch with stride 0) where rows visit
-  most of the pages in range is processed tile-major: every tile is a chunk,
-  matched with its owner row's queries, all tiles of a KV head in one batched
-  matmul on views of the pool; the tiles' partials are merged per row. Where
-  rows visit few, scattered pages (a sliding window), each row's pages are
-  copied side by side into a reused buffer, a few KV heads at a time so the
-  copy is still in cache when the matmul reads it, and the whole batch goes
-  through one softmax.
+* **Rows that visit a window of tiles run as one batch**
+  (``codegen.split_kv_rows``): when every row visits at most one chunk of
+  tiles and the mask does not depend on the head (a sliding window), only the
+  two matmuls are per row; masks, score_mod and softmax run once over the
+  stacked scores. A row's consecutive tiles are a view of the cache; a row's
+  scattered tiles (a paged pool) are copied into a reused buffer first.
+* **A paged pool** (K/V shared by the batch with stride 0) whose rows visit
+  many tiles, filling most of the range they span, is processed tile-major:
+  every tile is a chunk, matched with its owner row's queries, all tiles of a
+  KV head in one batched matmul on views of the pool; the tiles' partials are
+  merged per row.
+* Scores are computed keys-major (``_keys_major_scores``).
 * Only tiles the BlockMask visits are read; the mask_mod is evaluated only
   where a tile is PARTIAL for some row.
 
@@ -31,10 +35,9 @@ back-end signature of ``codegen.BACKENDS``; it is forward only (no autograd).
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
+from codegen.split_kv_rows import batched_rows, gather, rows_fit
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 from flexattn.errors import LoweringError
 from flexattn.semantics import evaluate
@@ -43,12 +46,6 @@ MAX_Q_LEN = 16  # longer queries have enough rows per tile for the general path
 DEFAULT_CHUNK = 2048  # KV positions per chunk: big enough that per-chunk overhead is small
 POOL_MIN_FILL = 0.5  # a paged pool is read in place when rows visit at least this share of the tiles in range
 NEG_INF = float("-inf")
-GATHER_BYTES = 4 << 20  # K/V copied per step of a scattered pool: well within a CPU's L3 cache
-
-# Copied pages land in a per-thread buffer kept between calls: a fresh allocation of tens of
-# MB is returned to the OS when freed and page-faulted in again on every decode step, which
-# cost 7x the copy itself (21 ms vs 2.9 ms for 42 MB on the 2-core dev machine).
-_workspace = threading.local()
 
 
 def decode_attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask_buffers, block_mask,
@@ -92,8 +89,8 @@ def decode_attention(query, key, value, *, score_graph, score_buffers, mask_grap
     out = q.new_zeros(B, Hq, L, v.shape[-1])
     lse = q.new_full((B, Hq, L), NEG_INF)
     max_scores = q.new_full((B, Hq, L), NEG_INF)
-    if _few_tiles_per_row(k, v, classes, kv_block, tiles_per_chunk):
-        _gathered_rows(q, k, v, classes, scale, mods, out, lse, max_scores)
+    if rows_fit(classes, tiles_per_chunk):
+        batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores)
         return out.to(query.dtype), lse, max_scores
     owner = _page_owners(k, v, classes, B, kv_block)
     if owner is not None and _fills_range(owner):
@@ -152,17 +149,6 @@ def _fills_range(owner: torch.Tensor) -> bool:
     return visited.numel() > 0 and visited.numel() >= POOL_MIN_FILL * (int(visited[-1]) - int(visited[0]) + 1)
 
 
-def _few_tiles_per_row(k, v, classes, kv_block: int, tiles_per_chunk: int) -> bool:
-    """Whether ``_gathered_rows`` applies and pays: every row visits at most one chunk of tiles
-    (a window: per-row ops would cost more than copying), the mask does not depend on the head,
-    and the cache is whole tiles of contiguous memory (a batch-broadcast pool counts once)."""
-    if k.stride(0) != 0 or classes.shape[1] != 1 or k.shape[2] % kv_block:
-        return False
-    if any(not (x[:1] if x.stride(0) == 0 else x).is_contiguous() for x in (k, v)):
-        return False
-    return int((classes[:, 0] != EMPTY).any(dim=1).sum(dim=1).max()) <= tiles_per_chunk
-
-
 def _pool_major(q, k, v, classes, owner, scale, mods, out, lse, max_scores):
     """Split-KV over a paged pool (k/v (Hkv, S, D)) whose rows visit most tiles in range.
 
@@ -186,80 +172,6 @@ def _pool_major(q, k, v, classes, owner, scale, mods, out, lse, max_scores):
                        per_row, scale, mods, out, lse, max_scores)
 
 
-def _gathered_rows(q, k, v, classes, scale, mods, out, lse, max_scores):
-    """Each row's visited tiles copied side by side, then all rows in one batched matmul per step.
-
-    k/v (B or 1 (a shared pool, stride 0), Hkv, S, D); see ``_few_tiles_per_row``.
-    Row b's j-th slot holds its j-th visited tile; rows with fewer tiles than
-    the longest repeat tile 0 in their spare slots, which are masked out. One
-    copy of the visited K/V (into a reused buffer) buys a handful of large ops
-    for the whole batch instead of ~60 small ones per row or per tile.
-    Writes out (B, Hq, L, Ev), lse and max_scores (B, Hq, L) in place.
-    """
-    B, Hq, L, E = q.shape
-    k, v = (x[:1] if x.stride(0) == 0 else x for x in (k, v))
-    Hkv, S = k.shape[1], k.shape[2]
-    # Row b's tiles of KV head h start at flat tile (b * Hkv + h) * n_tiles; a shared pool has b = 0.
-    row_base = (torch.arange(B, device=q.device) if k.shape[0] == B else torch.zeros(B, dtype=torch.long,
-                                                                                        device=q.device))
-    kv_block, group = mods.kv_block, Hq // Hkv
-    n_tiles = S // kv_block
-    visits = (classes[:, 0] != EMPTY).any(dim=1).expand(B, -1)  # (B, T)
-    count = visits.sum(dim=1)
-    width = int(count.max())
-    if width == 0:  # every row fully masked: out stays 0, lse -inf
-        return
-    # Visited tiles first, in ascending order (a stable sort of "not visited").
-    slots = (~visits).to(torch.int8).argsort(dim=1, stable=True)[:, :width]
-    used = torch.arange(width, device=q.device).view(1, -1) < count.view(-1, 1)  # (B, width)
-    tiles = torch.where(used, slots, 0)
-    q_rows = q.view(B, Hkv, group * L, E).transpose(0, 1)  # (Hkv, B, G * L, E)
-    # Scores are keys-major, (KV heads, B, N keys, G, L): a tall (N x E) @ (E x G*L) matmul per row
-    # runs about 2x faster on CPU than the (G*L x E) @ (E x N) one when G*L is a handful of rows.
-    kv_idx = (tiles.view(B, width, 1) * kv_block + torch.arange(kv_block, device=q.device)).view(1, B, -1, 1, 1)
-    env = {"b": torch.arange(B, device=q.device).view(1, B, 1, 1, 1),
-           "h": torch.arange(Hq, device=q.device).view(Hkv, 1, 1, group, 1), "q_idx": mods.q_idx.view(1, 1, 1, 1, L),
-           "kv_idx": kv_idx}
-    # Each element's class: its tile's class for its query row; spare slots are EMPTY.
-    b_index = torch.arange(classes.shape[0], device=q.device).view(-1, 1, 1)
-    per_slot = classes[b_index, 0, (mods.q_idx.view(1, 1, L) // mods.q_block), tiles.view(B, width, 1)]
-    per_slot = torch.where(used.view(B, width, 1), per_slot, EMPTY)  # (B, width, L)
-    per_element = per_slot.repeat_interleave(kv_block, dim=1).view(1, B, -1, 1, L)
-    keep = per_element == FULL
-    if mods.mask_graph is not None and bool((per_slot == PARTIAL).any()):
-        keep = keep | ((per_element == PARTIAL) & evaluate(mods.mask_graph, env, mods.mask_buffers).bool())
-    # A few KV heads per step, so that the copied tiles are still in cache when the matmul reads them.
-    tile_bytes = kv_block * (k.shape[-1] + v.shape[-1]) * k.element_size()
-    step = max(1, GATHER_BYTES // (B * width * tile_bytes))
-    for h0 in range(0, Hkv, step):
-        heads = slice(h0, min(h0 + step, Hkv))
-        n_heads = heads.stop - heads.start
-        head = torch.arange(heads.start, heads.stop, device=q.device).view(-1, 1, 1)
-        flat = ((row_base.view(1, B, 1) * Hkv + head) * n_tiles + tiles.view(1, B, width)).flatten()
-        k_rows, v_rows = (
-            torch.index_select(x.view(-1, kv_block * x.shape[-1]), 0, flat,
-                               out=_reused_buffer(slot, (flat.numel(), kv_block * x.shape[-1]), x))
-            .view(n_heads * B, width * kv_block, -1) for slot, x in enumerate((k, v)))
-        s = torch.bmm(k_rows, q_rows[heads].reshape(n_heads * B, group * L, E).transpose(1, 2)).mul_(scale)
-        s = s.view(n_heads, B, width * kv_block, group, L)
-        if mods.score_graph is not None:
-            head_env = {**env, "h": env["h"][heads], "score": s}
-            s = torch.broadcast_to(evaluate(mods.score_graph, head_env, mods.score_buffers), s.shape)
-            s = s.to(q.dtype).contiguous()
-        s.masked_fill_(~(keep[heads] if keep.shape[0] > 1 else keep), NEG_INF)
-        m = s.amax(dim=2)  # (n_heads, B, G, L)
-        shift = torch.where(m == NEG_INF, 0.0, m)
-        p = torch.exp(s.sub_(shift.unsqueeze(2)))
-        total = p.sum(dim=2)
-        o = torch.bmm(p.view(n_heads * B, -1, group * L).transpose(1, 2), v_rows).view(n_heads, B, group, L, -1)
-        o = o / torch.where(total == 0, 1.0, total).unsqueeze(-1)
-        q_heads = slice(heads.start * group, heads.stop * group)
-        by_row = lambda x: x.transpose(0, 1).reshape(B, n_heads * group, *x.shape[3:])  # noqa: E731
-        out[:, q_heads] = by_row(o)
-        lse[:, q_heads] = by_row(shift + torch.log(total))
-        max_scores[:, q_heads] = by_row(m)
-
-
 def _keys_major_scores(keys: torch.Tensor, queries: torch.Tensor, scale: float) -> torch.Tensor:
     """Scores (batch, M, N) of queries (batch, M, E) against keys (batch, N, E), stored keys-major.
 
@@ -268,20 +180,6 @@ def _keys_major_scores(keys: torch.Tensor, queries: torch.Tensor, scale: float) 
     which elementwise ops and the later matmul with V take as it is.
     """
     return torch.bmm(keys, queries.transpose(1, 2)).mul_(scale).transpose(1, 2)
-
-
-def _reused_buffer(slot: int, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """A (rows, cols) buffer of ``like``'s dtype and device, reused by this thread's later calls.
-
-    Grows to the largest size asked for and is kept for the thread's lifetime
-    (at most the K or V pages one decode step reads).
-    """
-    buffers = _workspace.__dict__.setdefault("buffers", {})
-    key = (slot, like.dtype, like.device)
-    numel = shape[0] * shape[1]
-    if key not in buffers or buffers[key].numel() < numel:
-        buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buffers[key][:numel].view(shape)
 
 
 def _tile_partials(q_of_tile, k_tiles, v_tiles, kv_heads, Hkv, row, tiles, per_row, scale, mods, out, lse,
@@ -360,7 +258,7 @@ def _chunk(q, k, v, tiles, b, q_heads, tile_classes, scale, mods: _Mods):
     else:  # scattered tiles (a paged cache): gather them once
         kv_idx = (tiles.view(-1, 1) * kv_block + torch.arange(kv_block, device=k.device)).flatten()
         kv_idx = kv_idx[kv_idx < S]
-        k_chunk, v_chunk = (_gather(x, tiles, kv_idx, kv_block, slot) for slot, x in enumerate((k, v)))
+        k_chunk, v_chunk = (gather(x, tiles, kv_idx, kv_block, slot) for slot, x in enumerate((k, v)))
     # All query rows of a KV head in one matmul, keys-major (see ``_keys_major_scores``).
     s = _keys_major_scores(k_chunk, q.reshape(Hkv_u, group * L, -1), scale).view(Hkv_u, group, L, -1)
     env = None
@@ -377,17 +275,6 @@ def _chunk(q, k, v, tiles, b, q_heads, tile_classes, scale, mods: _Mods):
     p = torch.exp(s - shift.unsqueeze(-1))
     o = torch.bmm(p.reshape(Hkv_u, group * L, -1), v_chunk).view(Hkv_u * group, L, -1)
     return m.reshape(-1, L), p.sum(dim=-1).reshape(-1, L), o
-
-
-def _gather(x: torch.Tensor, tiles: torch.Tensor, kv_idx: torch.Tensor, kv_block: int, slot: int) -> torch.Tensor:
-    """Rows ``kv_idx`` (the positions of ``tiles``) of x (H, S, D), copying whole tiles when the layout allows
-    (into this thread's reused buffer ``slot``, valid until the next gather into it)."""
-    H, S, D = x.shape
-    if S % kv_block == 0 and x.stride(2) == 1 and x.stride(1) == D:
-        # Each tile is one contiguous run of kv_block * D values: copy runs, not rows (much faster).
-        out = _reused_buffer(slot, (H * len(tiles), kv_block * D), x).view(H, len(tiles), kv_block * D)
-        return torch.index_select(x.view(H, S // kv_block, kv_block * D), 1, tiles, out=out).view(H, -1, D)
-    return x.index_select(1, kv_idx)
 
 
 def _keep(chunk_classes, kv_idx, b, q_heads, group, L, mods: _Mods, env):

@@ -71,16 +71,13 @@ def test_scattered_tiles(B):
     _assert_equal_results(got, _run(BACKENDS["reference"], q, k, v, None, block_mask))
 
 
-@pytest.mark.parametrize("window, gather_bytes, q_len", [(None, None, 1), (40, None, 1), (40, 1, 1), (40, None, 3)])
-def test_paged_cache(window, gather_bytes, q_len, monkeypatch):
+@pytest.mark.parametrize("window, q_len", [(None, 1), (40, 1), (40, 3)])
+def test_paged_cache(window, q_len, monkeypatch):
     """Scattered pages, read in place (causal: rows visit the whole pool) or each row's pages
-    gathered side by side (sliding window: rows visit a few pages; all KV heads at once, or one
-    per step when the copy budget is tiny); the last ``q_len`` tokens of each sequence as
-    queries; same result as contiguous attention."""
+    copied and all rows run as one batch (sliding window: rows visit a few pages); the last
+    ``q_len`` tokens of each sequence as queries; same result as contiguous attention."""
     gathered = []
-    monkeypatch.setattr(split_kv, "_gathered_rows", _spy(split_kv._gathered_rows, gathered))
-    if gather_bytes is not None:
-        monkeypatch.setattr(split_kv, "GATHER_BYTES", gather_bytes)
+    monkeypatch.setattr(split_kv, "batched_rows", _spy(split_kv.batched_rows, gathered))
     torch.manual_seed(0)
     lengths, Hq, Hkv, D = [300, 77, 160], 8, 2, 16
     cache = PagedKVCache(n_pages=18, page_size=32, max_batch_size=3)
