@@ -48,6 +48,9 @@ def _lists_from_runs(row, col, length, listed, rows: int, cols: int):
     ``row``/``col``/``length`` describe every run of a (rows, cols) matrix, in order.
     """
     device = row.device
+    if not bool(listed.any()):  # nothing listed (a mask without FULL tiles): every row is 0 .. cols - 1
+        indices = torch.arange(cols, dtype=torch.int32, device=device).expand(rows, cols).contiguous()
+        return torch.zeros(rows, dtype=torch.int32, device=device), indices
     listed_len = length * listed
     num = torch.zeros(rows, dtype=torch.int64, device=device).index_add_(0, row, listed_len)
     # Output position of each run: listed runs first, then the others, each in column order.
