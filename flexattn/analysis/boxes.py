@@ -49,11 +49,27 @@ class Boxes:
         equal parts along both.
         """
         q_at, kv_at = _cut_inside(self.q_lo, self.q_hi, q_cut), _cut_inside(self.kv_lo, self.kv_hi, kv_cut)
-        q_lo, q_hi = _parts(self.q_lo, self.q_hi, q_cut, q_at, kv_at)
-        kv_lo, kv_hi = _parts(self.kv_lo, self.kv_hi, kv_cut, kv_at, q_at)
+        at_cut = q_at | kv_at
+        if not bool(at_cut.any()):
+            return self._children(q_cut, kv_cut, q_at, kv_at, SPLIT)
+        if bool(at_cut.all()):  # at most 2 x 2 children each: no need to make SPLIT x SPLIT slots
+            return self._children(q_cut, kv_cut, q_at, kv_at, 2)
+        parts = []
+        for group, n in ((at_cut, 2), (~at_cut, SPLIT)):
+            index = group.nonzero().flatten()
+            pick = (lambda c: None if c is None else c[index])  # noqa: E731
+            children, parent = self.select(index)._children(pick(q_cut), pick(kv_cut), q_at[index], kv_at[index], n)
+            parts.append((children, index[parent]))
+        children = Boxes(*(torch.cat([getattr(c, f) for c, _ in parts]) for f in self.__dataclass_fields__))
+        return children, torch.cat([parent for _, parent in parts])
+
+    def _children(self, q_cut, kv_cut, q_at, kv_at, n: int) -> tuple["Boxes", torch.Tensor]:
+        """``split`` for boxes that each have at most ``n`` parts per axis."""
+        q_lo, q_hi = _parts(self.q_lo, self.q_hi, q_cut, q_at, kv_at, n)
+        kv_lo, kv_hi = _parts(self.kv_lo, self.kv_hi, kv_cut, kv_at, q_at, n)
         q_lo, q_hi = q_lo.unsqueeze(2), q_hi.unsqueeze(2)
         kv_lo, kv_hi = kv_lo.unsqueeze(1), kv_hi.unsqueeze(1)
-        shape = (len(self), SPLIT, SPLIT)
+        shape = (len(self), n, n)
         keep = ((q_lo <= q_hi) & (kv_lo <= kv_hi)).flatten()
         parent = torch.arange(len(self)).view(-1, 1, 1).expand(shape).flatten()[keep]
         fields = (self.b.view(-1, 1, 1), self.h.view(-1, 1, 1), q_lo, q_hi, kv_lo, kv_hi)
@@ -68,15 +84,15 @@ def _cut_inside(lo: torch.Tensor, hi: torch.Tensor, cut) -> torch.Tensor:
     return (cut > lo) & (cut <= hi)
 
 
-def _parts(lo, hi, cut, here: torch.Tensor, elsewhere: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, hi) of up to SPLIT parts of each range, (M, SPLIT); a part with lo > hi is empty.
+def _parts(lo, hi, cut, here: torch.Tensor, elsewhere: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of up to ``n`` parts of each range, (M, n); a part with lo > hi is empty.
 
     Two parts at ``cut`` where ``here``; one (the whole range) where only the other
-    axis is cut (``elsewhere``); else SPLIT equal parts.
+    axis is cut (``elsewhere``); else ``n`` equal parts.
     """
     lo, hi = lo.view(-1, 1), hi.view(-1, 1)
-    part = torch.arange(SPLIT)
-    step = torch.where(elsewhere.view(-1, 1), hi - lo + 1, (hi - lo + SPLIT) // SPLIT)
+    part = torch.arange(n)
+    step = torch.where(elsewhere.view(-1, 1), hi - lo + 1, (hi - lo + n) // n)
     part_lo = lo + step * part
     part_hi = torch.minimum(part_lo + step - 1, hi)
     if cut is None:
