@@ -38,8 +38,9 @@ class _TilePlane:
             self.side *= SPLIT
         self.n = (nb, nh, nq, nkv)
         self.block, self.length = (q_block, kv_block), (Q_LEN, KV_LEN)
-        self.padded = torch.empty(nb, nh, math.ceil(nq / self.side) * self.side,
-                                  math.ceil(nkv / self.side) * self.side, dtype=torch.int8)
+        # EMPTY until painted: boxes decided always false need no painting.
+        self.padded = torch.full((nb, nh, math.ceil(nq / self.side) * self.side,
+                                  math.ceil(nkv / self.side) * self.side), EMPTY, dtype=torch.int8)
 
     def boxes(self, b, h, qi, ki, side) -> Boxes:
         """Index boxes of the tile boxes (qi, ki) of ``side`` tiles, clipped to the sequences."""
@@ -65,7 +66,6 @@ def _classify_tiles(graph, load_range, plane: _TilePlane):
         true, false, both, q_cut, kv_cut = decide(graph, load_range, plane.boxes(b, h, qi, ki, side),
                                                   want_cuts=side == 1, want_both=side == 1)
         plane.paint(b[true], h[true], qi[true], ki[true], side, FULL)
-        plane.paint(b[false], h[false], qi[false], ki[false], side, EMPTY)
         if side == 1:  # a single tile true somewhere and false elsewhere is PARTIAL
             plane.paint(b[both], h[both], qi[both], ki[both], side, PARTIAL)
         unknown = ~(true | false | (both if side == 1 else false))
