@@ -124,7 +124,7 @@ class Unit:
 LOWER, UPPER = 1, 2  # a diagonal tile holding exactly q >= kv (tril) or q <= kv (triu), position by position
 
 
-def triangle_squares(classes: torch.Tensor, shapes) -> list[tuple[int, int, int, int]]:
+def triangle_squares(classes: torch.Tensor, shapes, max_side: int | None = None) -> list[tuple[int, int, int, int]]:
     """Aligned squares (a, c, side, kind) of tiles (rows a.., columns c..) that are exactly a causal
     triangle: diagonal tiles of one ``kind`` (LOWER: FULL below the diagonal, EMPTY above; UPPER:
     the reverse, which the kernel runs causally on flipped sequences). Largest first, disjoint.
@@ -137,7 +137,7 @@ def triangle_squares(classes: torch.Tensor, shapes) -> list[tuple[int, int, int,
     known: dict = {}
     found = []
     side = 1
-    while side * 2 <= min(nq, nkv):
+    while side * 2 <= min(nq, nkv, max_side or nq):
         side *= 2
     while side >= 2:
         n_q, n_kv = nq // side, nkv // side
@@ -172,7 +172,7 @@ def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[Unit]:
 
 
 def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool,
-         tile_shapes=None) -> list[Unit] | None:
+         tile_shapes=None, max_square: int | None = None) -> list[Unit] | None:
     """The units of this call, or None when the fused kernel would not pay (unless ``force``).
 
     ``tile_shapes(tiles) -> kinds`` (optional) says which tiles hold exactly a causal
@@ -185,7 +185,7 @@ def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool,
     else:
         classes = torch.full((1, 1, -(-L // q_block), -(-S // kv_block)), FULL, dtype=torch.int8)
     if tile_shapes is not None and classes.shape[:2] == (1, 1):
-        squares = triangle_squares(classes[0, 0], tile_shapes)
+        squares = triangle_squares(classes[0, 0], tile_shapes, max_square)
         if squares:
             rest = classes[0, 0].clone()
             for a, c, side, _ in squares:

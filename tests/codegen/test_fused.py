@@ -223,3 +223,26 @@ def test_plans_are_reused_per_block_mask_until_an_input_changes(monkeypatch):
                                        BLOCK_SIZE=64)
     _run("torch", q, k, v, other, {"FUSED": True, "SPLIT_KV": False})
     assert len(calls) == 3
+
+
+def test_separable_biases_run_on_causal_and_reversed_causal_squares(monkeypatch):
+    """ALiBi on a sliding window: the bias rides as extra q/k features through the kernel's
+    causal mode (LOWER squares) and its causal mode on reversed sequences (UPPER squares)."""
+    from codegen.torch_backend import fused
+
+    causal_calls = []
+    kernel = fused._forward
+    monkeypatch.setattr(fused, "_forward",
+                        lambda *a, **kw: causal_calls.append(kw.get("is_causal")) or kernel(*a, **kw))
+    n, window = 1024, 256
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= window),
+                                    None, None, n, n)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 4, n, 16, generator=g, requires_grad=True) for _ in range(3))
+    out = _run("torch", q, k, v, bm, {"FUSED": True, "SPLIT_KV": False}, SEPARABLE["alibi"])[0]
+    ref = _run("reference", q, k, v, bm, {}, SEPARABLE["alibi"])[0]
+    assert causal_calls.count(True) >= 2
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
