@@ -10,9 +10,10 @@ the stacked scores of all rows:
   of scattered tiles (a paged pool) has them copied side by side into a
   per-thread buffer reused across calls, right before its matmul reads them,
   so the copy is still in cache;
-* row b's scores are keys-major, (Hkv, N_b keys, G * L): with G * L a handful
-  of query rows, the tall (N x E) @ (E x G*L) matmul runs about twice as fast
-  on CPU as (G*L x E) @ (E x N);
+* row b's scores come from the tall (N x E) @ (E x G*L) matmul, which with
+  G * L a handful of query rows runs about twice as fast on CPU as
+  (G*L x E) @ (E x N), and are stored query-major, keys last, so the softmax
+  reduces along contiguous memory;
 * rows are padded to the longest row's tiles; padding is masked out.
 
 Used by ``codegen.split_kv.decode_attention``; see there for shapes.
@@ -67,36 +68,36 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
                for b in range(B)]
 
     q_rows = q.view(B, Hkv, group * L, E)
-    s = q.new_full((B, Hkv, width * kv_block, group * L), NEG_INF)
+    s = q.new_full((B, Hkv, group * L, width * kv_block), NEG_INF)
     for b, source in enumerate(sources):
         if source is not None:
             keys = _read(k[0] if shared else k[b], source, kv_block, slot=0)
-            s[b, :, :keys.shape[1]] = torch.bmm(keys, q_rows[b].transpose(1, 2))
-    s = s.mul_(scale).view(B, Hkv, width * kv_block, group, L)
+            s[b, :, :, :keys.shape[1]] = torch.bmm(keys, q_rows[b].transpose(1, 2)).transpose(1, 2)
+    s = s.mul_(scale).view(B, Hkv, group, L, width * kv_block)
     env = {"b": torch.arange(B, device=q.device).view(B, 1, 1, 1, 1),
-           "h": torch.arange(Hq, device=q.device).view(1, Hkv, 1, group, 1),
-           "q_idx": mods.q_idx.view(1, 1, 1, 1, L), "kv_idx": kv_idx.view(B, 1, -1, 1, 1)}
+           "h": torch.arange(Hq, device=q.device).view(1, Hkv, group, 1, 1),
+           "q_idx": mods.q_idx.view(1, 1, 1, L, 1), "kv_idx": kv_idx.view(B, 1, 1, 1, -1)}
     if mods.score_graph is not None:
         s = torch.broadcast_to(evaluate(mods.score_graph, {**env, "score": s}, mods.score_buffers), s.shape)
         s = s.to(q.dtype).contiguous()
     # Each element's class: its tile's class for its query row; spare slots are EMPTY.
     b_index = torch.arange(classes.shape[0], device=q.device).view(-1, 1, 1)
-    per_slot = classes[b_index, 0, (mods.q_idx.view(1, 1, L) // mods.q_block), tiles.view(B, width, 1)]
-    per_slot = torch.where(used.view(B, width, 1), per_slot, EMPTY)  # (B, width, L)
-    per_element = per_slot.repeat_interleave(kv_block, dim=1).view(B, 1, -1, 1, L)
+    per_slot = classes[b_index, 0, (mods.q_idx.view(1, L, 1) // mods.q_block), tiles.view(B, 1, width)]
+    per_slot = torch.where(used.view(B, 1, width), per_slot, EMPTY)  # (B, L, width)
+    per_element = per_slot.repeat_interleave(kv_block, dim=2).view(B, 1, 1, L, -1)
     keep = per_element == FULL
     if mods.mask_graph is not None and bool((per_slot == PARTIAL).any()):
         keep = keep | ((per_element == PARTIAL) & evaluate(mods.mask_graph, env, mods.mask_buffers).bool())
     s.masked_fill_(~(keep & (env["kv_idx"] < S)), NEG_INF)
-    m = s.amax(dim=2)  # (B, Hkv, G, L)
+    m = s.amax(dim=-1)  # (B, Hkv, G, L)
     shift = torch.where(m == NEG_INF, 0.0, m)
-    p = torch.exp(s.sub_(shift.unsqueeze(2))).view(B, Hkv, width * kv_block, group * L)
-    total = p.sum(dim=2).view(B, Hkv, group, L)
+    p = torch.exp(s.sub_(shift.unsqueeze(-1))).view(B, Hkv, group * L, width * kv_block)
+    total = p.sum(dim=-1).view(B, Hkv, group, L)
     o = q.new_zeros(B, Hkv, group * L, v.shape[-1])
     for b, source in enumerate(sources):
         if source is not None:
             values = _read(v[0] if shared else v[b], source, kv_block, slot=1)
-            o[b] = torch.bmm(p[b, :, :values.shape[1]].transpose(1, 2), values)
+            o[b] = torch.bmm(p[b, :, :, :values.shape[1]], values)
     o = o.view(B, Hkv, group, L, -1) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
     out.copy_(o.view(B, Hq, L, -1))
     lse.copy_((shift + torch.log(total)).view(B, Hq, L))
