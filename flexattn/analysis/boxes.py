@@ -36,6 +36,7 @@ class Boxes:
         return len(self.b)
 
     def select(self, keep: torch.Tensor) -> "Boxes":
+        keep = _indices(keep)
         return Boxes(*(getattr(self, f)[keep] for f in self.__dataclass_fields__))
 
     def area(self) -> torch.Tensor:
@@ -70,11 +71,16 @@ class Boxes:
         q_lo, q_hi = q_lo.unsqueeze(2), q_hi.unsqueeze(2)
         kv_lo, kv_hi = kv_lo.unsqueeze(1), kv_hi.unsqueeze(1)
         shape = (len(self), n, n)
-        keep = ((q_lo <= q_hi) & (kv_lo <= kv_hi)).flatten()
+        keep = _indices(((q_lo <= q_hi) & (kv_lo <= kv_hi)).flatten())
         parent = torch.arange(len(self)).view(-1, 1, 1).expand(shape).flatten()[keep]
         fields = (self.b.view(-1, 1, 1), self.h.view(-1, 1, 1), q_lo, q_hi, kv_lo, kv_hi)
         children = Boxes(*(f.expand(shape).flatten()[keep] for f in fields))
         return children, parent
+
+
+def _indices(keep):
+    """A bool mask as the indices it keeps (one nonzero for every field it selects), else as it is."""
+    return keep.nonzero().squeeze(1) if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool else keep
 
 
 def _cut_inside(lo: torch.Tensor, hi: torch.Tensor, cut) -> torch.Tensor:
@@ -168,21 +174,23 @@ def refine_tiles(graph, buffers, load_range, tiles: Boxes, ragged: torch.Tensor,
     while len(boxes):
         boxes, parent = boxes.split(q_cut, kv_cut)
         owner = owner[parent]
-        small = boxes.area() <= DENSE_AREA
+        small_mask = boxes.area() <= DENSE_AREA
+        small, big = small_mask.nonzero().squeeze(1), (~small_mask).nonzero().squeeze(1)
         true, false, both = (torch.zeros(len(boxes), dtype=torch.bool) for _ in range(3))
         q_cut, kv_cut = (torch.full((len(boxes),), -1, dtype=torch.int64) for _ in range(2))
-        decision = decide(graph, load_range, boxes.select(~small))
-        true[~small], false[~small], both[~small] = decision.true, decision.false, decision.both
+        decision = decide(graph, load_range, boxes.select(big))
+        true[big], false[big], both[big] = decision.true, decision.false, decision.both
         for cut, suggested in ((q_cut, decision.q_cut), (kv_cut, decision.kv_cut)):
             if suggested is not None:
-                cut[~small] = suggested
+                cut[big] = suggested
         # Small boxes: "true"/"false" here mean true/false at some position.
         true[small], false[small] = evaluate_positions(graph, buffers, boxes.select(small))
         used_positions[owner[small]] = True
         some_true[owner[true | both]] = True
         some_false[owner[false | both]] = True
         settled = some_true & (some_false | ragged)
-        go_on = ~small & ~true & ~false & ~both & ~settled[owner]
+        go_on = ~small_mask & ~true & ~false & ~both & ~settled[owner]
+        go_on = _indices(go_on)
         boxes, owner, q_cut, kv_cut = boxes.select(go_on), owner[go_on], q_cut[go_on], kv_cut[go_on]
     classes = torch.full((len(tiles),), EMPTY, dtype=torch.int8)
     classes[some_true] = PARTIAL

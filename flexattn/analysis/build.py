@@ -65,10 +65,13 @@ def _classify_tiles(graph, load_range, plane: _TilePlane):
     while True:
         true, false, both, q_cut, kv_cut = decide(graph, load_range, plane.boxes(b, h, qi, ki, side),
                                                   want_cuts=side == 1, want_both=side == 1)
-        plane.paint(b[true], h[true], qi[true], ki[true], side, FULL)
-        if side == 1:  # a single tile true somewhere and false elsewhere is PARTIAL
-            plane.paint(b[both], h[both], qi[both], ki[both], side, PARTIAL)
         unknown = ~(true | false | (both if side == 1 else false))
+        # Indices, not bool masks: one nonzero serves all four fields.
+        painted = [(true, FULL)] + ([(both, PARTIAL)] if side == 1 else [])  # a tile true and false is PARTIAL
+        for decided, value in painted:
+            at = decided.nonzero().squeeze(1)
+            plane.paint(b[at], h[at], qi[at], ki[at], side, value)
+        unknown = unknown.nonzero().squeeze(1)
         b, h, qi, ki = b[unknown], h[unknown], qi[unknown], ki[unknown]
         if side == 1:
             return (b, h, qi, ki), tuple(None if cut is None else cut[unknown] for cut in (q_cut, kv_cut))
@@ -77,7 +80,7 @@ def _classify_tiles(graph, load_range, plane: _TilePlane):
         qi = (qi.view(-1, 1, 1) * SPLIT + part.view(1, -1, 1)).expand(-1, SPLIT, SPLIT).flatten()
         ki = (ki.view(-1, 1, 1) * SPLIT + part.view(1, 1, -1)).expand(-1, SPLIT, SPLIT).flatten()
         b, h = (x.repeat_interleave(SPLIT * SPLIT) for x in (b, h))
-        inside = (qi * side < nq) & (ki * side < nkv)
+        inside = ((qi * side < nq) & (ki * side < nkv)).nonzero().squeeze(1)
         b, h, qi, ki = b[inside], h[inside], qi[inside], ki[inside]
 
 
