@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from codegen.split_kv_rows import batched_rows, gather, rows_fit
+from codegen.split_kv_rows import batched_rows, read_tiles, rows_fit, tile_source
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 from flexattn.errors import LoweringError
 from flexattn.semantics import evaluate
@@ -72,7 +72,7 @@ def decode_attention(query, key, value, *, score_graph, score_buffers, mask_grap
     Hkv, S = key.shape[1], key.shape[2]
     if L > MAX_Q_LEN:
         raise LoweringError(f"split-KV decoding handles Q_LEN <= {MAX_Q_LEN}, got {L}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *score_buffers)):
+    if _needs_grad(query, key, value, score_buffers):
         raise LoweringError("split-KV decoding is forward only; use the general path when gradients are needed")
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, k, v = query.to(compute), _to_compute(key, compute), _to_compute(value, compute)
@@ -93,8 +93,9 @@ def decode_attention(query, key, value, *, score_graph, score_buffers, mask_grap
         batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores)
         return out.to(query.dtype), lse, max_scores
     owner = _page_owners(k, v, classes, B, kv_block)
-    if owner is not None and _fills_range(owner):
-        _pool_major(q, k[0], v[0], classes, owner, scale, mods, out, lse, max_scores)
+    span = _filled_span(owner) if owner is not None else None
+    if span is not None:
+        _pool_major(q, k[0], v[0], classes, owner, span, scale, mods, out, lse, max_scores)
         return out.to(query.dtype), lse, max_scores
     # A unit: one batch row and the KV heads that visit the same tiles (all of them when
     # the mask does not depend on the head, else one KV head with its query-head group).
@@ -113,6 +114,17 @@ def decode_attention(query, key, value, *, score_graph, score_buffers, mask_grap
             if partials:
                 out[b, q_heads], lse[b, q_heads], max_scores[b, q_heads] = _merge(partials)
     return out.to(query.dtype), lse, max_scores
+
+
+def applies(query, key, value, score_buffers, kernel_options) -> bool:
+    """Whether a back end should take its split-KV path: Q_LEN <= ``MAX_Q_LEN``, nothing needs a
+    gradient and ``kernel_options["SPLIT_KV"]`` is not False (back ends may add conditions)."""
+    return (kernel_options.get("SPLIT_KV", True) and query.shape[2] <= MAX_Q_LEN
+            and not _needs_grad(query, key, value, score_buffers))
+
+
+def _needs_grad(query, key, value, score_buffers) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *score_buffers))
 
 
 def _to_compute(x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
@@ -143,30 +155,32 @@ def _page_owners(k, v, classes, B: int, kv_block: int) -> torch.Tensor | None:
     return torch.where(count == 1, visits.to(torch.int8).argmax(dim=0), -1)
 
 
-def _fills_range(owner: torch.Tensor) -> bool:
-    """Whether the visited tiles fill most of the range holding them (read the range in place)."""
+def _filled_span(owner: torch.Tensor) -> slice | None:
+    """The range of tiles holding the visited ones, where they fill most of it (read it in place)."""
     visited = (owner >= 0).nonzero().flatten()
-    return visited.numel() > 0 and visited.numel() >= POOL_MIN_FILL * (int(visited[-1]) - int(visited[0]) + 1)
+    if visited.numel() == 0:
+        return None
+    span = slice(int(visited[0]), int(visited[-1]) + 1)
+    return span if visited.numel() >= POOL_MIN_FILL * (span.stop - span.start) else None
 
 
-def _pool_major(q, k, v, classes, owner, scale, mods, out, lse, max_scores):
-    """Split-KV over a paged pool (k/v (Hkv, S, D)) whose rows visit most tiles in range.
+def _pool_major(q, k, v, classes, owner, span: slice, scale, mods, out, lse, max_scores):
+    """Split-KV over a paged pool (k/v (Hkv, S, D)) whose rows visit most tiles of ``span``.
 
     Every tile is a chunk, matched with its owner row's queries (``owner`` (T,)
-    from ``_page_owners``); the range is read in place, a view of the pool, one
+    from ``_page_owners``); the span is read in place, a view of the pool, one
     KV head per batched matmul, and the tiles' partials are merged per owner
     row by log-sum-exp. Writes out (B, Hq, L, Ev), lse and max_scores (B, Hq, L).
     """
     Hkv, S, E = k.shape
-    visited = (owner >= 0).nonzero().flatten()
-    tiles = torch.arange(int(visited[0]), int(visited[-1]) + 1, device=q.device)
+    tiles = torch.arange(span.start, span.stop, device=q.device)
     L, kv_block = q.shape[2], mods.kv_block
     row = owner[tiles].clamp(min=0)
     # Each tile's class for its owner's query rows (n, L); unvisited tiles are EMPTY.
     per_row = classes[row.view(-1, 1), 0, (mods.q_idx.view(1, L) // mods.q_block), tiles.view(-1, 1)]
     per_row = torch.where((owner[tiles] >= 0).view(-1, 1), per_row, EMPTY)
     q_of_tile = q[row]  # (n, Hq, L, E): small next to the K/V it is matched with
-    pool_tiles = lambda x, h: x[h].view(S // kv_block, kv_block, -1)[int(tiles[0]):int(tiles[-1]) + 1]  # noqa: E731
+    pool_tiles = lambda x, h: x[h].view(S // kv_block, kv_block, -1)[span]  # noqa: E731
     for h in range(Hkv):
         _tile_partials(q_of_tile, pool_tiles(k, h), pool_tiles(v, h), slice(h, h + 1), Hkv, row, tiles,
                        per_row, scale, mods, out, lse, max_scores)
@@ -251,14 +265,9 @@ def _chunk(q, k, v, tiles, b, q_heads, tile_classes, scale, mods: _Mods):
     Hkv_u, S, _ = k.shape
     group, L = q.shape[0] // Hkv_u, q.shape[1]
     kv_block = mods.kv_block
-    first, last = int(tiles[0]), int(tiles[-1])
-    if last - first + 1 == tiles.numel():  # consecutive tiles: a view of the cache
-        kv_idx = torch.arange(first * kv_block, min((last + 1) * kv_block, S), device=k.device)
-        k_chunk, v_chunk = k[:, kv_idx[0]:kv_idx[-1] + 1], v[:, kv_idx[0]:kv_idx[-1] + 1]
-    else:  # scattered tiles (a paged cache): gather them once
-        kv_idx = (tiles.view(-1, 1) * kv_block + torch.arange(kv_block, device=k.device)).flatten()
-        kv_idx = kv_idx[kv_idx < S]
-        k_chunk, v_chunk = (gather(x, tiles, kv_idx, kv_block, slot) for slot, x in enumerate((k, v)))
+    # Consecutive tiles are a view of the cache; scattered ones (a paged cache) are gathered once.
+    source, kv_idx = tile_source(tiles, kv_block, S)
+    k_chunk, v_chunk = (read_tiles(x, source, kv_block, slot) for slot, x in enumerate((k, v)))
     # All query rows of a KV head in one matmul, keys-major (see ``_keys_major_scores``).
     s = _keys_major_scores(k_chunk, q.reshape(Hkv_u, group * L, -1), scale).view(Hkv_u, group, L, -1)
     env = None

@@ -64,14 +64,13 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     tiles = torch.where(used, slots, 0)
     kv_idx = tiles.view(B, width, 1) * kv_block + torch.arange(kv_block, device=q.device)  # (B, width, kv_block)
     shared = k.stride(0) == 0
-    sources = [_row_source(tiles[b, :int(count[b])], kv_idx[b, :int(count[b])].flatten(), S, kv_block)
-               for b in range(B)]
+    sources = [tile_source(tiles[b, :int(count[b])], kv_block, S)[0] if count[b] else None for b in range(B)]
 
     q_rows = q.view(B, Hkv, group * L, E)
     s = q.new_full((B, Hkv, group * L, width * kv_block), NEG_INF)
     for b, source in enumerate(sources):
         if source is not None:
-            keys = _read(k[0] if shared else k[b], source, kv_block, slot=0)
+            keys = read_tiles(k[0] if shared else k[b], source, kv_block, slot=0)
             s[b, :, :, :keys.shape[1]] = torch.bmm(keys, q_rows[b].transpose(1, 2)).transpose(1, 2)
     s = s.mul_(scale).view(B, Hkv, group, L, width * kv_block)
     env = {"b": torch.arange(B, device=q.device).view(B, 1, 1, 1, 1),
@@ -96,7 +95,7 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     o = q.new_zeros(B, Hkv, group * L, v.shape[-1])
     for b, source in enumerate(sources):
         if source is not None:
-            values = _read(v[0] if shared else v[b], source, kv_block, slot=1)
+            values = read_tiles(v[0] if shared else v[b], source, kv_block, slot=1)
             o[b] = torch.bmm(p[b, :, :, :values.shape[1]], values)
     o = o.view(B, Hkv, group, L, -1) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
     out.copy_(o.view(B, Hq, L, -1))
@@ -104,19 +103,20 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     max_scores.copy_(m.view(B, Hq, L))
 
 
-def _row_source(tiles: torch.Tensor, kv_idx: torch.Tensor, S: int, kv_block: int):
-    """Where a row's keys are: a slice of positions (consecutive tiles), or its tiles and their
-    positions (to be copied); None for a row that visits nothing."""
-    if tiles.numel() == 0:
-        return None
+def tile_source(tiles: torch.Tensor, kv_block: int, S: int):
+    """Where the keys of ``tiles`` (ascending, not empty) are, and their positions (N,): a slice of
+    the cache when the tiles are consecutive, else the tiles and positions to copy."""
     first, last = int(tiles[0]), int(tiles[-1])
     if last - first + 1 == tiles.numel():
-        return slice(first * kv_block, min((last + 1) * kv_block, S))
-    return tiles, kv_idx[kv_idx < S]
+        rows = slice(first * kv_block, min((last + 1) * kv_block, S))
+        return rows, torch.arange(rows.start, rows.stop, device=tiles.device)
+    kv_idx = (tiles.view(-1, 1) * kv_block + torch.arange(kv_block, device=tiles.device)).flatten()
+    kv_idx = kv_idx[kv_idx < S]
+    return (tiles, kv_idx), kv_idx
 
 
-def _read(x: torch.Tensor, source, kv_block: int, slot: int) -> torch.Tensor:
-    """A row's keys or values (H, N, D) from x (H, S, D): a view, or a copy into buffer ``slot``."""
+def read_tiles(x: torch.Tensor, source, kv_block: int, slot: int) -> torch.Tensor:
+    """Keys or values (H, N, D) from x (H, S, D) at a ``tile_source``: a view, or a copy into buffer ``slot``."""
     if isinstance(source, slice):
         return x[:, source]
     return gather(x, *source, kv_block, slot)

@@ -133,11 +133,8 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
 def _is_decode(query, key, value, score_buffers, block_mask, kernel_options) -> bool:
     """Split-KV pays when Q_LEN <= 16 and KV_LEN spans at least 8 KV tiles (measured; docs/performance.md)."""
     block = block_mask.BLOCK_SIZE if block_mask is not None else kernel_options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
-    kv_block = _pair(block)[1]
-    needs_grad = torch.is_grad_enabled() and (
-        any(t.requires_grad for t in (query, key, value, *score_buffers)))
-    return (kernel_options.get("SPLIT_KV", True) and query.shape[2] <= split_kv.MAX_Q_LEN
-            and key.shape[2] >= 8 * kv_block and not needs_grad)
+    return (split_kv.applies(query, key, value, score_buffers, kernel_options)
+            and key.shape[2] >= 8 * _pair(block)[1])
 
 
 __all__ = ["Kernel", "attention", "compile_kernel", "kernel_key"]

@@ -18,11 +18,15 @@ The backward runs the fused backward kernel on the same rectangles and
 batches with the *final* output and lse (which is what flash-attention's
 backward needs per block) and adds up the gradients.
 
+Aligned squares of tiles that are exactly causal triangles (``fused_plan.triangle_squares``)
+run in the kernel's causal mode, on reversed sequences for ``q <= kv`` triangles.
+
 A score_mod that adds a separable bias (``flexattn.analysis.separable``:
 ALiBi, linear position biases, per-key tables) runs here too: in rectangles
-the row factors become extra head-dim features of q and the column factors
-extra features of k (so the kernel's q.k adds the bias), row-only terms
-shift the lse; in PARTIAL tiles the bias goes into the additive mask.
+and causal squares (of at most ``MAX_BIASED_SQUARE`` tiles) the row factors
+become extra head-dim features of q and the column factors extra features of
+k (so the kernel's q.k adds the bias), row-only terms shift the lse; in
+PARTIAL tiles the bias goes into the additive mask.
 
 The torch back end takes this path when the score_mod is absent or separable
 (with no buffer needing a gradient), head dims of q/k/v are equal, max_scores
@@ -212,8 +216,7 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
             out_u[:, :, rows], lse_u[:, :, rows] = _forward(q[:, :, rows], k[:, :, rows], v[:, :, rows],
                                                             is_causal=causal, scale=p.scale)
         # Exactly causal triangles run in the kernel's own causal mode; then rectangles of FULL tiles.
-        pieces = [((a, a + side, c, c + side), kind) for a, c, side, kind in unit.squares]
-        for rect, kind in pieces + [(rect, None) for rect in unit.rectangles]:
+        for rect, kind in unit.pieces():
             rows, cols = p.rows(rect)
             q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)
             flip = _flipper(kind)
@@ -259,8 +262,7 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
             dq_u[:, :, rows] += gq
             dk_u[:, :, rows] += gk
             dv_u[:, :, rows] += gv
-        pieces = [((a, a + side, c, c + side), kind) for a, c, side, kind in unit.squares]
-        for rect, kind in pieces + [(rect, None) for rect in unit.rectangles]:
+        for rect, kind in unit.pieces():
             rows, cols = p.rows(rect)
             q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)
             extra = q_r.shape[-1] - D  # the bias features: zero columns in out and grad_out

@@ -120,6 +120,12 @@ class Unit:
         self.rectangles = full_rectangles(classes == FULL)
         self.batches = partial_batches(classes == PARTIAL)
 
+    def pieces(self) -> list[tuple[tuple[int, int, int, int], int | None]]:
+        """Each fused call without a mask: ((q0, q1, k0, k1) in tiles, LOWER / UPPER for a causal
+        square, None for a rectangle), squares first."""
+        return ([((a, a + side, c, c + side), kind) for a, c, side, kind in self.squares]
+                + [(rect, None) for rect in self.rectangles])
+
 
 LOWER, UPPER = 1, 2  # a diagonal tile holding exactly q >= kv (tril) or q <= kv (triu), position by position
 

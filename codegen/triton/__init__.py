@@ -102,21 +102,12 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
     """
     kernel = compile_kernel(score_graph, mask_graph, kernel_options)
     call = dict(mask_buffers=tuple(mask_buffers), block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
-    if _is_decode(query, key, value, score_buffers, kernel_options):
+    # At any KV length (the torch back end needs 8 KV tiles before its per-chunk overhead pays): the
+    # decode kernel reads each K/V tile once per KV head, the general forward once per query head in
+    # tiles padded to BLOCK_M query rows, and the merge is one small launch.
+    if split_kv.applies(query, key, value, score_buffers, kernel_options):
         return kernel.decode(query, key, value, score_buffers=score_buffers, **call)
     return _Attention.apply(kernel, call, query, key, value, *score_buffers)
-
-
-def _is_decode(query, key, value, score_buffers, kernel_options) -> bool:
-    """Q_LEN <= ``MAX_Q_LEN``, no gradients and ``SPLIT_KV`` not False, as in the torch back end.
-
-    Unlike there, at any KV length: the torch back end needs 8 KV tiles before
-    its per-chunk overhead pays, while the decode kernel reads each K/V tile
-    once per KV head (the general forward: once per query head, in tiles padded
-    to BLOCK_M query rows), at the cost of one small merge launch.
-    """
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *score_buffers))
-    return kernel_options.get("SPLIT_KV", True) and query.shape[2] <= split_kv.MAX_Q_LEN and not needs_grad
 
 
 __all__ = ["Kernel", "attention", "compile_kernel", "kernel_key"]
