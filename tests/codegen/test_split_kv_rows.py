@@ -1,0 +1,52 @@
+"""The in-place cache reads of the batched split-KV rows equal reading gathered copies."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from codegen.split_kv_rows import bagged_values, row_table, sampled_scores, table_index
+
+
+def _cache(layout: str, B: int, H: int, S: int, D: int, dtype) -> torch.Tensor:
+    """K or V (B, H, S, D) in one of the layouts decode meets."""
+    if layout == "per row":
+        return torch.randn(B, H, S, D, dtype=dtype)
+    if layout == "shared pool":  # a paged pool: every row reads the same memory
+        return torch.randn(1, H, S, D, dtype=dtype).expand(B, -1, -1, -1)
+    if layout == "heads inner":  # (B, S, H, D) memory seen as (B, H, S, D): rows evenly spaced, not adjacent
+        return torch.randn(B, S, H, D, dtype=dtype).transpose(1, 2)
+    return torch.randn(B, H, D, S, dtype=dtype).transpose(2, 3)  # "keys transposed": rows not contiguous
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=st.sampled_from(["per row", "shared pool", "heads inner", "keys transposed"]),
+       B=st.integers(1, 3), H=st.integers(1, 3), M=st.integers(1, 4), S=st.integers(1, 50), N=st.integers(1, 20),
+       dtype=st.sampled_from([torch.float32, torch.float64]), data=st.data())
+def test_in_place_reads_equal_gathered_reads(layout, B, H, M, S, N, dtype, data):
+    """Row b reads its first reads[b] positions; the rest of its slots point at position S, which
+    holds NaN (padding may point anywhere: what is not read must not reach the result)."""
+    torch.manual_seed(0)
+    D = 8
+    x = _cache(layout, B, H, S + 1, D, dtype)
+    rows = row_table(x)
+    if rows is None:  # rows not evenly spaced and contiguous: reading in place would copy the cache
+        assert layout in ("heads inner", "keys transposed")
+        return
+    assert layout in ("per row", "shared pool") or min(H, S) == 1
+    table, base = rows
+    assert table.data_ptr() == x.data_ptr()  # a view, not a copy
+    reads = torch.tensor(data.draw(st.lists(st.integers(0, N), min_size=B, max_size=B)))
+    read = torch.arange(N).view(1, N) < reads.view(B, 1)  # (B, N)
+    positions = torch.tensor(data.draw(st.lists(st.integers(0, S - 1), min_size=B * N, max_size=B * N))).view(B, N)
+    positions = torch.where(read, positions, S)
+    (x[:1] if x.stride(0) == 0 else x)[:, :, S] = float("nan")  # a shared pool's rows are one memory
+    gathered = x[torch.arange(B).view(B, 1, 1), torch.arange(H).view(1, H, 1), positions.view(B, 1, N)]  # (B, H, N, D)
+
+    index = table_index(base, positions, M, slot=2)
+    assert torch.equal(table[index.long()].view(B, H, M, N, D).nan_to_num(),
+                       gathered.unsqueeze(2).expand(B, H, M, N, D).nan_to_num())
+    q_rows = torch.randn(B, H, M, D, dtype=dtype)
+    scores = sampled_scores(table, index, q_rows)
+    torch.testing.assert_close(scores, torch.einsum("bhmd,bhnd->bhmn", q_rows, gathered), equal_nan=True)
+    p = torch.rand(B, H, M, N, dtype=dtype)
+    want = torch.einsum("bhmn,bhnd->bhmd", p * read.view(B, 1, 1, N), gathered.nan_to_num(nan=0.0))
+    torch.testing.assert_close(bagged_values(table, index, p, reads), want)
