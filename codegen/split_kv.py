@@ -17,8 +17,8 @@ cost is reading K/V. This path is organised around that read:
   (``codegen.split_kv_rows``): when every row visits at most one chunk of
   tiles and the mask does not depend on the head (a sliding window), only the
   two matmuls are per row; masks, score_mod and softmax run once over the
-  stacked scores. A row's consecutive tiles are a view of the cache; a row's
-  scattered tiles (a paged pool) are copied into a reused buffer first.
+  stacked scores, and K/V are read in place (a paged pool's pages too: an
+  ``embedding_bag`` for the values, a sampled matmul for scattered keys).
 * **A paged pool** (K/V shared by the batch with stride 0) whose rows visit
   many tiles, filling most of the range they span, is processed tile-major:
   every tile is a chunk, matched with its owner row's queries, all tiles of a

@@ -2,19 +2,25 @@
 
 When every row of the batch visits at most one chunk of KV tiles (a sliding
 window, a short cache), per-row work is a handful of tiny tensor ops around two
-matmuls, and their per-op cost adds up to a third of the call. Here only the
-two matmuls are per row; masking, the score_mod and the softmax run once over
-the stacked scores of all rows:
+matmuls, and their per-op cost adds up to a third of the call. Here masking,
+the score_mod and the softmax run once over the stacked scores of all rows,
+and K/V are read where they lie, never copied:
 
-* a row whose tiles are consecutive reads them as a view of the cache; a row
-  of scattered tiles (a paged pool) has them copied side by side into a
-  per-thread buffer reused across calls, right before its matmul reads them,
-  so the copy is still in cache;
-* row b's scores come from the tall (N x E) @ (E x G*L) matmul, which with
-  G * L a handful of query rows runs about twice as fast on CPU as
-  (G*L x E) @ (E x N), and are stored query-major, keys last, so the softmax
-  reduces along contiguous memory;
-* rows are padded to the longest row's tiles; padding is masked out.
+* values: one ``embedding_bag`` over the cache seen as a table of rows
+  (``row_table``), a bag per (row, head, query) weighted by the softmax
+  numerators (``bagged_values``); with G * L a handful of query rows it is
+  faster than a matmul even on a view of consecutive tiles;
+* keys of a row whose tiles are consecutive: the tall (N x E) @ (E x G*L)
+  matmul on a view of the cache, which with G * L a handful of query rows runs
+  about twice as fast on CPU as (G*L x E) @ (E x N);
+* keys where some row's tiles are scattered (a paged pool): one sampled
+  matmul whose sparsity pattern is the rows' positions (``sampled_scores``). A
+  copy of the pages would be read twice, once to copy and once to multiply:
+  1.3-1.7x the contiguous time, against 1.0-1.15x read in place;
+* caches whose rows are not evenly spaced fall back to views and copies of
+  tiles (``read_tiles``);
+* rows are padded to the longest row's tiles; padding is masked out (its
+  values are never read).
 
 Used by ``codegen.split_kv.decode_attention``; see there for shapes.
 """
