@@ -80,6 +80,8 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     # pool): on a view of consecutive tiles a matmul is faster. Values are always read in place.
     scattered = not bool(((last_tile - tiles[:, 0] + 1 == count) | (count == 0)).all())
     key_rows, value_rows = row_table(k) if scattered else None, row_table(v)
+    if key_rows and width * kv_block > key_rows[0].shape[0]:  # see sampled_scores
+        key_rows = None
     views = None if key_rows and value_rows else _tile_views(k, v, tiles, count, kv_block)
 
     q_rows = q.view(B, Hkv, group * L, E)
@@ -176,7 +178,9 @@ def sampled_scores(keys: torch.Tensor, index: torch.Tensor, q_rows: torch.Tensor
 
     A gathered copy of the keys would be read twice (once to copy, once by the
     matmul): here each (query, key) product is one entry of a sampled matmul
-    whose sparsity pattern is the rows' positions.
+    whose sparsity pattern is the rows' positions. Needs N <= R: torch caps a
+    sparse tensor's entries at its dense size, and a row's N positions may
+    repeat (a ragged last tile, padding).
     """
     B, Hkv, M, E = q_rows.shape
     N = index.numel() // (B * Hkv * M)

@@ -140,3 +140,15 @@ def test_flex_attention_takes_the_split_kv_path_for_decode_shapes(monkeypatch):
     q.requires_grad_(True)
     flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="torch")
     assert calls == [1], "inputs that need gradients take the general path"
+
+
+def test_shared_cache_with_a_full_row_and_a_scattered_row():
+    """One cache for the batch (stride 0), a ragged last tile: row 0 reads every tile (more slot
+    positions than the cache has rows), row 1 scattered tiles; same result as the reference."""
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 1, 100, 16).expand(2, -1, -1, -1), torch.randn(1, 1, 100, 16).expand(2, -1, -1, -1)
+    q = torch.randn(2, 2, 1, 16)
+    block_mask = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (b == 0) | ((kv_idx // 40) % 2 == 0), 2, None,
+                                            1, 100, BLOCK_SIZE=(1, 16))
+    got = _run(decode_attention, q, k, v, None, block_mask)
+    _assert_equal_results(got, _run(BACKENDS["reference"], q, k.contiguous(), v.contiguous(), None, block_mask))
