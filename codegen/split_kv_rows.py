@@ -27,7 +27,6 @@ Used by ``codegen.split_kv.decode_attention``; see there for shapes.
 
 from __future__ import annotations
 
-import functools
 import threading
 import warnings
 
@@ -82,7 +81,9 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     key_rows, value_rows = row_table(k) if scattered else None, row_table(v)
     if key_rows and width * kv_block > key_rows[0].shape[0]:  # see sampled_scores
         key_rows = None
-    views = None if key_rows and value_rows else _tile_views(k, v, tiles, count, kv_block)
+    shared = k.stride(0) == 0
+    sources = None if key_rows and value_rows else \
+        [tile_source(tiles[b, :int(count[b])], kv_block, S)[0] if count[b] else None for b in range(B)]
 
     q_rows = q.view(B, Hkv, group * L, E)
     index = None
@@ -91,9 +92,9 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
         s = sampled_scores(key_rows[0], index, q_rows)
     else:
         s = q.new_full((B, Hkv, group * L, width * kv_block), NEG_INF)
-        for b, (read_keys, _) in enumerate(views):
-            if read_keys is not None:
-                keys = read_keys()
+        for b, source in enumerate(sources):
+            if source is not None:
+                keys = read_tiles(k[0] if shared else k[b], source, kv_block, slot=0)
                 s[b, :, :, :keys.shape[1]] = torch.bmm(keys, q_rows[b].transpose(1, 2)).transpose(1, 2)
     s = s.mul_(scale).view(B, Hkv, group, L, width * kv_block)
     env = {"b": torch.arange(B, device=q.device).view(B, 1, 1, 1, 1),
@@ -121,29 +122,14 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
         o = bagged_values(value_rows[0], index, p, reads)
     else:
         o = q.new_zeros(B, Hkv, group * L, v.shape[-1])
-        for b, (_, read_values) in enumerate(views):
-            if read_values is not None:
-                values = read_values()
+        for b, source in enumerate(sources):
+            if source is not None:
+                values = read_tiles(v[0] if shared else v[b], source, kv_block, slot=1)
                 o[b] = torch.bmm(p[b, :, :, :values.shape[1]], values)
     o = o.view(B, Hkv, group, L, -1) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
     out.copy_(o.view(B, Hq, L, -1))
     lse.copy_((shift + torch.log(total)).view(B, Hq, L))
     max_scores.copy_(m.view(B, Hq, L))
-
-
-def _tile_views(k, v, tiles, count, kv_block: int) -> list:
-    """Per row, functions reading its keys and values (Hkv, N, D) (None for a row with no tiles): views of
-    consecutive tiles, else copies into this thread's buffers (``read_tiles``)."""
-    shared, S = k.stride(0) == 0, k.shape[2]
-    views = []
-    for b in range(tiles.shape[0]):
-        if not count[b]:
-            views.append((None, None))
-            continue
-        source = tile_source(tiles[b, :int(count[b])], kv_block, S)[0]
-        views.append(tuple(functools.partial(read_tiles, x[0] if shared else x[b], source, kv_block, slot)
-                           for slot, x in enumerate((k, v))))
-    return views
 
 
 def row_table(x: torch.Tensor):
