@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from flexattn.analysis.intervals import Range, TileGrid, evaluate_ranges
@@ -123,13 +124,19 @@ class Decision(NamedTuple):
 
 def decide(graph, load_range, boxes: Boxes, want_cuts: bool = True, want_both: bool = True) -> Decision:
     """``want_cuts``/``want_both`` False skip work whose answer the caller does not use."""
-    grid = TileGrid(Range(boxes.b, boxes.b), Range(boxes.h, boxes.h),
-                    Range(boxes.q_lo, boxes.q_hi), Range(boxes.kv_lo, boxes.kv_hi), want_cuts, want_both)
+    b, h, q_lo, q_hi, kv_lo, kv_hi = (getattr(boxes, f).numpy() for f in Boxes.__dataclass_fields__)
+    grid = TileGrid(Range(b, b), Range(h, h), Range(q_lo, q_hi), Range(kv_lo, kv_hi), want_cuts, want_both)
     ranges = evaluate_ranges(graph, grid, load_range)
-    lo, hi = (x.expand(len(boxes)) for x in (ranges.lo, ranges.hi))
-    both = (lo == 0) & (hi == 1) & torch.as_tensor(ranges.attained).expand(len(boxes))
-    cuts = (None if c is None else c.expand(len(boxes)) for c in (grid.cuts["q_idx"], grid.cuts["kv_idx"]))
-    return Decision(lo >= 1, hi <= 0, both, *cuts)
+    lo, hi = ranges.lo, ranges.hi
+    both = (lo == 0) & (hi == 1) & ranges.attained
+    cuts = (None if c is None else _per_box(c, len(boxes)) for c in (grid.cuts["q_idx"], grid.cuts["kv_idx"]))
+    return Decision(*(_per_box(x, len(boxes)) for x in (lo >= 1, hi <= 0, both)), *cuts)
+
+
+def _per_box(x, n: int) -> torch.Tensor:
+    """A numpy result of the range evaluation (maybe one value for all boxes) as a tensor of ``n``."""
+    x = np.asarray(x)
+    return torch.from_numpy(x if x.shape == (n,) and x.flags.writeable else np.broadcast_to(x, n).copy())
 
 
 def evaluate_positions(graph, buffers, boxes: Boxes) -> tuple[torch.Tensor, torch.Tensor]:

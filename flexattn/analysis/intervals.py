@@ -1,7 +1,7 @@
 """Three-valued evaluation of a mask IR over whole tiles at once.
 
 Every node gets, per tile, a sound range of the values it can take inside the
-tile: ``Range(lo, hi)`` of int64 tensors broadcast over the tile grid (bools
+tile: ``Range(lo, hi)`` of int64 numpy arrays broadcast over the tile grid (bools
 are 0/1 ranges: ``lo == 1`` means always true, ``hi == 0`` always false).
 Index arithmetic is kept as affine forms ``a*q + c*kv + offset`` (``Affine``)
 so correlated terms cancel: ``q_idx - kv_idx <= W`` is decided exactly, from
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from flexattn.ir import DType, Graph, Op
 
@@ -27,9 +27,9 @@ class Range:
     [lo, hi] is taken at some position of the box (for a bool: it is both true
     and false somewhere, so the box is PARTIAL without looking at positions)."""
 
-    lo: torch.Tensor
-    hi: torch.Tensor
-    attained: object = False  # a bool or a bool tensor over the boxes
+    lo: np.ndarray
+    hi: np.ndarray
+    attained: object = False  # a bool or a bool array over the boxes
 
 
 def _single(r: Range):
@@ -48,17 +48,21 @@ def _attained(r: Range):
 class Affine:
     """``q_coef * q_idx + kv_coef * kv_idx + offset``, offset a Range (b, h, loads, constants).
 
-    A coefficient is an int, or an int64 tensor over the boxes when the form
+    A coefficient is an int, or an int64 array over the boxes when the form
     holds per box (``q_idx % W`` is ``q_idx - W*p`` in a box within one period p).
     """
 
-    q_coef: int | torch.Tensor
-    kv_coef: int | torch.Tensor
+    q_coef: int | np.ndarray
+    kv_coef: int | np.ndarray
     offset: Range
 
 
-def _t(x) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=torch.int64)
+def _t(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.int64)
+
+
+def _clamp(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, -BIG, BIG)
 
 
 def _any() -> Range:
@@ -73,27 +77,27 @@ def _point(value: int) -> Range:
 def _add(a: Range, b: Range) -> Range:
     """``a + b`` for values that may depend on each other: attained only where one is a single value."""
     if a.lo is a.hi and b.lo is b.hi:
-        value = (a.lo + b.lo).clamp(-BIG, BIG)
+        value = _clamp(a.lo + b.lo)
         return Range(value, value, True)
     attained = (_attained(a) & _single(b)) | (_attained(b) & _single(a))
-    return Range((a.lo + b.lo).clamp(-BIG, BIG), (a.hi + b.hi).clamp(-BIG, BIG), attained)
+    return Range(_clamp(a.lo + b.lo), _clamp(a.hi + b.hi), attained)
 
 
-def _times(x: torch.Tensor, k) -> torch.Tensor:
-    """``x * k`` saturated to [-BIG, BIG] (an int64 product could wrap around); k an int or a tensor."""
+def _times(x: np.ndarray, k) -> np.ndarray:
+    """``x * k`` saturated to [-BIG, BIG] (an int64 product could wrap around); k an int or an array."""
     if isinstance(k, int):
         if k in (0, 1, -1):
             return x * k
-        overflow = x.abs() > BIG // abs(k)
-        return torch.where(overflow, torch.sign(x) * (BIG if k > 0 else -BIG), x * k)
-    if bool((k.abs() <= 1).all()):  # per-box coefficients of x % W are 0 or 1: no overflow possible
+        overflow = np.abs(x) > BIG // abs(k)
+        return np.where(overflow, np.sign(x) * (BIG if k > 0 else -BIG), x * k)
+    if bool((np.abs(k) <= 1).all()):  # per-box coefficients of x % W are 0 or 1: no overflow possible
         return x * k
-    overflow = x.abs() > BIG // k.abs().clamp(min=1)
-    return torch.where(overflow, torch.sign(x) * torch.sign(k) * BIG, x * k)
+    overflow = np.abs(x) > BIG // np.maximum(np.abs(k), 1)
+    return np.where(overflow, np.sign(x) * np.sign(k) * BIG, x * k)
 
 
 def _unit(k):
-    return abs(k) <= 1 if isinstance(k, int) else k.abs() <= 1
+    return abs(k) <= 1 if isinstance(k, int) else np.abs(k) <= 1
 
 
 def _scale(r: Range, k) -> Range:
@@ -103,7 +107,7 @@ def _scale(r: Range, k) -> Range:
         value = _times(r.lo, k)
         return Range(value, value, True)
     lo, hi = _times(r.lo, k), _times(r.hi, k)
-    return Range(torch.minimum(lo, hi), torch.maximum(lo, hi), _attained(r) & _unit(k))
+    return Range(np.minimum(lo, hi), np.maximum(lo, hi), _attained(r) & _unit(k))
 
 
 class TileGrid:
@@ -136,9 +140,9 @@ class TileGrid:
         if start is None:
             return
         usable = (start >= 0) & _single(form.offset)
-        cut = torch.where(usable, start - form.offset.lo, -1)
+        cut = np.where(usable, start - form.offset.lo, -1)
         previous = self.cuts[axis]
-        self.cuts[axis] = cut if previous is None else torch.where(previous >= 0, previous, cut)
+        self.cuts[axis] = cut if previous is None else np.where(previous >= 0, previous, cut)
 
     def range_of(self, form: Affine) -> Range:
         cached = self._ranges.get(id(form))
@@ -158,9 +162,8 @@ class TileGrid:
         if not self.want_attained:
             return Range(lo_hi.lo, lo_hi.hi)
         no_index = (form.q_coef == 0) & (form.kv_coef == 0)
-        attained = torch.where(torch.as_tensor(no_index), torch.as_tensor(_attained(form.offset)),
-                               torch.as_tensor(_unit(form.q_coef) & _unit(form.kv_coef)
-                                               & _single(form.offset)))
+        attained = np.where(no_index, _attained(form.offset), _unit(form.q_coef) & _unit(form.kv_coef)
+                            & _single(form.offset))
         return Range(lo_hi.lo, lo_hi.hi, attained)
 
 
@@ -194,42 +197,42 @@ def _compare(op: Op, a, b, grid: TileGrid) -> Range:
     else:  # NE
         true, false = (d.lo > 0) | (d.hi < 0), (d.lo == 0) & (d.hi == 0)
     # Where d takes every value in its range, each truth value its bounds allow occurs.
-    return Range(true.long(), (~false).long(), _attained(d) if grid.want_attained else False)
+    return Range(_t(true), _t(~false), _attained(d) if grid.want_attained else False)
 
 
 def _floordiv(a: Range, k: int) -> Range:
     if a.lo is a.hi:
-        value = torch.div(a.lo, k, rounding_mode="floor")
+        value = a.lo // k
         return Range(value, value, True)
     # k > 0: flooring keeps the order of the bounds.
-    return Range(torch.div(a.lo, k, rounding_mode="floor"), torch.div(a.hi, k, rounding_mode="floor"), _attained(a))
+    return Range(a.lo // k, a.hi // k, _attained(a))
 
 
 def _mod(value, k: int, grid: "TileGrid"):
     """``value % k`` (k > 0). In a box where ``value`` stays within one period p it
     is ``value - k*p``: still affine, so ``q % W - kv % W`` keeps its correlation."""
     a = _as_range(value, grid)
-    period = torch.div(a.lo, k, rounding_mode="floor")
-    same_period = period == torch.div(a.hi, k, rounding_mode="floor")
+    period = a.lo // k
+    same_period = period == a.hi // k
     # Across periods the result is [0, k-1], every value taken if a whole period is.
     wraps_fully = _attained(a) & (a.hi - a.lo + 1 >= k)
     if not isinstance(value, Affine) or (_is_zero(value.q_coef) and _is_zero(value.kv_coef)):
-        lo = torch.where(same_period, torch.remainder(a.lo, k), _t(0))
-        hi = torch.where(same_period, torch.remainder(a.hi, k), _t(k - 1))
-        return Range(lo, hi, torch.where(same_period, torch.as_tensor(_attained(a)), wraps_fully))
+        lo = np.where(same_period, a.lo % k, 0)
+        hi = np.where(same_period, a.hi % k, k - 1)
+        return Range(lo, hi, np.where(same_period, _attained(a), wraps_fully))
     shifted = _add(value.offset, _scale(Range(period, period), -k))
-    offset = Range(torch.where(same_period, shifted.lo, _t(0)), torch.where(same_period, shifted.hi, _t(k - 1)),
-                   torch.where(same_period, torch.as_tensor(_attained(shifted)), wraps_fully))
+    offset = Range(np.where(same_period, shifted.lo, 0), np.where(same_period, shifted.hi, k - 1),
+                   np.where(same_period, _attained(shifted), wraps_fully))
     q_coef, kv_coef = (0 if _is_zero(c) else same_period * c for c in (value.q_coef, value.kv_coef))
     return Affine(q_coef, kv_coef, offset)
 
 
 def _mul(a: Range, b: Range) -> Range:
-    corners = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
+    corners = np.stack(np.broadcast_arrays(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
     # Products past BIG (detected in float64, where they cannot wrap) saturate.
-    magnitude = torch.maximum(a.lo.abs(), a.hi.abs()).double() * torch.maximum(b.lo.abs(), b.hi.abs()).double()
+    magnitude = np.maximum(np.abs(a.lo), np.abs(a.hi)).astype(np.float64) * np.maximum(np.abs(b.lo), np.abs(b.hi))
     unbounded = magnitude >= BIG
-    return Range(torch.where(unbounded, _t(-BIG), corners.amin(0)), torch.where(unbounded, _t(BIG), corners.amax(0)))
+    return Range(np.where(unbounded, -BIG, corners.min(0)), np.where(unbounded, BIG, corners.max(0)))
 
 
 def _is_zero(coef) -> bool:
@@ -238,7 +241,7 @@ def _is_zero(coef) -> bool:
 
 def _const_of(value) -> int | None:
     r = value.offset if isinstance(value, Affine) and _is_zero(value.q_coef) and _is_zero(value.kv_coef) else value
-    if isinstance(r, Range) and r.lo.dim() == 0 and r.hi.dim() == 0 and int(r.lo) == int(r.hi):
+    if isinstance(r, Range) and np.ndim(r.lo) == 0 and np.ndim(r.hi) == 0 and int(r.lo) == int(r.hi):
         return int(r.lo)
     return None
 
@@ -265,15 +268,15 @@ def _bool_op(op: Op, a: Range, b: Range) -> Range:
     # XOR: decided only when both are decided.
     decided = (a.lo == a.hi) & (b.lo == b.hi)
     value = a.lo ^ b.lo
-    return Range(torch.where(decided, value, _t(0)), torch.where(decided, value, _t(1)))
+    return Range(np.where(decided, value, 0), np.where(decided, value, 1))
 
 
 def _bitwise(op: Op, a: Range, b: Range) -> Range:
     nonneg = (a.lo >= 0) & (b.lo >= 0) & (a.hi < BIG) & (b.hi < BIG)
-    top = torch.maximum(a.hi, b.hi).clamp(min=0)
-    ones = torch.where(top > 0, (2 ** torch.ceil(torch.log2(top.double() + 1))).long() - 1, _t(0))
-    hi = torch.minimum(a.hi, b.hi) if op is Op.AND else ones
-    return Range(torch.where(nonneg, _t(0), _t(-BIG)), torch.where(nonneg, hi, _t(BIG)))
+    top = np.maximum(np.maximum(a.hi, b.hi), 0)
+    ones = np.where(top > 0, (2 ** np.ceil(np.log2(top + 1.0))).astype(np.int64) - 1, 0)
+    hi = np.minimum(a.hi, b.hi) if op is Op.AND else ones
+    return Range(np.where(nonneg, 0, -BIG), np.where(nonneg, hi, BIG))
 
 
 def evaluate_ranges(graph: Graph, grid: TileGrid, load_range) -> Range:
@@ -282,6 +285,13 @@ def evaluate_ranges(graph: Graph, grid: TileGrid, load_range) -> Range:
     ``load_range(buffer_index, index_ranges) -> Range`` gives the range of a
     buffer over index ranges (the caller knows the buffer contents).
     """
+    # Bounds past BIG are computed and then replaced (``_times``, ``_mul``): numpy
+    # would warn on the discarded int64 products that wrap around.
+    with np.errstate(over="ignore"):
+        return _evaluate(graph, grid, load_range)
+
+
+def _evaluate(graph: Graph, grid: TileGrid, load_range) -> Range:
     values: dict = {}
     for node in graph.nodes:
         op, ins = node.op, [values.get(i) for i in node.inputs]
@@ -325,26 +335,25 @@ def _interval_rule(node, ranges: list, raw: list, grid: TileGrid):
     op = node.op
     if op is Op.WHERE:
         cond, a, b = ranges
-        lo = torch.where(cond.lo == 1, a.lo, torch.where(cond.hi == 0, b.lo, torch.minimum(a.lo, b.lo)))
-        hi = torch.where(cond.lo == 1, a.hi, torch.where(cond.hi == 0, b.hi, torch.maximum(a.hi, b.hi)))
-        attained = torch.where(cond.lo == 1, torch.as_tensor(_attained(a)),
-                               (cond.hi == 0) & torch.as_tensor(_attained(b)))
+        lo = np.where(cond.lo == 1, a.lo, np.where(cond.hi == 0, b.lo, np.minimum(a.lo, b.lo)))
+        hi = np.where(cond.lo == 1, a.hi, np.where(cond.hi == 0, b.hi, np.maximum(a.hi, b.hi)))
+        attained = np.where(cond.lo == 1, _attained(a), (cond.hi == 0) & _attained(b))
         return Range(lo, hi, attained)
     if op is Op.CAST:
         r = ranges[0]
         if node.dtype is DType.BOOL:  # x != 0
-            return Range(((r.lo > 0) | (r.hi < 0)).long(), (~((r.lo == 0) & (r.hi == 0))).long(), _attained(r))
+            return Range(_t((r.lo > 0) | (r.hi < 0)), _t(~((r.lo == 0) & (r.hi == 0))), _attained(r))
         return r
     if op is Op.ABS:
         r = ranges[0]
-        lo = torch.where(r.lo >= 0, r.lo, torch.where(r.hi <= 0, -r.hi, _t(0)))
-        return Range(lo, torch.maximum(r.lo.abs(), r.hi.abs()).clamp(max=BIG), _attained(r))
+        lo = np.where(r.lo >= 0, r.lo, np.where(r.hi <= 0, -r.hi, 0))
+        return Range(lo, np.minimum(np.maximum(np.abs(r.lo), np.abs(r.hi)), BIG), _attained(r))
     if op in (Op.MIN, Op.MAX):
-        f = torch.minimum if op is Op.MIN else torch.maximum
+        f = np.minimum if op is Op.MIN else np.maximum
         return Range(f(ranges[0].lo, ranges[1].lo), f(ranges[0].hi, ranges[1].hi))
     k = _const_of(raw[1]) if len(raw) > 1 else None
     if op in (Op.FLOORDIV, Op.MOD) and k is not None and k > 0:
-        grid.suggest_cut(raw[0], lambda lo, hi: torch.where((lo // k + 1) * k <= hi, (lo // k + 1) * k, -1))
+        grid.suggest_cut(raw[0], lambda lo, hi: np.where((lo // k + 1) * k <= hi, (lo // k + 1) * k, -1))
     if op is Op.FLOORDIV and k is not None and k > 0:
         return _floordiv(ranges[0], k)
     if op is Op.MOD and k is not None and k > 0:
