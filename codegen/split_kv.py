@@ -35,6 +35,8 @@ back-end signature of ``codegen.BACKENDS``; it is forward only (no autograd).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from codegen.split_kv_rows import batched_rows, read_tiles, rows_fit, tile_source
@@ -164,13 +166,23 @@ def _filled_span(owner: torch.Tensor) -> slice | None:
     return span if visited.numel() >= POOL_MIN_FILL * (span.stop - span.start) else None
 
 
+class _PoolTiles(NamedTuple):
+    """What every KV head's pass over a pool's span shares (see ``_pool_major``)."""
+
+    row: torch.Tensor  # (n,) each tile's owner row (0 for free tiles)
+    env: dict  # the mods' b, q_idx, kv_idx over (head, tile, group, query row, position)
+    empty: torch.Tensor  # (1, n, 1, L, 1) EMPTY for the owner's query rows (free tiles: all)
+    partial: torch.Tensor  # tiles PARTIAL for some query row of their owner
+    free: torch.Tensor  # tiles no row owns: their outputs are dropped (0 * NaN is NaN)
+
+
 def _pool_major(q, k, v, classes, owner, span: slice, scale, mods, out, lse, max_scores):
     """Split-KV over a paged pool (k/v (Hkv, S, D)) whose rows visit most tiles of ``span``.
 
     Every tile is a chunk, matched with its owner row's queries (``owner`` (T,)
     from ``_page_owners``); the span is read in place, a view of the pool, one
-    KV head per batched matmul, and the tiles' partials are merged per owner
-    row by log-sum-exp. Writes out (B, Hq, L, Ev), lse and max_scores (B, Hq, L).
+    KV head per batched matmul, and the tiles' partials are summed per owner
+    row. Writes out (B, Hq, L, Ev), lse and max_scores (B, Hq, L).
     """
     Hkv, S, E = k.shape
     tiles = torch.arange(span.start, span.stop, device=q.device)
@@ -179,11 +191,17 @@ def _pool_major(q, k, v, classes, owner, span: slice, scale, mods, out, lse, max
     # Each tile's class for its owner's query rows (n, L); unvisited tiles are EMPTY.
     per_row = classes[row.view(-1, 1), 0, (mods.q_idx.view(1, L) // mods.q_block), tiles.view(-1, 1)]
     per_row = torch.where((owner[tiles] >= 0).view(-1, 1), per_row, EMPTY)
+    kv_idx = tiles.view(-1, 1) * kv_block + torch.arange(kv_block, device=q.device)
+    shared = _PoolTiles(row, {"b": row.view(1, -1, 1, 1, 1), "q_idx": mods.q_idx.view(1, 1, 1, L, 1),
+                              "kv_idx": kv_idx.view(1, -1, 1, 1, kv_block)},
+                        (per_row == EMPTY).view(1, -1, 1, L, 1), (per_row == PARTIAL).any(dim=1).nonzero().flatten(),
+                        (owner[tiles] < 0).nonzero().flatten())
+    per_partial = (per_row[shared.partial] == PARTIAL).view(1, -1, 1, L, 1)
     q_of_tile = q[row]  # (n, Hq, L, E): small next to the K/V it is matched with
     pool_tiles = lambda x, h: x[h].view(S // kv_block, kv_block, -1)[span]  # noqa: E731
     for h in range(Hkv):
-        _tile_partials(q_of_tile, pool_tiles(k, h), pool_tiles(v, h), slice(h, h + 1), Hkv, row, tiles,
-                       per_row, scale, mods, out, lse, max_scores)
+        _tile_partials(q_of_tile, pool_tiles(k, h), pool_tiles(v, h), h, Hkv, shared, per_partial, scale, mods,
+                       out, lse, max_scores)
 
 
 def _keys_major_scores(keys: torch.Tensor, queries: torch.Tensor, scale: float) -> torch.Tensor:
@@ -196,47 +214,40 @@ def _keys_major_scores(keys: torch.Tensor, queries: torch.Tensor, scale: float) 
     return torch.bmm(keys, queries.transpose(1, 2)).mul_(scale).transpose(1, 2)
 
 
-def _tile_partials(q_of_tile, k_tiles, v_tiles, kv_heads, Hkv, row, tiles, per_row, scale, mods, out, lse,
-                   max_scores):
-    """Attention of each tile with its owner row's queries for the KV heads ``kv_heads``, merged per row.
+def _tile_partials(q_of_tile, k_tiles, v_tiles, kv_head: int, Hkv, shared: _PoolTiles, per_partial, scale, mods,
+                   out, lse, max_scores):
+    """Attention of each tile with its owner row's queries for KV head ``kv_head``, summed per row.
 
-    q_of_tile (n, Hq, L, E); k_tiles/v_tiles (Hh * n, kv_block, D), head-major.
+    q_of_tile (n, Hq, L, E); k_tiles/v_tiles (n, kv_block, D); ``per_partial`` (1, P, 1, L, 1)
+    where the tiles of ``shared.partial`` are PARTIAL for the owner's query rows.
     """
     n, Hq, L, E = q_of_tile.shape
-    Hh, group, kv_block, B = kv_heads.stop - kv_heads.start, Hq // Hkv, mods.kv_block, out.shape[0]
-    q_heads = slice(kv_heads.start * group, kv_heads.stop * group)
-    q_rows = q_of_tile[:, q_heads].reshape(n, Hh, group * L, E).transpose(0, 1).reshape(Hh * n, group * L, E)
-    s = _keys_major_scores(k_tiles, q_rows, scale).view(Hh, n, group, L, kv_block)
-    env = {"b": row.view(1, n, 1, 1, 1),
-           "h": torch.arange(q_heads.start, q_heads.stop, device=s.device).view(Hh, 1, group, 1, 1),
-           "q_idx": mods.q_idx.view(1, 1, 1, L, 1),
-           "kv_idx": (tiles.view(-1, 1) * kv_block + torch.arange(kv_block, device=s.device)).view(1, n, 1, 1, -1)}
+    group, kv_block, B, row = Hq // Hkv, mods.kv_block, out.shape[0], shared.row
+    q_heads = slice(kv_head * group, (kv_head + 1) * group)
+    s = _keys_major_scores(k_tiles, q_of_tile[:, q_heads].reshape(n, group * L, E), scale)
+    s = s.view(1, n, group, L, kv_block)
+    env = {**shared.env, "h": torch.arange(q_heads.start, q_heads.stop, device=s.device).view(1, 1, group, 1, 1)}
     if mods.score_graph is not None:
         s = torch.broadcast_to(evaluate(mods.score_graph, {**env, "score": s}, mods.score_buffers), s.shape)
         s = s.to(q_of_tile.dtype).contiguous()
-    s.masked_fill_((per_row == EMPTY).view(1, n, 1, L, 1), NEG_INF)
-    partial = (per_row == PARTIAL).any(dim=1).nonzero().flatten()
+    s.masked_fill_(shared.empty, NEG_INF)
+    partial = shared.partial
     if partial.numel() and mods.mask_graph is not None:  # the mask_mod only where a tile is PARTIAL
         sub_env = {name: value[:, partial] if value.shape[1] > 1 else value for name, value in env.items()}
         keep = evaluate(mods.mask_graph, sub_env, mods.mask_buffers).bool()
-        drop = (per_row[partial] == PARTIAL).view(1, -1, 1, L, 1) & ~keep
-        s[:, partial] = s[:, partial].masked_fill(drop, NEG_INF)
-    m = s.amax(dim=-1)  # (Hh, n, G, L)
-    shift = torch.where(m == NEG_INF, 0.0, m)
-    p = torch.exp(s - shift.unsqueeze(-1))
-    o = torch.bmm(p.reshape(Hh * n, group * L, kv_block), v_tiles).view(Hh, n, group, L, -1)
-    # Merge the tiles of each row by log-sum-exp.
-    owner_index = row.view(1, -1, 1, 1).expand_as(m)
-    row_max = m.new_full((Hh, B, group, L), NEG_INF).scatter_reduce_(1, owner_index, m, "amax")
+        s[:, partial] = s[:, partial].masked_fill(per_partial & ~keep, NEG_INF)
+    m = s.amax(dim=-1)  # (1, n, G, L)
+    # Each row's max over all its tiles shifts the exponent of all of them, so the
+    # tiles' partials add up as they are (no rescaling by their own maxima).
+    row_max = m.new_full((1, B, group, L), NEG_INF).scatter_reduce_(1, row.view(1, -1, 1, 1).expand_as(m), m, "amax")
     row_shift = torch.where(row_max == NEG_INF, 0.0, row_max)
-    weight = torch.where(m == NEG_INF, 0.0, torch.exp(m - row_shift[:, row]))
-    total = m.new_zeros(Hh, B, group, L).index_add_(1, row, weight * p.sum(dim=-1))
-    merged = m.new_zeros(Hh, B, group, L, o.shape[-1]).index_add_(1, row, weight.unsqueeze(-1) * o)
-    merged = merged / torch.where(total == 0, 1.0, total).unsqueeze(-1)
-    by_row = lambda x: x.transpose(0, 1).reshape(B, Hh * group, *x.shape[3:])  # noqa: E731
-    out[:, q_heads] = by_row(merged)
-    lse[:, q_heads] = by_row(row_shift + torch.log(total))
-    max_scores[:, q_heads] = by_row(row_max)
+    p = s.sub_(row_shift[:, row].unsqueeze(-1)).exp_()
+    o = torch.bmm(p.reshape(n, group * L, kv_block), v_tiles).view(1, n, group, L, -1).index_fill_(1, shared.free, 0)
+    total = m.new_zeros(1, B, group, L).index_add_(1, row, p.sum(dim=-1))
+    merged = m.new_zeros(1, B, group, L, o.shape[-1]).index_add_(1, row, o)
+    out[:, q_heads] = (merged / torch.where(total == 0, 1.0, total).unsqueeze(-1))[0]
+    lse[:, q_heads] = (row_shift + torch.log(total))[0]
+    max_scores[:, q_heads] = row_max[0]
 
 
 class _Mods:

@@ -152,3 +152,32 @@ def test_shared_cache_with_a_full_row_and_a_scattered_row():
                                             1, 100, BLOCK_SIZE=(1, 16))
     got = _run(decode_attention, q, k, v, None, block_mask)
     _assert_equal_results(got, _run(BACKENDS["reference"], q, k.contiguous(), v.contiguous(), None, block_mask))
+
+
+def test_paged_pool_with_free_pages_holding_nan(monkeypatch):
+    """Free pages between the rows' pages (a finished sequence's, erased) lie in the range
+    read in place; whatever they still hold (NaN here) must not reach the result."""
+    pool_passes = []
+    monkeypatch.setattr(split_kv, "_pool_major", _spy(split_kv._pool_major, pool_passes))
+    torch.manual_seed(0)
+    lengths, Hq, Hkv, D = [200, 150], 4, 2, 16
+    cache = PagedKVCache(n_pages=16, page_size=32, max_batch_size=3)
+    k_cache, v_cache = torch.zeros(1, Hkv, cache.n_positions, D), torch.zeros(1, Hkv, cache.n_positions, D)
+    k, v = torch.randn(2, Hkv, 200, D), torch.randn(2, Hkv, 200, D)
+    for pages in range(1, 8):  # three sequences grow round-robin; the third finishes and is erased
+        for b, n in enumerate(lengths + [64]):
+            cache.reserve(b, min(n, 32 * pages))
+    nan = torch.full((1, Hkv, 64, D), float("nan"))
+    cache.assign(torch.tensor([2]), torch.arange(64)[None], nan, nan, k_cache, v_cache)
+    cache.erase(2)
+    for b, n in enumerate(lengths):
+        cache.assign(torch.tensor([b]), torch.arange(n)[None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], k_cache, v_cache)
+    last = torch.tensor(lengths) - 1
+    logical = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= last[b], 2, None, 1, 200,
+                                         BLOCK_SIZE=(1, 32))
+    q = torch.randn(2, Hq, 1, D)
+    want = _run(BACKENDS["reference"], q, k, v, None, logical)
+    got = _run(decode_attention, q, *cache.expand_kv(k_cache, v_cache, 2), None,
+               cache.convert_logical_block_mask(logical), SPLIT_KV_CHUNK=64)
+    _assert_equal_results(got, want)
+    assert pool_passes
