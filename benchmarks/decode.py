@@ -16,8 +16,11 @@ turns call by call, so a drifting machine slows them alike. Decode is memory-bou
 next to the time each row reports the K/V bytes the mask needs (fp32, each
 needed position's key and value read once) divided by the time, and the
 machine's copy bandwidth measured on a large tensor copy (bytes read +
-written per second). Conversion of the logical BlockMask to pages is timed
-apart ("convert"): it is per step, not per layer.
+written per second). The "paged / contiguous" column comes from a second
+interleaved run of just those two, for at least PAIR_SECONDS (many more calls
+than the four-way run where a row is cheap), so it is not at the mercy of a
+few slow calls. Conversion of the logical BlockMask to pages is timed apart
+("convert"): it is per step, not per layer.
 
 Run: ``python benchmarks/decode.py`` (``--kv-lens 4096 --no-compile`` for a quick run).
 """
@@ -37,6 +40,7 @@ from flexattn.paged import PagedKVCache
 
 B, H_Q, H_KV, HEAD_DIM, WINDOW, PAGE_SIZE = 8, 32, 8, 128, 1024, 128
 BLOCK_SIZE = (1, PAGE_SIZE)  # one query row; kv tiles of a page
+PAIR_SECONDS = 3.0  # the paged / contiguous ratio: its own A/B of the two, at least this long
 
 
 def timed(fn, reps: int) -> float:
@@ -126,8 +130,11 @@ def bench_length(kv_len: int, reps: int, compile_torch: bool, bandwidth: float) 
                                                                                      enable_gqa=True)
         torch.testing.assert_close(fns["scaled_dot_product_attention"](), expected, rtol=1e-4, atol=1e-4)
         seconds = interleaved(fns, reps)
+        pair = {impl: fns[impl] for impl in ("flexattn", "flexattn paged")}
+        pair_seconds = interleaved(pair, max(reps, round(PAIR_SECONDS / sum(seconds[impl] for impl in pair))))
+        ratio = pair_seconds["flexattn paged"] / pair_seconds["flexattn"]
         for impl, time_s in seconds.items():
-            report(impl, time_s, f"{time_s / seconds['flexattn']:.3f}x" if impl == "flexattn paged" else "")
+            report(impl, time_s, f"{ratio:.3f}x" if impl == "flexattn paged" else "")
         convert = timed(lambda: cache.convert_logical_block_mask(logical), reps)
         rows.append((name, kv_len, "  convert_logical_block_mask", convert * 1e3, None, None, ""))
     return rows
