@@ -22,8 +22,10 @@ cost is reading K/V. This path is organised around that read:
 * **A paged pool** (K/V shared by the batch with stride 0) whose rows visit
   many tiles, filling most of the range they span, is processed tile-major:
   every tile is a chunk, matched with its owner row's queries, all tiles of a
-  KV head in one batched matmul on views of the pool; the tiles' partials are
-  merged per row.
+  KV head in one batched matmul on views of the pool; every tile's exponents
+  are shifted by its row's max over all the row's tiles, so the tiles'
+  partials add up per row without rescaling. Free pages in the range are
+  read but dropped.
 * Scores are computed keys-major (``_keys_major_scores``).
 * Only tiles the BlockMask visits are read; the mask_mod is evaluated only
   where a tile is PARTIAL for some row.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from flexattn import passes
@@ -30,7 +31,7 @@ TOP_BOXES = 64  # boxes per side at the coarsest level (each a power of SPLIT ti
 
 
 class _TilePlane:
-    """The tile-class tensor, padded so that boxes of ``side`` tiles tile it exactly."""
+    """The tile classes (numpy int8), padded so that boxes of ``side`` tiles tile them exactly."""
 
     def __init__(self, nb, nh, nq, nkv, q_block, kv_block, Q_LEN, KV_LEN):
         self.side = 1
@@ -39,18 +40,18 @@ class _TilePlane:
         self.n = (nb, nh, nq, nkv)
         self.block, self.length = (q_block, kv_block), (Q_LEN, KV_LEN)
         # EMPTY until painted: boxes decided always false need no painting.
-        self.padded = torch.full((nb, nh, math.ceil(nq / self.side) * self.side,
-                                  math.ceil(nkv / self.side) * self.side), EMPTY, dtype=torch.int8)
+        self.padded = np.full((nb, nh, math.ceil(nq / self.side) * self.side,
+                               math.ceil(nkv / self.side) * self.side), EMPTY, dtype=np.int8)
 
     def boxes(self, b, h, qi, ki, side) -> Boxes:
         """Index boxes of the tile boxes (qi, ki) of ``side`` tiles, clipped to the sequences."""
         (q_block, kv_block), (Q_LEN, KV_LEN) = self.block, self.length
-        return Boxes(b, h, qi * side * q_block, ((qi + 1) * side * q_block).clamp(max=Q_LEN) - 1,
-                     ki * side * kv_block, ((ki + 1) * side * kv_block).clamp(max=KV_LEN) - 1)
+        return Boxes(b, h, qi * side * q_block, np.minimum((qi + 1) * side * q_block, Q_LEN) - 1,
+                     ki * side * kv_block, np.minimum((ki + 1) * side * kv_block, KV_LEN) - 1)
 
     def paint(self, b, h, qi, ki, side, value) -> None:
         nb, nh, nq_pad, nkv_pad = self.padded.shape
-        view = self.padded.view(nb, nh, nq_pad // side, side, nkv_pad // side, side)
+        view = self.padded.reshape(nb, nh, nq_pad // side, side, nkv_pad // side, side)  # a view
         view[b, h, qi, :, ki, :] = value
 
 
@@ -59,9 +60,9 @@ def _classify_tiles(graph, load_range, plane: _TilePlane):
     with the cuts the range evaluation suggests for them."""
     nb, nh, nq, nkv = plane.n
     side = plane.side
-    b, h, qi, ki = (x.flatten() for x in torch.meshgrid(
-        torch.arange(nb), torch.arange(nh), torch.arange(math.ceil(nq / side)),
-        torch.arange(math.ceil(nkv / side)), indexing="ij"))
+    b, h, qi, ki = (x.ravel() for x in np.meshgrid(
+        np.arange(nb), np.arange(nh), np.arange(math.ceil(nq / side)), np.arange(math.ceil(nkv / side)),
+        indexing="ij"))
     while True:
         true, false, both, q_cut, kv_cut = decide(graph, load_range, plane.boxes(b, h, qi, ki, side),
                                                   want_cuts=side == 1, want_both=side == 1)
@@ -69,18 +70,18 @@ def _classify_tiles(graph, load_range, plane: _TilePlane):
         # Indices, not bool masks: one nonzero serves all four fields.
         painted = [(true, FULL)] + ([(both, PARTIAL)] if side == 1 else [])  # a tile true and false is PARTIAL
         for decided, value in painted:
-            at = decided.nonzero().squeeze(1)
+            at = np.flatnonzero(decided)
             plane.paint(b[at], h[at], qi[at], ki[at], side, value)
-        unknown = unknown.nonzero().squeeze(1)
+        unknown = np.flatnonzero(unknown)
         b, h, qi, ki = b[unknown], h[unknown], qi[unknown], ki[unknown]
         if side == 1:
             return (b, h, qi, ki), tuple(None if cut is None else cut[unknown] for cut in (q_cut, kv_cut))
         side //= SPLIT
-        part = torch.arange(SPLIT)
-        qi = (qi.view(-1, 1, 1) * SPLIT + part.view(1, -1, 1)).expand(-1, SPLIT, SPLIT).flatten()
-        ki = (ki.view(-1, 1, 1) * SPLIT + part.view(1, 1, -1)).expand(-1, SPLIT, SPLIT).flatten()
-        b, h = (x.repeat_interleave(SPLIT * SPLIT) for x in (b, h))
-        inside = ((qi * side < nq) & (ki * side < nkv)).nonzero().squeeze(1)
+        part = np.arange(SPLIT)
+        qi = np.repeat(qi[:, None] * SPLIT + part, SPLIT)  # child (i, j) of a box: q part i, kv part j
+        ki = np.tile(ki[:, None] * SPLIT + part, SPLIT).ravel()
+        b, h = (np.repeat(x, SPLIT * SPLIT) for x in (b, h))
+        inside = np.flatnonzero((qi * side < nq) & (ki * side < nkv))
         b, h, qi, ki = b[inside], h[inside], qi[inside], ki[inside]
 
 
@@ -134,7 +135,8 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=DE
     # A ragged edge tile is never FULL (torch counts its padding as masked out).
     for edge, cut in ((classes[:, :, -1, :], Q_LEN % q_block), (classes[:, :, :, -1], KV_LEN % kv_block)):
         if cut:
-            edge.masked_fill_(edge == FULL, PARTIAL)
+            edge[edge == FULL] = PARTIAL
+    classes = torch.from_numpy(classes)
     total = nb * nh * nq * nkv
     block_mask = BlockMask.from_tile_classes(classes.expand(B, H, nq, nkv).to(device), (q_block, kv_block),
                                              (Q_LEN, KV_LEN), mask_mod)

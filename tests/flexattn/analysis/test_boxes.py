@@ -16,7 +16,7 @@ from flexattn.trace import trace_mask_mod
 
 def _boxes(corners):
     fields = zip(*[(b, h, q, q + dq, kv, kv + dkv) for b, h, q, dq, kv, dkv in corners])
-    return Boxes(*(torch.tensor(f, dtype=torch.int64) for f in fields))
+    return Boxes(*(np.array(f, dtype=np.int64) for f in fields))
 
 
 def _values(traced, b, h, q_lo, q_hi, kv_lo, kv_hi):
@@ -53,7 +53,7 @@ def test_decisions_hold_at_every_position(expr, corners):
 def test_refined_classes_are_exact(expr, corners, ragged):
     traced = trace_mask_mod(as_mask_mod(expr))
     tiles = _boxes(corners)
-    flags = torch.full((len(tiles),), ragged)
+    flags = np.full(len(tiles), ragged)
     classes, _ = refine_tiles(traced.graph, traced.buffers, BufferRanges(traced.buffers), tiles, flags)
     for i in range(len(tiles)):
         values = _values(traced, *(int(getattr(tiles, f)[i]) for f in tiles.__dataclass_fields__))
@@ -78,14 +78,14 @@ def test_first_change_is_the_first_index_where_a_clamped_load_changes(values, lo
 @given(corners=st.lists(box, min_size=1, max_size=5), cut_at=st.lists(st.integers(-1, 45), min_size=2, max_size=2))
 def test_split_partitions_each_box(corners, cut_at):
     boxes = _boxes(corners)
-    q_cut = boxes.q_lo + cut_at[0] if cut_at[0] >= 0 else torch.full_like(boxes.q_lo, -1)
-    kv_cut = boxes.kv_lo + cut_at[1] if cut_at[1] >= 0 else torch.full_like(boxes.kv_lo, -1)
+    q_cut = boxes.q_lo + cut_at[0] if cut_at[0] >= 0 else np.full_like(boxes.q_lo, -1)
+    kv_cut = boxes.kv_lo + cut_at[1] if cut_at[1] >= 0 else np.full_like(boxes.kv_lo, -1)
     children, parent = boxes.split(q_cut, kv_cut)
     for i in range(len(boxes)):
-        cover = torch.zeros(int(boxes.q_hi[i] - boxes.q_lo[i]) + 1, int(boxes.kv_hi[i] - boxes.kv_lo[i]) + 1,
-                            dtype=torch.int64)
-        for j in (parent == i).nonzero().flatten().tolist():
+        cover = np.zeros((int(boxes.q_hi[i] - boxes.q_lo[i]) + 1, int(boxes.kv_hi[i] - boxes.kv_lo[i]) + 1),
+                         dtype=np.int64)
+        for j in np.flatnonzero(parent == i).tolist():
             assert children.q_lo[j] <= children.q_hi[j] and children.kv_lo[j] <= children.kv_hi[j]
             cover[int(children.q_lo[j] - boxes.q_lo[i]):int(children.q_hi[j] - boxes.q_lo[i]) + 1,
                   int(children.kv_lo[j] - boxes.kv_lo[i]):int(children.kv_hi[j] - boxes.kv_lo[i]) + 1] += 1
-        assert torch.all(cover == 1)
+        assert np.all(cover == 1)
