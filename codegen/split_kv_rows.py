@@ -85,7 +85,7 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     sources = None if key_rows and value_rows else \
         [tile_source(tiles[b, :int(count[b])], kv_block, S)[0] if count[b] else None for b in range(B)]
 
-    q_rows = q.view(B, Hkv, group * L, E)
+    q_rows = q.view(B, Hkv, group * L, E) * scale  # scaling the few queries, not the many scores
     index = None
     if key_rows:
         index = table_index(key_rows[1], positions, group * L, slot=2)
@@ -96,7 +96,7 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
             if source is not None:
                 keys = read_tiles(k[0] if shared else k[b], source, kv_block, slot=0)
                 s[b, :, :, :keys.shape[1]] = torch.bmm(keys, q_rows[b].transpose(1, 2)).transpose(1, 2)
-    s = s.mul_(scale).view(B, Hkv, group, L, width * kv_block)
+    s = s.view(B, Hkv, group, L, width * kv_block)
     env = {"b": torch.arange(B, device=q.device).view(B, 1, 1, 1, 1),
            "h": torch.arange(Hq, device=q.device).view(1, Hkv, group, 1, 1),
            "q_idx": mods.q_idx.view(1, 1, 1, L, 1), "kv_idx": kv_idx.view(B, 1, 1, 1, -1)}
@@ -114,7 +114,7 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     s.masked_fill_(~(keep & (env["kv_idx"] < S)), NEG_INF)
     m = s.amax(dim=-1)  # (B, Hkv, G, L)
     shift = torch.where(m == NEG_INF, 0.0, m)
-    p = torch.exp(s.sub_(shift.unsqueeze(-1))).view(B, Hkv, group * L, width * kv_block)
+    p = s.sub_(shift.unsqueeze(-1)).exp_().view(B, Hkv, group * L, width * kv_block)
     total = p.sum(dim=-1).view(B, Hkv, group, L)
     if value_rows:
         if index is None or not torch.equal(value_rows[1], key_rows[1]):
