@@ -211,9 +211,10 @@ def _keys_major_scores(keys: torch.Tensor, queries: torch.Tensor, scale: float) 
 
     With M a handful of rows (G * L), the tall (N x E) @ (E x M) matmul runs about
     twice as fast on CPU as (M x E) @ (E x N); the result is its transposed view,
-    which elementwise ops and the later matmul with V take as it is.
+    which elementwise ops and the later matmul with V take as it is. The few
+    queries are scaled, not the many scores.
     """
-    return torch.bmm(keys, queries.transpose(1, 2)).mul_(scale).transpose(1, 2)
+    return torch.bmm(keys, (queries * scale).transpose(1, 2)).transpose(1, 2)
 
 
 def _tile_partials(q_of_tile, k_tiles, v_tiles, kv_head: int, Hkv, shared: _PoolTiles, per_partial, scale, mods,
