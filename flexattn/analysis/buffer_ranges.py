@@ -21,7 +21,7 @@ class BufferRanges:
                 self.next_change.append(None)
                 continue
             n = values.size
-            at = np.where(values[1:] != values[:-1], np.arange(1, n), n)
+            at = np.where(values[1:] != values[:-1], np.arange(1, n, dtype=np.int64), n)
             suffix_min = np.minimum.accumulate(at[::-1])[::-1]
             self.next_change.append(np.concatenate([suffix_min, [n]]))
             if bool((values[1:] >= values[:-1]).all()):  # sorted (document ids): the ends are the extremes

@@ -61,7 +61,7 @@ def _classify_tiles(graph, load_range, plane: _TilePlane):
     nb, nh, nq, nkv = plane.n
     side = plane.side
     b, h, qi, ki = (x.ravel() for x in np.meshgrid(
-        np.arange(nb), np.arange(nh), np.arange(math.ceil(nq / side)), np.arange(math.ceil(nkv / side)),
+        *(np.arange(n, dtype=np.int64) for n in (nb, nh, math.ceil(nq / side), math.ceil(nkv / side))),
         indexing="ij"))
     while True:
         true, false, both, q_cut, kv_cut = decide(graph, load_range, plane.boxes(b, h, qi, ki, side),
