@@ -199,10 +199,9 @@ def _pool_major(q, k, v, classes, owner, span: slice, scale, mods, out, lse, max
                         (per_row == EMPTY).view(1, -1, 1, L, 1), (per_row == PARTIAL).any(dim=1).nonzero().flatten(),
                         (owner[tiles] < 0).nonzero().flatten())
     per_partial = (per_row[shared.partial] == PARTIAL).view(1, -1, 1, L, 1)
-    q_of_tile = q[row]  # (n, Hq, L, E): small next to the K/V it is matched with
     pool_tiles = lambda x, h: x[h].view(S // kv_block, kv_block, -1)[span]  # noqa: E731
     for h in range(Hkv):
-        _tile_partials(q_of_tile, pool_tiles(k, h), pool_tiles(v, h), h, Hkv, shared, per_partial, scale, mods,
+        _tile_partials(q, pool_tiles(k, h), pool_tiles(v, h), h, Hkv, shared, per_partial, scale, mods,
                        out, lse, max_scores)
 
 
@@ -217,22 +216,23 @@ def _keys_major_scores(keys: torch.Tensor, queries: torch.Tensor, scale: float) 
     return torch.bmm(keys, (queries * scale).transpose(1, 2)).transpose(1, 2)
 
 
-def _tile_partials(q_of_tile, k_tiles, v_tiles, kv_head: int, Hkv, shared: _PoolTiles, per_partial, scale, mods,
+def _tile_partials(q, k_tiles, v_tiles, kv_head: int, Hkv, shared: _PoolTiles, per_partial, scale, mods,
                    out, lse, max_scores):
     """Attention of each tile with its owner row's queries for KV head ``kv_head``, summed per row.
 
-    q_of_tile (n, Hq, L, E); k_tiles/v_tiles (n, kv_block, D); ``per_partial`` (1, P, 1, L, 1)
+    q (B, Hq, L, E); k_tiles/v_tiles (n, kv_block, D); ``per_partial`` (1, P, 1, L, 1)
     where the tiles of ``shared.partial`` are PARTIAL for the owner's query rows.
     """
-    n, Hq, L, E = q_of_tile.shape
-    group, kv_block, B, row = Hq // Hkv, mods.kv_block, out.shape[0], shared.row
+    B, Hq, L, E = q.shape
+    n, group, kv_block, row = k_tiles.shape[0], Hq // Hkv, mods.kv_block, shared.row
     q_heads = slice(kv_head * group, (kv_head + 1) * group)
-    s = _keys_major_scores(k_tiles, q_of_tile[:, q_heads].reshape(n, group * L, E), scale)
+    # Each tile's owner queries, gathered per head (small, and reused memory, unlike all heads at once).
+    s = _keys_major_scores(k_tiles, q[:, q_heads].reshape(B, group * L, E)[row], scale)
     s = s.view(1, n, group, L, kv_block)
     env = {**shared.env, "h": torch.arange(q_heads.start, q_heads.stop, device=s.device).view(1, 1, group, 1, 1)}
     if mods.score_graph is not None:
         s = torch.broadcast_to(evaluate(mods.score_graph, {**env, "score": s}, mods.score_buffers), s.shape)
-        s = s.to(q_of_tile.dtype).contiguous()
+        s = s.to(q.dtype).contiguous()
     s.masked_fill_(shared.empty, NEG_INF)
     partial = shared.partial
     if partial.numel() and mods.mask_graph is not None:  # the mask_mod only where a tile is PARTIAL
