@@ -200,34 +200,36 @@ def _pool_major(q, k, v, classes, owner, span: slice, scale, mods, out, lse, max
                         (owner[tiles] < 0).nonzero().flatten())
     per_partial = (per_row[shared.partial] == PARTIAL).view(1, -1, 1, L, 1)
     pool_tiles = lambda x, h: x[h].view(S // kv_block, kv_block, -1)[span]  # noqa: E731
+    q = q * scale  # the few queries, not the many scores
     for h in range(Hkv):
-        _tile_partials(q, pool_tiles(k, h), pool_tiles(v, h), h, Hkv, shared, per_partial, scale, mods,
+        _tile_partials(q, pool_tiles(k, h), pool_tiles(v, h), h, Hkv, shared, per_partial, mods,
                        out, lse, max_scores)
 
 
-def _keys_major_scores(keys: torch.Tensor, queries: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scores (batch, M, N) of queries (batch, M, E) against keys (batch, N, E), stored keys-major.
+def _keys_major_scores(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Scores (batch, M, N) of queries (batch, M, E), already scaled, against keys (batch, N, E),
+    stored keys-major.
 
     With M a handful of rows (G * L), the tall (N x E) @ (E x M) matmul runs about
     twice as fast on CPU as (M x E) @ (E x N); the result is its transposed view,
-    which elementwise ops and the later matmul with V take as it is. The few
-    queries are scaled, not the many scores.
+    which elementwise ops and the later matmul with V take as it is. Callers
+    scale the few queries, not the many scores.
     """
-    return torch.bmm(keys, (queries * scale).transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(keys, queries.transpose(1, 2)).transpose(1, 2)
 
 
-def _tile_partials(q, k_tiles, v_tiles, kv_head: int, Hkv, shared: _PoolTiles, per_partial, scale, mods,
+def _tile_partials(q, k_tiles, v_tiles, kv_head: int, Hkv, shared: _PoolTiles, per_partial, mods,
                    out, lse, max_scores):
     """Attention of each tile with its owner row's queries for KV head ``kv_head``, summed per row.
 
-    q (B, Hq, L, E); k_tiles/v_tiles (n, kv_block, D); ``per_partial`` (1, P, 1, L, 1)
+    q (B, Hq, L, E) scaled; k_tiles/v_tiles (n, kv_block, D); ``per_partial`` (1, P, 1, L, 1)
     where the tiles of ``shared.partial`` are PARTIAL for the owner's query rows.
     """
     B, Hq, L, E = q.shape
     n, group, kv_block, row = k_tiles.shape[0], Hq // Hkv, mods.kv_block, shared.row
     q_heads = slice(kv_head * group, (kv_head + 1) * group)
     # Each tile's owner queries, gathered per head (small, and reused memory, unlike all heads at once).
-    s = _keys_major_scores(k_tiles, q[:, q_heads].reshape(B, group * L, E)[row], scale)
+    s = _keys_major_scores(k_tiles, q[:, q_heads].reshape(B, group * L, E)[row])
     s = s.view(1, n, group, L, kv_block)
     env = {**shared.env, "h": torch.arange(q_heads.start, q_heads.stop, device=s.device).view(1, 1, group, 1, 1)}
     if mods.score_graph is not None:
@@ -283,7 +285,7 @@ def _chunk(q, k, v, tiles, b, q_heads, tile_classes, scale, mods: _Mods):
     source, kv_idx = tile_source(tiles, kv_block, S)
     k_chunk, v_chunk = (read_tiles(x, source, kv_block, slot) for slot, x in enumerate((k, v)))
     # All query rows of a KV head in one matmul, keys-major (see ``_keys_major_scores``).
-    s = _keys_major_scores(k_chunk, q.reshape(Hkv_u, group * L, -1), scale).view(Hkv_u, group, L, -1)
+    s = _keys_major_scores(k_chunk, q.reshape(Hkv_u, group * L, -1) * scale).view(Hkv_u, group, L, -1)
     env = None
     if mods.score_graph is not None:
         env = mods.env(b, q_heads, group, kv_idx)
