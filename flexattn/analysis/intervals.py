@@ -33,7 +33,7 @@ class Range:
 
 
 def _single(r: Range):
-    """Where ``r`` is a single value (known without work when lo and hi are one tensor)."""
+    """Where ``r`` is a single value (known without work when lo and hi are one array)."""
     return True if r.lo is r.hi else r.lo == r.hi
 
 
