@@ -26,7 +26,7 @@ cost is reading K/V. This path is organised around that read:
   are shifted by its row's max over all the row's tiles, so the tiles'
   partials add up per row without rescaling. Free pages in the range are
   read but dropped.
-* Scores are computed keys-major (``_keys_major_scores``).
+* Scores are computed keys-major (``split_kv_rows.keys_major_scores``).
 * Only tiles the BlockMask visits are read; the mask_mod is evaluated only
   where a tile is PARTIAL for some row.
 
@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from codegen.split_kv_rows import batched_rows, read_tiles, rows_fit, tile_source
+from codegen.split_kv_rows import batched_rows, keys_major_scores, read_tiles, rows_fit, tile_source
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 from flexattn.errors import LoweringError
 from flexattn.semantics import evaluate
@@ -169,12 +169,13 @@ def _filled_span(owner: torch.Tensor) -> slice | None:
 
 
 class _PoolTiles(NamedTuple):
-    """What every KV head's pass over a pool's span shares (see ``_pool_major``)."""
+    """What every KV head's pass over a pool's span shares (see ``_pool_major``); n tiles."""
 
     row: torch.Tensor  # (n,) each tile's owner row (0 for free tiles)
-    env: dict  # the mods' b, q_idx, kv_idx over (head, tile, group, query row, position)
-    empty: torch.Tensor  # (1, n, 1, L, 1) EMPTY for the owner's query rows (free tiles: all)
+    env: dict  # the mods' b, q_idx, kv_idx over (tile, group, query row, position)
+    empty: torch.Tensor  # (n, 1, L, 1) EMPTY for the owner's query rows (free tiles: all)
     partial: torch.Tensor  # tiles PARTIAL for some query row of their owner
+    partial_rows: torch.Tensor  # (P, 1, L, 1) where those tiles are PARTIAL for the owner's query rows
     free: torch.Tensor  # tiles no row owns: their outputs are dropped (0 * NaN is NaN)
 
 
@@ -194,65 +195,49 @@ def _pool_major(q, k, v, classes, owner, span: slice, scale, mods, out, lse, max
     per_row = classes[row.view(-1, 1), 0, (mods.q_idx.view(1, L) // mods.q_block), tiles.view(-1, 1)]
     per_row = torch.where((owner[tiles] >= 0).view(-1, 1), per_row, EMPTY)
     kv_idx = tiles.view(-1, 1) * kv_block + torch.arange(kv_block, device=q.device)
-    shared = _PoolTiles(row, {"b": row.view(1, -1, 1, 1, 1), "q_idx": mods.q_idx.view(1, 1, 1, L, 1),
-                              "kv_idx": kv_idx.view(1, -1, 1, 1, kv_block)},
-                        (per_row == EMPTY).view(1, -1, 1, L, 1), (per_row == PARTIAL).any(dim=1).nonzero().flatten(),
+    partial = (per_row == PARTIAL).any(dim=1).nonzero().flatten()
+    shared = _PoolTiles(row, {"b": row.view(-1, 1, 1, 1), "q_idx": mods.q_idx.view(1, 1, L, 1),
+                              "kv_idx": kv_idx.view(-1, 1, 1, kv_block)},
+                        (per_row == EMPTY).view(-1, 1, L, 1), partial, (per_row[partial] == PARTIAL).view(-1, 1, L, 1),
                         (owner[tiles] < 0).nonzero().flatten())
-    per_partial = (per_row[shared.partial] == PARTIAL).view(1, -1, 1, L, 1)
     pool_tiles = lambda x, h: x[h].view(S // kv_block, kv_block, -1)[span]  # noqa: E731
     q = q * scale  # the few queries, not the many scores
     for h in range(Hkv):
-        _tile_partials(q, pool_tiles(k, h), pool_tiles(v, h), h, Hkv, shared, per_partial, mods,
-                       out, lse, max_scores)
+        _tile_partials(q, pool_tiles(k, h), pool_tiles(v, h), h, Hkv, shared, mods, out, lse, max_scores)
 
 
-def _keys_major_scores(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Scores (batch, M, N) of queries (batch, M, E), already scaled, against keys (batch, N, E),
-    stored keys-major.
-
-    With M a handful of rows (G * L), the tall (N x E) @ (E x M) matmul runs about
-    twice as fast on CPU as (M x E) @ (E x N); the result is its transposed view,
-    which elementwise ops and the later matmul with V take as it is. Callers
-    scale the few queries, not the many scores.
-    """
-    return torch.bmm(keys, queries.transpose(1, 2)).transpose(1, 2)
-
-
-def _tile_partials(q, k_tiles, v_tiles, kv_head: int, Hkv, shared: _PoolTiles, per_partial, mods,
-                   out, lse, max_scores):
+def _tile_partials(q, k_tiles, v_tiles, kv_head: int, Hkv, shared: _PoolTiles, mods, out, lse, max_scores):
     """Attention of each tile with its owner row's queries for KV head ``kv_head``, summed per row.
 
-    q (B, Hq, L, E) scaled; k_tiles/v_tiles (n, kv_block, D); ``per_partial`` (1, P, 1, L, 1)
-    where the tiles of ``shared.partial`` are PARTIAL for the owner's query rows.
+    q (B, Hq, L, E) scaled; k_tiles/v_tiles (n, kv_block, D).
     """
     B, Hq, L, E = q.shape
     n, group, kv_block, row = k_tiles.shape[0], Hq // Hkv, mods.kv_block, shared.row
     q_heads = slice(kv_head * group, (kv_head + 1) * group)
     # Each tile's owner queries, gathered per head (small, and reused memory, unlike all heads at once).
-    s = _keys_major_scores(k_tiles, q[:, q_heads].reshape(B, group * L, E)[row])
-    s = s.view(1, n, group, L, kv_block)
-    env = {**shared.env, "h": torch.arange(q_heads.start, q_heads.stop, device=s.device).view(1, 1, group, 1, 1)}
+    s = keys_major_scores(k_tiles, q[:, q_heads].reshape(B, group * L, E)[row]).view(n, group, L, kv_block)
+    env = {**shared.env, "h": torch.arange(q_heads.start, q_heads.stop, device=s.device).view(1, group, 1, 1)}
     if mods.score_graph is not None:
         s = torch.broadcast_to(evaluate(mods.score_graph, {**env, "score": s}, mods.score_buffers), s.shape)
         s = s.to(q.dtype).contiguous()
     s.masked_fill_(shared.empty, NEG_INF)
     partial = shared.partial
     if partial.numel() and mods.mask_graph is not None:  # the mask_mod only where a tile is PARTIAL
-        sub_env = {name: value[:, partial] if value.shape[1] > 1 else value for name, value in env.items()}
+        sub_env = {name: value[partial] if value.shape[0] > 1 else value for name, value in env.items()}
         keep = evaluate(mods.mask_graph, sub_env, mods.mask_buffers).bool()
-        s[:, partial] = s[:, partial].masked_fill(per_partial & ~keep, NEG_INF)
-    m = s.amax(dim=-1)  # (1, n, G, L)
+        s[partial] = s[partial].masked_fill(shared.partial_rows & ~keep, NEG_INF)
+    m = s.amax(dim=-1)  # (n, G, L)
     # Each row's max over all its tiles shifts the exponent of all of them, so the
     # tiles' partials add up as they are (no rescaling by their own maxima).
-    row_max = m.new_full((1, B, group, L), NEG_INF).scatter_reduce_(1, row.view(1, -1, 1, 1).expand_as(m), m, "amax")
+    row_max = m.new_full((B, group, L), NEG_INF).scatter_reduce_(0, row.view(-1, 1, 1).expand_as(m), m, "amax")
     row_shift = torch.where(row_max == NEG_INF, 0.0, row_max)
-    p = s.sub_(row_shift[:, row].unsqueeze(-1)).exp_()
-    o = torch.bmm(p.reshape(n, group * L, kv_block), v_tiles).view(1, n, group, L, -1).index_fill_(1, shared.free, 0)
-    total = m.new_zeros(1, B, group, L).index_add_(1, row, p.sum(dim=-1))
-    merged = m.new_zeros(1, B, group, L, o.shape[-1]).index_add_(1, row, o)
-    out[:, q_heads] = (merged / torch.where(total == 0, 1.0, total).unsqueeze(-1))[0]
-    lse[:, q_heads] = (row_shift + torch.log(total))[0]
-    max_scores[:, q_heads] = row_max[0]
+    p = s.sub_(row_shift[row].unsqueeze(-1)).exp_()
+    o = torch.bmm(p.reshape(n, group * L, kv_block), v_tiles).view(n, group, L, -1).index_fill_(0, shared.free, 0)
+    total = m.new_zeros(B, group, L).index_add_(0, row, p.sum(dim=-1))
+    merged = m.new_zeros(B, group, L, o.shape[-1]).index_add_(0, row, o)
+    out[:, q_heads] = merged / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+    lse[:, q_heads] = row_shift + torch.log(total)
+    max_scores[:, q_heads] = row_max
 
 
 class _Mods:
@@ -284,8 +269,8 @@ def _chunk(q, k, v, tiles, b, q_heads, tile_classes, scale, mods: _Mods):
     # Consecutive tiles are a view of the cache; scattered ones (a paged cache) are gathered once.
     source, kv_idx = tile_source(tiles, kv_block, S)
     k_chunk, v_chunk = (read_tiles(x, source, kv_block, slot) for slot, x in enumerate((k, v)))
-    # All query rows of a KV head in one matmul, keys-major (see ``_keys_major_scores``).
-    s = _keys_major_scores(k_chunk, q.reshape(Hkv_u, group * L, -1) * scale).view(Hkv_u, group, L, -1)
+    # All query rows of a KV head in one matmul, keys-major (see ``keys_major_scores``).
+    s = keys_major_scores(k_chunk, q.reshape(Hkv_u, group * L, -1) * scale).view(Hkv_u, group, L, -1)
     env = None
     if mods.score_graph is not None:
         env = mods.env(b, q_heads, group, kv_idx)
