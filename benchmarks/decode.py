@@ -49,14 +49,17 @@ def timed(fn, reps: int) -> float:
 
 
 def interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds of each function; they take turns, so a drifting machine hits all alike."""
+    """Median seconds of each function; they take turns, so a drifting machine hits all alike, and
+    the order of the turn rotates, so no function always runs right after the same other one (a
+    call leaves caches, and idle threads still spinning, to the next)."""
     for fn in fns.values():
         fn()
+    names = list(fns)
     times: dict = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -13,14 +13,16 @@ cost is reading K/V. This path is organised around that read:
   by their log-sum-exp at the end. Chunks need no running state from each
   other, so they can run in parallel; a chunk of consecutive tiles is a view
   of the cache (no copy), a chunk of scattered tiles is gathered once.
-* **Rows that visit a window of tiles run as one batch**
-  (``codegen.split_kv_rows``): when every row visits at most one chunk of
-  tiles and the mask does not depend on the head (a sliding window), only the
-  two matmuls are per row; masks, score_mod and softmax run once over the
-  stacked scores, and K/V are read in place (a paged pool's pages too: an
-  ``embedding_bag`` for the values, a sampled matmul for scattered keys).
+* **Rows run as one batch** (``codegen.split_kv_rows``) when the mask does
+  not depend on the head and every row visits at most one chunk of tiles (a
+  sliding window) or, on the CPU, where ``codegen.cpu_gather``'s kernels read
+  K/V in place (a contiguous cache or a paged pool), rows of any length whose
+  padded scores fit a budget: masks, score_mod and softmax run once over the
+  stacked scores, and the kernels read each row's positions where they lie
+  (a paged pool's scattered pages within a few percent of a contiguous cache).
 * **A paged pool** (K/V shared by the batch with stride 0) whose rows visit
-  many tiles, filling most of the range they span, is processed tile-major:
+  many tiles, filling most of the range they span, and that the batch does
+  not take (other devices, a pool the kernels cannot read), is processed tile-major:
   every tile is a chunk, matched with its owner row's queries, all tiles of a
   KV head in one batched matmul on views of the pool; every tile's exponents
   are shifted by its row's max over all the row's tiles, so the tiles'
@@ -59,7 +61,7 @@ def decode_attention(query, key, value, *, score_graph, score_buffers, mask_grap
     Shapes: query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev),
     Hq a multiple of Hkv; ``block_mask`` a BlockMask over (L, S) or None
     (attend everywhere). ``kernel_options["SPLIT_KV_CHUNK"]`` sets the chunk
-    length (rounded up to whole tiles). Returns ``(out, lse, max_scores)``:
+    length (rounded up to whole tiles) where K/V are not read as one batch. Returns ``(out, lse, max_scores)``:
     out (B, Hq, L, Ev) in query's dtype, lse/max_scores (B, Hq, L) in the
     compute float (float32; float64 for float64 inputs); a fully masked row
     gives 0 and -inf.
@@ -93,7 +95,7 @@ def decode_attention(query, key, value, *, score_graph, score_buffers, mask_grap
     out = q.new_zeros(B, Hq, L, v.shape[-1])
     lse = q.new_full((B, Hq, L), NEG_INF)
     max_scores = q.new_full((B, Hq, L), NEG_INF)
-    if rows_fit(classes, tiles_per_chunk):
+    if rows_fit(classes, q, k, v, tiles_per_chunk, kv_block):
         batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores)
         return out.to(query.dtype), lse, max_scores
     owner = _page_owners(k, v, classes, B, kv_block)

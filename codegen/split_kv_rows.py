@@ -4,21 +4,18 @@ When every row of the batch visits at most one chunk of KV tiles (a sliding
 window, a short cache), per-row work is a handful of tiny tensor ops around two
 matmuls, and their per-op cost adds up to a third of the call. Here masking,
 the score_mod and the softmax run once over the stacked scores of all rows,
-and K/V are read where they lie, never copied:
+and K/V are read where they lie, never copied. On the CPU this also serves
+rows of any length (``rows_fit``): the kernels beat chunks of matmuls on
+views and their merges (causal decode 25% faster on the decode benchmark).
 
-* values: one ``embedding_bag`` over the cache seen as a table of rows
-  (``row_table``), a bag per (row, head, query) weighted by the softmax
-  numerators (``bagged_values``); with G * L a handful of query rows it is
-  faster than a matmul even on a view of consecutive tiles;
-* keys of a row whose tiles are consecutive: the tall (N x E) @ (E x G*L)
-  matmul on a view of the cache, which with G * L a handful of query rows runs
-  about twice as fast on CPU as (G*L x E) @ (E x N);
-* keys where some row's tiles are scattered (a paged pool): one sampled
-  matmul whose sparsity pattern is the rows' positions (``sampled_scores``). A
-  copy of the pages would be read twice, once to copy and once to multiply:
-  1.3-1.7x the contiguous time, against 1.0-1.15x read in place;
-* caches whose rows are not evenly spaced fall back to views and copies of
-  tiles (``read_tiles``);
+* on the CPU, the cache is seen as a table of rows (``row_table``, a view)
+  and the kernels of ``codegen.cpu_gather`` read each row's positions in it,
+  consecutive or scattered over a paged pool's pages alike: the keys' scores
+  (``gathered_scores``), then the values weighted by the softmax numerators
+  (``gathered_values``). A copy of scattered pages would be read twice, once
+  to copy and once to multiply (1.3-1.7x the contiguous time);
+* caches whose rows are not evenly spaced, and other devices, fall back to
+  views and copies of tiles (``read_tiles``) and a matmul per row;
 * rows are padded to the longest row's tiles; padding is masked out (its
   values are never read).
 
@@ -28,15 +25,15 @@ Used by ``codegen.split_kv.decode_attention``; see there for shapes.
 from __future__ import annotations
 
 import threading
-import warnings
 
 import torch
-import torch.nn.functional as F
 
+from codegen.cpu_gather import gathered_scores, gathered_values
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 from flexattn.semantics import evaluate
 
 NEG_INF = float("-inf")
+BATCH_SCORES_BUDGET = 1 << 24  # score elements of one batch of long rows (64 MB in fp32); more: chunks
 
 # Copied tiles land in a per-thread buffer kept between calls: a fresh allocation of tens of
 # MB is returned to the OS when freed and page-faulted in again on every decode step, which
@@ -44,12 +41,19 @@ NEG_INF = float("-inf")
 _workspace = threading.local()
 
 
-def rows_fit(classes: torch.Tensor, tiles_per_chunk: int) -> bool:
-    """Whether ``batched_rows`` applies: the mask does not depend on the head and every row
-    visits at most ``tiles_per_chunk`` tiles (classes (B or 1, H or 1, Q_BLOCKS, KV_BLOCKS))."""
+def rows_fit(classes: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles_per_chunk: int,
+             kv_block: int) -> bool:
+    """Whether ``batched_rows`` applies: the mask does not depend on the head, and every row visits
+    at most ``tiles_per_chunk`` tiles or, where the CPU kernels read K/V in place, rows of any
+    length whose padded scores fit ``BATCH_SCORES_BUDGET`` elements (classes (B or 1, H or 1,
+    Q_BLOCKS, KV_BLOCKS); q (B, Hq, L, E); k/v as for ``batched_rows``)."""
     if classes.shape[1] != 1:
         return False
-    return int((classes[:, 0] != EMPTY).any(dim=1).sum(dim=1).max()) <= tiles_per_chunk
+    width = int((classes[:, 0] != EMPTY).any(dim=1).sum(dim=1).max())
+    if width <= tiles_per_chunk:
+        return True
+    B, Hq, L, _ = q.shape
+    return _reads_in_place(k) and _reads_in_place(v) and B * Hq * L * width * kv_block <= BATCH_SCORES_BUDGET
 
 
 def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
@@ -66,30 +70,26 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     width = int(count.max())
     if width == 0:  # every row fully masked: out stays 0, lse -inf
         return
-    # Row b's j-th slot holds its j-th visited tile (a stable sort puts visited tiles first).
-    slots = (~visits).to(torch.int8).argsort(dim=1, stable=True)[:, :width]
+    # Row b's j-th slot holds its j-th visited tile; spare slots tile 0 (masked below).
+    row, tile = visits.nonzero(as_tuple=True)
+    tiles = torch.zeros(B, width, dtype=torch.int64, device=q.device)
+    tiles[row, visits.cumsum(dim=1)[row, tile] - 1] = tile
     used = torch.arange(width, device=q.device).view(1, -1) < count.view(-1, 1)  # (B, width)
-    tiles = torch.where(used, slots, 0)
     kv_idx = tiles.view(B, width, 1) * kv_block + torch.arange(kv_block, device=q.device)  # (B, width, kv_block)
     positions = kv_idx.view(B, -1).clamp(max=S - 1)  # past the cache only in a ragged last tile: masked below
     # Row b reads its first `reads[b]` positions: its visited tiles, without what lies past the cache.
     last_tile = tiles.gather(1, (count - 1).clamp(min=0).view(B, 1)).view(B)
     reads = torch.where(count > 0, count * kv_block - ((last_tile + 1) * kv_block - S).clamp(min=0), 0)
-    # Keys are read in place by a sampled matmul only where some row's tiles are scattered (a paged
-    # pool): on a view of consecutive tiles a matmul is faster. Values are always read in place.
-    scattered = not bool(((last_tile - tiles[:, 0] + 1 == count) | (count == 0)).all())
-    key_rows, value_rows = row_table(k) if scattered else None, row_table(v)
-    if key_rows and width * kv_block > key_rows[0].shape[0]:  # see sampled_scores
-        key_rows = None
+    # K/V read where they lie, by the CPU gathering kernels.
+    key_rows = row_table(k) if _reads_in_place(k) else None
+    value_rows = row_table(v) if _reads_in_place(v) else None
     shared = k.stride(0) == 0
     sources = None if key_rows and value_rows else \
         [tile_source(tiles[b, :int(count[b])], kv_block, S)[0] if count[b] else None for b in range(B)]
 
     q_rows = q.view(B, Hkv, group * L, E) * scale  # scaling the few queries, not the many scores
-    index = None
     if key_rows:
-        index = table_index(key_rows[1], positions, group * L, slot=2)
-        s = sampled_scores(key_rows[0], index, q_rows)
+        s = gathered_scores(key_rows[0], key_rows[1], positions, q_rows, reads)
     else:
         s = q.new_full((B, Hkv, group * L, width * kv_block), NEG_INF)
         for b, source in enumerate(sources):
@@ -117,9 +117,7 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     p = s.sub_(shift.unsqueeze(-1)).exp_().view(B, Hkv, group * L, width * kv_block)
     total = p.sum(dim=-1).view(B, Hkv, group, L)
     if value_rows:
-        if index is None or not torch.equal(value_rows[1], key_rows[1]):
-            index = table_index(value_rows[1], positions, group * L, slot=2)
-        o = bagged_values(value_rows[0], index, p, reads)
+        o = gathered_values(value_rows[0], value_rows[1], positions, p, reads)
     else:
         o = q.new_zeros(B, Hkv, group * L, v.shape[-1])
         for b, source in enumerate(sources):
@@ -144,70 +142,26 @@ def keys_major_scores(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor
     return torch.bmm(keys, queries.transpose(1, 2)).transpose(1, 2)
 
 
+def _reads_in_place(x: torch.Tensor) -> bool:
+    """Whether the CPU kernels read x (B, Hkv, S, D): a CPU tensor of float32/float64 whose rows are
+    contiguous and evenly spaced, so that ``row_table`` is a view (else a gather would copy)."""
+    row = x.stride(2)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.stride(3) == 1
+            and row == x.shape[3] and x.stride(0) % row == 0 and x.stride(1) % row == 0)
+
+
 def row_table(x: torch.Tensor):
     """x (B, Hkv, S, D) (a shared pool: batch stride 0) as one table of rows: ``(table (R, D), base (B, Hkv))``,
-    position n of (b, h) being row ``base[b, h] + n``; a view of x's memory. None where x's rows are not
-    contiguous, evenly spaced rows (then a gather would copy), or x's dtype is not one both table ops take."""
+    position n of (b, h) being row ``base[b, h] + n``; a view of x's memory. None where the kernels do not
+    read x in place (``_reads_in_place``)."""
     B, Hkv, S, D = x.shape
     row = x.stride(2)
-    if x.dtype not in (torch.float32, torch.float64) or x.stride(3) != 1 or row != D \
-            or x.stride(0) % row or x.stride(1) % row:
+    if not _reads_in_place(x):
         return None
     base = (torch.arange(B, device=x.device).view(B, 1) * (x.stride(0) // row)
             + torch.arange(Hkv, device=x.device).view(1, Hkv) * (x.stride(1) // row))
     table = torch.as_strided(x, (int(base.max()) + S, D), (row, 1), x.storage_offset())
     return table, base
-
-
-def table_index(base: torch.Tensor, positions: torch.Tensor, M: int, slot: int) -> torch.Tensor:
-    """Rows of a ``row_table`` to read, (B * Hkv * M * N,), (b, h, query, n)-major: position n of
-    row b for each of head h's M queries; in this thread's reused buffer ``slot``."""
-    (B, Hkv), N = base.shape, positions.shape[1]
-    dtype = torch.int32 if int(base.max()) + int(positions.max()) < 2**31 else torch.int64
-    index = _reused_buffer(slot, B * Hkv * M * N, dtype, positions.device).view(B, Hkv, M, N)
-    torch.add(base.view(B, Hkv, 1), positions.view(B, 1, N), out=index[:, :, 0])
-    index[:, :, 1:] = index[:, :, :1]
-    return index
-
-
-def sampled_scores(keys: torch.Tensor, index: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
-    """Scores (B, Hkv, M, N) of each row's queries q_rows (B, Hkv, M, E) against the keys at
-    ``index`` (``table_index``), read where they lie in the table ``keys`` (R, E) (``row_table``).
-
-    A gathered copy of the keys would be read twice (once to copy, once by the
-    matmul): here each (query, key) product is one entry of a sampled matmul
-    whose sparsity pattern is the rows' positions. Needs N <= R: torch caps a
-    sparse tensor's entries at its dense size, and a row's N positions may
-    repeat (a ragged last tile, padding).
-    """
-    B, Hkv, M, E = q_rows.shape
-    N = index.numel() // (B * Hkv * M)
-    starts = torch.arange(0, index.numel() + 1, N, dtype=index.dtype, device=index.device)
-    scores = _reused_buffer(3, index.numel(), q_rows.dtype, q_rows.device).zero_()  # beta=0 keeps NaN: start at 0
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is what is used of it
-        warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(starts, index.flatten(), scores, size=(B * Hkv * M, keys.shape[0]),
-                                          check_invariants=False)
-        torch.sparse.sampled_addmm(pattern, q_rows.reshape(B * Hkv * M, E), keys.t(), beta=0.0, out=pattern)
-    return scores.view(B, Hkv, M, N)
-
-
-def bagged_values(values: torch.Tensor, index: torch.Tensor, p: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
-    """Each row's sum of its values at ``index`` (``table_index``) weighted by p (B, Hkv, M, N), read where
-    they lie in the table ``values`` (R, Ev) (``row_table``); row b reads its first ``reads[b]`` positions.
-
-    Returns (B, Hkv, M, Ev): one ``embedding_bag``, a bag per (row, head,
-    query); with M a handful of query rows it runs faster than a matmul on a
-    view (2.5 vs 3.3 ms for 8 x 8 heads of 1024 values on the 2-core dev
-    machine). The bags must be adjacent, so each is followed by a discarded
-    one over the row's padding (weight 0, but a value that may be anything,
-    NaN included).
-    """
-    B, Hkv, M, N = p.shape
-    bag_starts = N * torch.arange(B * Hkv * M, device=p.device, dtype=index.dtype).view(B, Hkv * M)
-    offsets = torch.stack([bag_starts, bag_starts + reads.to(index.dtype).view(B, 1)], dim=-1).flatten()
-    out = F.embedding_bag(index.flatten(), values, offsets, mode="sum", per_sample_weights=p.reshape(-1))
-    return out.view(B, Hkv, M, 2, -1)[:, :, :, 0]
 
 
 def tile_source(tiles: torch.Tensor, kv_block: int, S: int):

@@ -104,13 +104,23 @@ class BlockMask:
                    BLOCK_SIZE, mask_mod)
 
     def tile_classes(self) -> torch.Tensor:
-        """(B, H, Q_BLOCKS, KV_BLOCKS) int8 tensor of EMPTY (0) / PARTIAL (1) / FULL (2)."""
-        n_cols = self.kv_indices.shape[-1]
-        classes = ordered_to_dense(self.kv_num_blocks, self.kv_indices, n_cols).to(torch.int8)
-        if self.full_kv_num_blocks is not None:
-            full = ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, n_cols)
-            classes = torch.where(full.bool(), torch.tensor(FULL, dtype=torch.int8), classes)
-        return classes
+        """(B, H, Q_BLOCKS, KV_BLOCKS) int8 tensor of EMPTY (0) / PARTIAL (1) / FULL (2).
+
+        Kept until one of the kv index tensors is replaced or changed in place (a decode
+        loop asks for it in every layer of every step, where rebuilding it cost up to a
+        twentieth of the attention call); treat the result as read-only.
+        """
+        sources = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
+        versions = tuple(None if t is None else t._version for t in sources)
+        cached = getattr(self, "_classes", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources)) or cached[1] != versions:
+            n_cols = self.kv_indices.shape[-1]
+            classes = ordered_to_dense(self.kv_num_blocks, self.kv_indices, n_cols).to(torch.int8)
+            if self.full_kv_num_blocks is not None:
+                full = ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, n_cols)
+                classes = torch.where(full.bool(), torch.tensor(FULL, dtype=torch.int8), classes)
+            self._classes = (sources, versions, classes)
+        return self._classes[2]
 
     def as_tuple(self, flatten: bool = True) -> tuple:
         """The fields as a tuple, in torch's order."""

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import flexattn
-from codegen import BACKENDS, split_kv
+from codegen import BACKENDS, split_kv, split_kv_rows
 from codegen.split_kv import MAX_Q_LEN, decode_attention
 from flexattn.errors import LoweringError
 from flexattn.paged import PagedKVCache
@@ -40,13 +40,17 @@ def _assert_equal_results(got, want):
 @given(case=st.sampled_from(DECODE_MODS), L=st.integers(1, MAX_Q_LEN), S=st.integers(1, 400),
        kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]), B=st.integers(1, 2),
        per_head=st.booleans(), q_block=st.sampled_from([1, 4, 16, 128]), kv_block=st.sampled_from([16, 32]),
-       chunk=st.sampled_from([1, 40, 128, 2048]), offset=st.booleans())
+       chunk=st.sampled_from([1, 40, 128, 2048]), offset=st.booleans(), heads_inner=st.booleans())
 def test_split_kv_matches_reference_and_general_path(case, L, S, kv_heads, group, B, per_head, q_block, kv_block,
-                                                     chunk, offset):
+                                                     chunk, offset, heads_inner):
+    """``heads_inner``: K/V stored (B, S, H, D), whose rows no table view covers when H > 1, so
+    windows are read by views and copies of tiles instead of the CPU kernels."""
     Hq = kv_heads * group
     mods = case.build(L, S, Hq)
     torch.manual_seed(0)
     q, k, v = torch.randn(B, Hq, L, 16), torch.randn(B, kv_heads, S, 16), torch.randn(B, kv_heads, S, 8)
+    if heads_inner:
+        k, v = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
     mask_mod = mods.mask_mod
     if offset and mask_mod is not None:  # decode: the queries are the last L positions
         shift = max(S - L, 0)
@@ -71,13 +75,16 @@ def test_scattered_tiles(B):
     _assert_equal_results(got, _run(BACKENDS["reference"], q, k, v, None, block_mask))
 
 
-@pytest.mark.parametrize("window, q_len", [(None, 1), (40, 1), (40, 3)])
-def test_paged_cache(window, q_len, monkeypatch):
-    """Scattered pages, read in place (causal: rows visit the whole pool) or each row's pages
-    copied and all rows run as one batch (sliding window: rows visit a few pages); the last
-    ``q_len`` tokens of each sequence as queries; same result as contiguous attention."""
-    gathered = []
-    monkeypatch.setattr(split_kv, "batched_rows", _spy(split_kv.batched_rows, gathered))
+@pytest.mark.parametrize("window, q_len, budget", [(None, 1, 0), (None, 1, None), (40, 1, None), (40, 3, None)])
+def test_paged_cache(window, q_len, budget, monkeypatch):
+    """Scattered pages, all rows as one batch read by the CPU kernels, or (causal rows when the
+    batch's scores would pass the budget) tile-major over the pool in place; the last ``q_len``
+    tokens of each sequence as queries; same result as contiguous attention."""
+    batches, pool_passes = [], []
+    monkeypatch.setattr(split_kv, "batched_rows", _spy(split_kv.batched_rows, batches))
+    monkeypatch.setattr(split_kv, "_pool_major", _spy(split_kv._pool_major, pool_passes))
+    if budget is not None:
+        monkeypatch.setattr(split_kv_rows, "BATCH_SCORES_BUDGET", budget)
     torch.manual_seed(0)
     lengths, Hq, Hkv, D = [300, 77, 160], 8, 2, 16
     cache = PagedKVCache(n_pages=18, page_size=32, max_batch_size=3)
@@ -102,7 +109,7 @@ def test_paged_cache(window, q_len, monkeypatch):
     got = _run(decode_attention, q, *cache.expand_kv(k_cache, v_cache, 3), cache.get_score_mod(alibi), paged,
                SPLIT_KV_CHUNK=64)
     _assert_equal_results(got, want)
-    assert bool(gathered) == (window is not None)
+    assert (bool(batches), bool(pool_passes)) == ((False, True) if budget == 0 else (True, False))
 
 
 def _spy(function, calls: list):
@@ -154,19 +161,24 @@ def test_shared_cache_with_a_full_row_and_a_scattered_row():
     _assert_equal_results(got, _run(BACKENDS["reference"], q, k.contiguous(), v.contiguous(), None, block_mask))
 
 
-def test_paged_pool_with_free_pages_holding_nan(monkeypatch):
-    """Free pages between the rows' pages (a finished sequence's, erased) lie in the range
-    read in place; whatever they still hold (NaN here) must not reach the result."""
+@pytest.mark.parametrize("budget", [0, None])
+def test_paged_pool_with_free_pages_holding_nan(budget, monkeypatch):
+    """Free pages between the rows' pages (a finished sequence's, erased) lie in the range the
+    tile-major pass reads in place, and page 0, which the batch's padding slots point at, is one
+    of them; whatever they still hold (NaN here) must not reach the result."""
     pool_passes = []
     monkeypatch.setattr(split_kv, "_pool_major", _spy(split_kv._pool_major, pool_passes))
+    if budget is not None:  # no room for a batch: the tile-major pass
+        monkeypatch.setattr(split_kv_rows, "BATCH_SCORES_BUDGET", budget)
     torch.manual_seed(0)
     lengths, Hq, Hkv, D = [200, 150], 4, 2, 16
     cache = PagedKVCache(n_pages=16, page_size=32, max_batch_size=3)
     k_cache, v_cache = torch.zeros(1, Hkv, cache.n_positions, D), torch.zeros(1, Hkv, cache.n_positions, D)
     k, v = torch.randn(2, Hkv, 200, D), torch.randn(2, Hkv, 200, D)
-    for pages in range(1, 8):  # three sequences grow round-robin; the third finishes and is erased
-        for b, n in enumerate(lengths + [64]):
+    for pages in range(1, 8):  # three sequences grow round-robin; the third (first to get pages) is erased
+        for b, n in [(2, 64), (0, lengths[0]), (1, lengths[1])]:
             cache.reserve(b, min(n, 32 * pages))
+    assert int(cache.page_table[2, 0]) == 0  # page 0 will hold the NaN
     nan = torch.full((1, Hkv, 64, D), float("nan"))
     cache.assign(torch.tensor([2]), torch.arange(64)[None], nan, nan, k_cache, v_cache)
     cache.erase(2)
@@ -180,4 +192,4 @@ def test_paged_pool_with_free_pages_holding_nan(monkeypatch):
     got = _run(decode_attention, q, *cache.expand_kv(k_cache, v_cache, 2), None,
                cache.convert_logical_block_mask(logical), SPLIT_KV_CHUNK=64)
     _assert_equal_results(got, want)
-    assert pool_passes
+    assert bool(pool_passes) == (budget == 0)

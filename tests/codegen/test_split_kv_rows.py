@@ -3,7 +3,8 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from codegen.split_kv_rows import bagged_values, row_table, sampled_scores, table_index
+from codegen.cpu_gather import gathered_scores, gathered_values
+from codegen.split_kv_rows import row_table
 
 
 def _cache(layout: str, B: int, H: int, S: int, D: int, dtype) -> torch.Tensor:
@@ -19,13 +20,14 @@ def _cache(layout: str, B: int, H: int, S: int, D: int, dtype) -> torch.Tensor:
 
 @settings(max_examples=40, deadline=None)
 @given(layout=st.sampled_from(["per row", "shared pool", "heads inner", "keys transposed"]),
-       B=st.integers(1, 3), H=st.integers(1, 3), M=st.integers(1, 4), S=st.integers(1, 50), N=st.integers(1, 20),
-       dtype=st.sampled_from([torch.float32, torch.float64]), data=st.data())
-def test_in_place_reads_equal_gathered_reads(layout, B, H, M, S, N, dtype, data):
+       B=st.integers(1, 3), H=st.integers(1, 3), M=st.integers(1, 9), S=st.integers(1, 50), N=st.integers(1, 20),
+       D=st.sampled_from([8, 24]), dtype=st.sampled_from([torch.float32, torch.float64]), data=st.data())
+def test_in_place_reads_equal_gathered_reads(layout, B, H, M, S, N, D, dtype, data):
     """Row b reads its first reads[b] positions; the rest of its slots point at position S, which
-    holds NaN (padding may point anywhere: what is not read must not reach the result)."""
+    holds NaN (padding may point anywhere: what is not read must not reach the weighted values;
+    its scores are undefined).
+    M spans several passes of the kernels' four queries, with short last groups."""
     torch.manual_seed(0)
-    D = 8
     x = _cache(layout, B, H, S + 1, D, dtype)
     rows = row_table(x)
     if rows is None:  # rows not evenly spaced and contiguous: reading in place would copy the cache
@@ -41,13 +43,22 @@ def test_in_place_reads_equal_gathered_reads(layout, B, H, M, S, N, dtype, data)
     (x[:1] if x.stride(0) == 0 else x)[:, :, S] = float("nan")  # a shared pool's rows are one memory
     gathered = x[torch.arange(B).view(B, 1, 1), torch.arange(H).view(1, H, 1), positions.view(B, 1, N)]  # (B, H, N, D)
 
-    index = table_index(base, positions, M, slot=2)
-    assert torch.equal(table[index.long()].view(B, H, M, N, D).nan_to_num(),
-                       gathered.unsqueeze(2).expand(B, H, M, N, D).nan_to_num())
-    if N <= table.shape[0]:  # what sampled_scores needs (batched_rows checks it)
-        q_rows = torch.randn(B, H, M, D, dtype=dtype)
-        scores = sampled_scores(table, index, q_rows)
-        torch.testing.assert_close(scores, torch.einsum("bhmd,bhnd->bhmn", q_rows, gathered), equal_nan=True)
+    q_rows = torch.randn(B, H, M, D, dtype=dtype)
+    scores = gathered_scores(table, base, positions, q_rows, reads)
+    was_read = read.view(B, 1, 1, N).expand(B, H, M, N)
+    torch.testing.assert_close(scores[was_read], torch.einsum("bhmd,bhnd->bhmn", q_rows, gathered)[was_read])
     p = torch.rand(B, H, M, N, dtype=dtype)
     want = torch.einsum("bhmn,bhnd->bhmd", p * read.view(B, 1, 1, N), gathered.nan_to_num(nan=0.0))
-    torch.testing.assert_close(bagged_values(table, index, p, reads), want)
+    torch.testing.assert_close(gathered_values(table, base, positions, p, reads), want)
+
+
+def test_kernels_take_tensors_that_require_grad_under_no_grad():
+    """Inference code holds caches that require grad (a model's parameters' outputs) under no_grad."""
+    table = torch.randn(10, 4, requires_grad=True)
+    base, positions = torch.zeros(1, 1, dtype=torch.long), torch.arange(10).view(1, 10)
+    q = torch.randn(1, 1, 2, 4, requires_grad=True)
+    with torch.no_grad():
+        s = gathered_scores(table, base, positions, q, torch.tensor([10]))
+        o = gathered_values(table, base, positions, s.softmax(-1), torch.tensor([10]))
+    torch.testing.assert_close(s, (q @ table.T).detach())
+    torch.testing.assert_close(o, (s.softmax(-1) @ table).detach())

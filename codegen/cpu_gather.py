@@ -1,0 +1,89 @@
+"""K/V read where they lie in a cache, on the CPU: two small numba kernels.
+
+A paged pool scatters a row's keys and values over pages, and torch has no
+CPU matmul that reads an operand through an index: a copy of the pages is
+read twice (once to copy, once to multiply), ``torch.sparse.sampled_addmm``
+takes one horizontal sum per (query, key) and is compute-bound at 1.5-2x the
+time of a matmul on a view, and ``embedding_bag`` needs a (query, key)-sized
+index built per call. These kernels walk each (row, KV head)'s positions,
+read each key or value row once and use it for the row's few queries while
+it is in registers, and ask for rows a few positions ahead, so they run at
+the speed of the memory on interleaved pages as on one contiguous cache
+(where they also beat a matmul per row, whose results must be copied into
+the padded batch).
+
+* ``gathered_scores``: s[b, h, m, n] = q[b, h, m] . K[base[b, h] + positions[b, n]]
+* ``gathered_values``: o[b, h, m] = sum_n p[b, h, m, n] V[base[b, h] + positions[b, n]]
+
+The kernels are compiled on first use (about 4 s per dtype on the 2-core dev
+machine) and cached on disk by numba: later processes pay about half a second
+on their first call, most of it importing numba. numba is imported only
+then, so ``import flexattn`` does not pay for it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+# numba's fallback threading layer ("workqueue", where no OpenMP or TBB runtime is found)
+# aborts the process when two threads launch parallel kernels at once: one launch at a time.
+_launch = threading.Lock()
+
+
+def gathered_scores(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor,
+                    reads: torch.Tensor) -> torch.Tensor:
+    """Scores (B, H, M, N) of queries (B, H, M, E), already scaled, against the keys at rows
+    ``base[b, h] + positions[b, n]`` of ``table`` (R, E); row b reads only its first ``reads[b]``
+    positions, and its scores past them are undefined (the caller masks them).
+
+    ``table`` is a CPU float32/float64 tensor with contiguous rows (a
+    ``split_kv_rows.row_table`` view of the cache); base (B, H), positions
+    (B, N) and reads (B,) are integer tensors, base + positions in [0, R)
+    where read: not checked, the kernel reads without bounds checks.
+
+    Example::
+
+        >>> table, base = row_table(k_pool)  # a paged pool seen as rows
+        >>> s = gathered_scores(table, base, positions, q_rows * scale, reads)
+    """
+    B, H, M, _ = queries.shape
+    out = torch.empty(B, H, M, positions.shape[1], dtype=queries.dtype)
+    _launch_kernel("scores", table, _indices(base), _indices(positions), queries.contiguous(), _indices(reads), out)
+    return out
+
+
+def gathered_values(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
+                    reads: torch.Tensor) -> torch.Tensor:
+    """Sums (B, H, M, Ev) of the values at rows ``base[b, h] + positions[b, n]`` of ``table`` (R, Ev)
+    weighted by ``weights`` (B, H, M, N); row b reads only its first ``reads[b]`` positions (the rest
+    may hold anything, NaN included).
+
+    Same conditions as ``gathered_scores``. Example::
+
+        >>> o = gathered_values(v_table, base, positions, p, reads)  # p: softmax numerators
+    """
+    B, H, M, _ = weights.shape
+    per_pass = _kernels().QUERIES_PER_PASS  # the kernel's scratch rows round M up to whole passes
+    out = torch.zeros(B, H, -(-M // per_pass) * per_pass, table.shape[1], dtype=weights.dtype)
+    _launch_kernel("values", table, _indices(base), _indices(positions), weights.contiguous(), _indices(reads), out)
+    return out[:, :, :M]
+
+
+def _indices(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.int64).contiguous()
+
+
+def _kernels():
+    from codegen import cpu_gather_kernels  # imports numba; the kernels compile on their first call
+
+    return cpu_gather_kernels
+
+
+def _launch_kernel(name: str, *tensors: torch.Tensor) -> None:
+    import numba
+
+    with _launch:
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        getattr(_kernels(), name)(*(t.detach().numpy() for t in tensors))
