@@ -33,10 +33,12 @@ _launch = threading.Lock()
 
 
 def gathered_scores(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor,
-                    reads: torch.Tensor) -> torch.Tensor:
+                    reads: torch.Tensor, scattered: bool) -> torch.Tensor:
     """Scores (B, H, M, N) of queries (B, H, M, E), already scaled, against the keys at rows
     ``base[b, h] + positions[b, n]`` of ``table`` (R, E); row b reads only its first ``reads[b]``
-    positions, and its scores past them are undefined (the caller masks them).
+    positions, and its scores past them are undefined (the caller masks them). ``scattered``:
+    whether rows' positions jump (a paged pool's pages), where the kernel asks for rows ahead of
+    time; runs of consecutive rows are left to the hardware prefetcher, which does better there.
 
     ``table`` is a CPU float32/float64 tensor with contiguous rows (a
     ``split_kv_rows.row_table`` view of the cache); base (B, H), positions
@@ -46,28 +48,30 @@ def gathered_scores(table: torch.Tensor, base: torch.Tensor, positions: torch.Te
     Example::
 
         >>> table, base = row_table(k_pool)  # a paged pool seen as rows
-        >>> s = gathered_scores(table, base, positions, q_rows * scale, reads)
+        >>> s = gathered_scores(table, base, positions, q_rows * scale, reads, scattered=True)
     """
     B, H, M, _ = queries.shape
     out = torch.empty(B, H, M, positions.shape[1], dtype=queries.dtype)
-    _launch_kernel("scores", table, _indices(base), _indices(positions), queries.contiguous(), _indices(reads), out)
+    _launch_kernel("scores", table, _indices(base), _indices(positions), queries.contiguous(), _indices(reads),
+                   scattered, out)
     return out
 
 
 def gathered_values(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
-                    reads: torch.Tensor) -> torch.Tensor:
+                    reads: torch.Tensor, scattered: bool) -> torch.Tensor:
     """Sums (B, H, M, Ev) of the values at rows ``base[b, h] + positions[b, n]`` of ``table`` (R, Ev)
     weighted by ``weights`` (B, H, M, N); row b reads only its first ``reads[b]`` positions (the rest
-    may hold anything, NaN included).
+    may hold anything, NaN included). ``scattered`` as for ``gathered_scores``.
 
     Same conditions as ``gathered_scores``. Example::
 
-        >>> o = gathered_values(v_table, base, positions, p, reads)  # p: softmax numerators
+        >>> o = gathered_values(v_table, base, positions, p, reads, scattered=True)  # p: softmax numerators
     """
     B, H, M, _ = weights.shape
     per_pass = _kernels().QUERIES_PER_PASS  # the kernel's scratch rows round M up to whole passes
     out = torch.zeros(B, H, -(-M // per_pass) * per_pass, table.shape[1], dtype=weights.dtype)
-    _launch_kernel("values", table, _indices(base), _indices(positions), weights.contiguous(), _indices(reads), out)
+    _launch_kernel("values", table, _indices(base), _indices(positions), weights.contiguous(), _indices(reads),
+                   scattered, out)
     return out[:, :, :M]
 
 
@@ -81,9 +85,9 @@ def _kernels():
     return cpu_gather_kernels
 
 
-def _launch_kernel(name: str, *tensors: torch.Tensor) -> None:
+def _launch_kernel(name: str, *arguments) -> None:
     import numba
 
     with _launch:
         numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        getattr(_kernels(), name)(*(t.detach().numpy() for t in tensors))
+        getattr(_kernels(), name)(*(a.detach().numpy() if isinstance(a, torch.Tensor) else a for a in arguments))

@@ -19,7 +19,7 @@ cost is reading K/V. This path is organised around that read:
   K/V in place (a contiguous cache or a paged pool), rows of any length whose
   padded scores fit a budget: masks, score_mod and softmax run once over the
   stacked scores, and the kernels read each row's positions where they lie
-  (a paged pool's scattered pages within a few percent of a contiguous cache).
+  (a paged pool's scattered pages too, asking for rows ahead of time).
 * **A paged pool** (K/V shared by the batch with stride 0) whose rows visit
   many tiles, filling most of the range they span, and that the batch does
   not take (other devices, a pool the kernels cannot read), is processed tile-major:

@@ -80,16 +80,18 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     # Row b reads its first `reads[b]` positions: its visited tiles, without what lies past the cache.
     last_tile = tiles.gather(1, (count - 1).clamp(min=0).view(B, 1)).view(B)
     reads = torch.where(count > 0, count * kv_block - ((last_tile + 1) * kv_block - S).clamp(min=0), 0)
-    # K/V read where they lie, by the CPU gathering kernels.
+    # K/V read where they lie, by the CPU gathering kernels; rows of scattered tiles (a paged pool)
+    # are prefetched by the kernels, consecutive ones left to the hardware prefetcher.
     key_rows = row_table(k) if _reads_in_place(k) else None
     value_rows = row_table(v) if _reads_in_place(v) else None
+    scattered = not bool(((last_tile - tiles[:, 0] + 1 == count) | (count == 0)).all())
     shared = k.stride(0) == 0
     sources = None if key_rows and value_rows else \
         [tile_source(tiles[b, :int(count[b])], kv_block, S)[0] if count[b] else None for b in range(B)]
 
     q_rows = q.view(B, Hkv, group * L, E) * scale  # scaling the few queries, not the many scores
     if key_rows:
-        s = gathered_scores(key_rows[0], key_rows[1], positions, q_rows, reads)
+        s = gathered_scores(key_rows[0], key_rows[1], positions, q_rows, reads, scattered)
     else:
         s = q.new_full((B, Hkv, group * L, width * kv_block), NEG_INF)
         for b, source in enumerate(sources):
@@ -117,7 +119,7 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     p = s.sub_(shift.unsqueeze(-1)).exp_().view(B, Hkv, group * L, width * kv_block)
     total = p.sum(dim=-1).view(B, Hkv, group, L)
     if value_rows:
-        o = gathered_values(value_rows[0], value_rows[1], positions, p, reads)
+        o = gathered_values(value_rows[0], value_rows[1], positions, p, reads, scattered)
     else:
         o = q.new_zeros(B, Hkv, group * L, v.shape[-1])
         for b, source in enumerate(sources):

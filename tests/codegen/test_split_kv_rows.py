@@ -21,8 +21,9 @@ def _cache(layout: str, B: int, H: int, S: int, D: int, dtype) -> torch.Tensor:
 @settings(max_examples=40, deadline=None)
 @given(layout=st.sampled_from(["per row", "shared pool", "heads inner", "keys transposed"]),
        B=st.integers(1, 3), H=st.integers(1, 3), M=st.integers(1, 9), S=st.integers(1, 50), N=st.integers(1, 20),
-       D=st.sampled_from([8, 24]), dtype=st.sampled_from([torch.float32, torch.float64]), data=st.data())
-def test_in_place_reads_equal_gathered_reads(layout, B, H, M, S, N, D, dtype, data):
+       D=st.sampled_from([8, 24]), dtype=st.sampled_from([torch.float32, torch.float64]), scattered=st.booleans(),
+       data=st.data())
+def test_in_place_reads_equal_gathered_reads(layout, B, H, M, S, N, D, dtype, scattered, data):
     """Row b reads its first reads[b] positions; the rest of its slots point at position S, which
     holds NaN (padding may point anywhere: what is not read must not reach the weighted values;
     its scores are undefined).
@@ -44,12 +45,12 @@ def test_in_place_reads_equal_gathered_reads(layout, B, H, M, S, N, D, dtype, da
     gathered = x[torch.arange(B).view(B, 1, 1), torch.arange(H).view(1, H, 1), positions.view(B, 1, N)]  # (B, H, N, D)
 
     q_rows = torch.randn(B, H, M, D, dtype=dtype)
-    scores = gathered_scores(table, base, positions, q_rows, reads)
+    scores = gathered_scores(table, base, positions, q_rows, reads, scattered)
     was_read = read.view(B, 1, 1, N).expand(B, H, M, N)
     torch.testing.assert_close(scores[was_read], torch.einsum("bhmd,bhnd->bhmn", q_rows, gathered)[was_read])
     p = torch.rand(B, H, M, N, dtype=dtype)
     want = torch.einsum("bhmn,bhnd->bhmd", p * read.view(B, 1, 1, N), gathered.nan_to_num(nan=0.0))
-    torch.testing.assert_close(gathered_values(table, base, positions, p, reads), want)
+    torch.testing.assert_close(gathered_values(table, base, positions, p, reads, scattered), want)
 
 
 def test_kernels_take_tensors_that_require_grad_under_no_grad():
@@ -58,7 +59,7 @@ def test_kernels_take_tensors_that_require_grad_under_no_grad():
     base, positions = torch.zeros(1, 1, dtype=torch.long), torch.arange(10).view(1, 10)
     q = torch.randn(1, 1, 2, 4, requires_grad=True)
     with torch.no_grad():
-        s = gathered_scores(table, base, positions, q, torch.tensor([10]))
-        o = gathered_values(table, base, positions, s.softmax(-1), torch.tensor([10]))
+        s = gathered_scores(table, base, positions, q, torch.tensor([10]), scattered=False)
+        o = gathered_values(table, base, positions, s.softmax(-1), torch.tensor([10]), scattered=False)
     torch.testing.assert_close(s, (q @ table.T).detach())
     torch.testing.assert_close(o, (s.softmax(-1) @ table).detach())
