@@ -33,12 +33,13 @@ _launch = threading.Lock()
 
 
 def gathered_scores(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor,
-                    reads: torch.Tensor, scattered: bool) -> torch.Tensor:
+                    reads: torch.Tensor, scattered: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """Scores (B, H, M, N) of queries (B, H, M, E), already scaled, against the keys at rows
     ``base[b, h] + positions[b, n]`` of ``table`` (R, E); row b reads only its first ``reads[b]``
     positions, and its scores past them are undefined (the caller masks them). ``scattered``:
     whether rows' positions jump (a paged pool's pages), where the kernel asks for rows ahead of
     time; runs of consecutive rows are left to the hardware prefetcher, which does better there.
+    ``out``: a contiguous (B, H, M, N) tensor to write into (else a new one).
 
     ``table`` is a CPU float32/float64 tensor with contiguous rows (a
     ``split_kv_rows.row_table`` view of the cache); base (B, H), positions
@@ -51,7 +52,8 @@ def gathered_scores(table: torch.Tensor, base: torch.Tensor, positions: torch.Te
         >>> s = gathered_scores(table, base, positions, q_rows * scale, reads, scattered=True)
     """
     B, H, M, _ = queries.shape
-    out = torch.empty(B, H, M, positions.shape[1], dtype=queries.dtype)
+    if out is None:
+        out = torch.empty(B, H, M, positions.shape[1], dtype=queries.dtype)
     _launch_kernel("scores", table, _indices(base), _indices(positions), queries.contiguous(), _indices(reads),
                    scattered, out)
     return out

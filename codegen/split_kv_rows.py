@@ -35,7 +35,7 @@ from flexattn.semantics import evaluate
 NEG_INF = float("-inf")
 BATCH_SCORES_BUDGET = 1 << 24  # score elements of one batch of long rows (64 MB in fp32); more: chunks
 
-# Copied tiles land in a per-thread buffer kept between calls: a fresh allocation of tens of
+# Copied tiles and batched scores land in per-thread buffers kept between calls: a fresh allocation of tens of
 # MB is returned to the OS when freed and page-faulted in again on every decode step, which
 # cost 7x the copy itself (21 ms vs 2.9 ms for 42 MB on the 2-core dev machine).
 _workspace = threading.local()
@@ -90,10 +90,13 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
         [tile_source(tiles[b, :int(count[b])], kv_block, S)[0] if count[b] else None for b in range(B)]
 
     q_rows = q.view(B, Hkv, group * L, E) * scale  # scaling the few queries, not the many scores
+    # A fresh buffer of scores would be page-faulted in on every call (10 ms of a 140 ms call for the
+    # 33 MB of a 32k causal batch on the 2-core dev machine): this thread's buffer is kept.
+    s = _reused_buffer(2, B * Hkv * group * L * width * kv_block, q.dtype, q.device).view(B, Hkv, group * L, -1)
     if key_rows:
-        s = gathered_scores(key_rows[0], key_rows[1], positions, q_rows, reads, scattered)
+        gathered_scores(key_rows[0], key_rows[1], positions, q_rows, reads, scattered, out=s)
     else:
-        s = q.new_full((B, Hkv, group * L, width * kv_block), NEG_INF)
+        s.fill_(NEG_INF)
         for b, source in enumerate(sources):
             if source is not None:
                 keys = read_tiles(k[0] if shared else k[b], source, kv_block, slot=0)
@@ -200,7 +203,8 @@ def _reused_buffer(slot: int, numel: int, dtype: torch.dtype, device: torch.devi
     """``numel`` elements of ``dtype`` on ``device``, reused by this thread's later calls.
 
     Grows to the largest size asked for and is kept for the thread's lifetime
-    (at most the K or V tiles one row of one decode step reads).
+    (at most the K or V tiles one row of one decode step reads, or a batch's
+    scores: ``BATCH_SCORES_BUDGET`` elements).
     """
     buffers = _workspace.__dict__.setdefault("buffers", {})
     key = (slot, dtype, device)
