@@ -63,3 +63,18 @@ def test_kernels_take_tensors_that_require_grad_under_no_grad():
         o = gathered_values(table, base, positions, s.softmax(-1), torch.tensor([10]), scattered=False)
     torch.testing.assert_close(s, (q @ table.T).detach())
     torch.testing.assert_close(o, (s.softmax(-1) @ table).detach())
+
+
+def test_kernels_from_several_threads_at_once():
+    """Launches from several threads (a server's workers) are serialised, each result its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    table, base = torch.randn(4000, 32), torch.tensor([[0, 2000]])
+    positions = torch.randint(0, 2000, (1, 500))
+    queries = [torch.randn(1, 2, 4, 32) for _ in range(8)]
+    want = [torch.einsum("hmd,hnd->hmn", q[0], table[base.view(2, 1) + positions]).unsqueeze(0) for q in queries]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda q: gathered_scores(table, base, positions, q, torch.tensor([500]), True), queries))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
