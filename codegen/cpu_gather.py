@@ -7,10 +7,11 @@ takes one horizontal sum per (query, key) and is compute-bound at 1.5-2x the
 time of a matmul on a view, and ``embedding_bag`` needs a (query, key)-sized
 index built per call. These kernels walk each (row, KV head)'s positions,
 read each key or value row once and use it for the row's few queries while
-it is in registers, and ask for rows a few positions ahead, so they run at
-the speed of the memory on interleaved pages as on one contiguous cache
-(where they also beat a matmul per row, whose results must be copied into
-the padded batch).
+it is in registers, and, where pages interleave, ask for rows a few
+positions ahead. On the 2-core dev machine they read a contiguous cache
+faster than a matmul per row (whose results must then be copied into the
+padded batch), and interleaved pages of 128 at the same speed for windows
+of 1024 positions, 10-22% slower for rows of 16k (docs/performance.md).
 
 * ``gathered_scores``: s[b, h, m, n] = q[b, h, m] . K[base[b, h] + positions[b, n]]
 * ``gathered_values``: o[b, h, m] = sum_n p[b, h, m, n] V[base[b, h] + positions[b, n]]

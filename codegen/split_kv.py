@@ -22,7 +22,8 @@ cost is reading K/V. This path is organised around that read:
   (a paged pool's scattered pages too, asking for rows ahead of time).
 * **A paged pool** (K/V shared by the batch with stride 0) whose rows visit
   many tiles, filling most of the range they span, and that the batch does
-  not take (other devices, a pool the kernels cannot read), is processed tile-major:
+  not take (other devices, a layout the kernels cannot read, scores past the
+  batch's budget), is processed tile-major:
   every tile is a chunk, matched with its owner row's queries, all tiles of a
   KV head in one batched matmul on views of the pool; every tile's exponents
   are shifted by its row's max over all the row's tiles, so the tiles'
@@ -61,10 +62,10 @@ def decode_attention(query, key, value, *, score_graph, score_buffers, mask_grap
     Shapes: query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev),
     Hq a multiple of Hkv; ``block_mask`` a BlockMask over (L, S) or None
     (attend everywhere). ``kernel_options["SPLIT_KV_CHUNK"]`` sets the chunk
-    length (rounded up to whole tiles) where K/V are not read as one batch. Returns ``(out, lse, max_scores)``:
-    out (B, Hq, L, Ev) in query's dtype, lse/max_scores (B, Hq, L) in the
-    compute float (float32; float64 for float64 inputs); a fully masked row
-    gives 0 and -inf.
+    length (rounded up to whole tiles) where the rows do not run as one batch.
+    Returns ``(out, lse, max_scores)``: out (B, Hq, L, Ev) in query's dtype,
+    lse/max_scores (B, Hq, L) in the compute float (float32; float64 for
+    float64 inputs); a fully masked row gives 0 and -inf.
 
     Raises ``LoweringError`` for Q_LEN > ``MAX_Q_LEN`` or inputs that need gradients.
 

@@ -6,7 +6,7 @@ matmuls, and their per-op cost adds up to a third of the call. Here masking,
 the score_mod and the softmax run once over the stacked scores of all rows,
 and K/V are read where they lie, never copied. On the CPU this also serves
 rows of any length (``rows_fit``): the kernels beat chunks of matmuls on
-views and their merges (causal decode 25% faster on the decode benchmark).
+views and their merges (causal decode about 30% faster on the decode benchmark).
 
 * on the CPU, the cache is seen as a table of rows (``row_table``, a view)
   and the kernels of ``codegen.cpu_gather`` read each row's positions in it,
@@ -35,9 +35,9 @@ from flexattn.semantics import evaluate
 NEG_INF = float("-inf")
 BATCH_SCORES_BUDGET = 1 << 24  # score elements of one batch of long rows (64 MB in fp32); more: chunks
 
-# Copied tiles and batched scores land in per-thread buffers kept between calls: a fresh allocation of tens of
-# MB is returned to the OS when freed and page-faulted in again on every decode step, which
-# cost 7x the copy itself (21 ms vs 2.9 ms for 42 MB on the 2-core dev machine).
+# Copied tiles and batched scores land in per-thread buffers kept between calls: a fresh
+# allocation of tens of MB is returned to the OS when freed and page-faulted in again on every
+# decode step, which cost 7x the copy itself (21 ms vs 2.9 ms for 42 MB on the 2-core dev machine).
 _workspace = threading.local()
 
 
@@ -90,8 +90,8 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
         [tile_source(tiles[b, :int(count[b])], kv_block, S)[0] if count[b] else None for b in range(B)]
 
     q_rows = q.view(B, Hkv, group * L, E) * scale  # scaling the few queries, not the many scores
-    # A fresh buffer of scores would be page-faulted in on every call (10 ms of a 140 ms call for the
-    # 33 MB of a 32k causal batch on the 2-core dev machine): this thread's buffer is kept.
+    # A fresh buffer of scores would be page-faulted in on every call (the 33 MB of a 32k causal
+    # batch: 192 ms a call against 108 ms with the kept buffer, 2-core dev machine).
     s = _reused_buffer(2, B * Hkv * group * L * width * kv_block, q.dtype, q.device).view(B, Hkv, group * L, -1)
     if key_rows:
         gathered_scores(key_rows[0], key_rows[1], positions, q_rows, reads, scattered, out=s)
