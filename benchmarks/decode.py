@@ -36,6 +36,7 @@ import torch.nn.attention.flex_attention as torch_flex
 import torch.nn.functional as F
 
 import flexattn
+from codegen.cpu_gather import load_kernels
 from flexattn.paged import PagedKVCache
 
 B, H_Q, H_KV, HEAD_DIM, WINDOW, PAGE_SIZE = 8, 32, 8, 128, 1024, 128
@@ -145,6 +146,7 @@ def bench_length(kv_len: int, reps: int, compile_torch: bool, bandwidth: float) 
 
 def main(kv_lens=(4096, 16384, 32768), reps: int = 10, compile_torch: bool = True) -> None:
     torch.set_grad_enabled(False)
+    load_kernels()  # else the first calls run on the torch path while the CPU kernels load
     bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} Hq={H_Q} Hkv={H_KV} D={HEAD_DIM} "
           f"Q_LEN=1 fp32, window {WINDOW}, page {PAGE_SIZE}, flexattn backend auto = "

@@ -16,10 +16,14 @@ of 1024 positions, 10-22% slower for rows of 16k (docs/performance.md).
 * ``gathered_scores``: s[b, h, m, n] = q[b, h, m] . K[base[b, h] + positions[b, n]]
 * ``gathered_values``: o[b, h, m] = sum_n p[b, h, m, n] V[base[b, h] + positions[b, n]]
 
-The kernels are compiled on first use (about 4 s per dtype on the 2-core dev
-machine) and cached on disk by numba: later processes pay about half a second
-on their first call, most of it importing numba. numba is imported only
-then, so ``import flexattn`` does not pay for it.
+Loading the kernels means importing numba and compiling them (about 5 s on
+the 2-core dev machine, once per machine: numba caches them on disk) or
+reading them from numba's cache (about half a second per process). So that
+a first decode call does not wait for it, ``kernels_ready`` starts loading
+in a background thread the first time it is asked and answers False until
+the float32 kernels are in; callers use their torch path meanwhile.
+``load_kernels`` loads them now (benchmarks, tests). ``import flexattn``
+imports nothing of numba.
 """
 
 from __future__ import annotations
@@ -31,6 +35,39 @@ import torch
 # numba's fallback threading layer ("workqueue", where no OpenMP or TBB runtime is found)
 # aborts the process when two threads launch parallel kernels at once: one launch at a time.
 _launch = threading.Lock()
+_loaded = threading.Event()
+_loader: list = []  # the background loading thread, once started
+_start = threading.Lock()
+
+
+def kernels_ready() -> bool:
+    """Whether the kernels are loaded. The first call starts loading them in a background
+    thread (see the module docstring) and returns False, as do calls until they are in."""
+    if _loaded.is_set():
+        return True
+    with _start:
+        if not _loader:
+            _loader.append(threading.Thread(target=load_kernels, name="flexattn-cpu-kernels", daemon=True))
+            _loader[0].start()
+    return _loaded.is_set()
+
+
+def load_kernels() -> None:
+    """Import numba and compile the float32 kernels, or read them from numba's disk cache, now.
+
+    Example::
+
+        >>> load_kernels()  # before timing decode calls
+        >>> kernels_ready()
+        True
+    """
+    if _loaded.is_set():
+        return
+    table, rows = torch.zeros(8, 4), torch.zeros(1, 1, dtype=torch.int64)
+    positions, reads = torch.arange(8).view(1, 8), torch.tensor([8])
+    gathered_values(table, rows, positions, gathered_scores(table, rows, positions, torch.zeros(1, 1, 1, 4), reads,
+                                                            True), reads, True)
+    _loaded.set()
 
 
 def gathered_scores(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor,

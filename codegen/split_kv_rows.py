@@ -28,7 +28,7 @@ import threading
 
 import torch
 
-from codegen.cpu_gather import gathered_scores, gathered_values
+from codegen.cpu_gather import gathered_scores, gathered_values, kernels_ready
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 from flexattn.semantics import evaluate
 
@@ -82,8 +82,8 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     reads = torch.where(count > 0, count * kv_block - ((last_tile + 1) * kv_block - S).clamp(min=0), 0)
     # K/V read where they lie, by the CPU gathering kernels; rows of scattered tiles (a paged pool)
     # are prefetched by the kernels, consecutive ones left to the hardware prefetcher.
-    key_rows = row_table(k) if _reads_in_place(k) else None
-    value_rows = row_table(v) if _reads_in_place(v) else None
+    in_place = _reads_in_place(k) and _reads_in_place(v)
+    key_rows, value_rows = (row_table(k), row_table(v)) if in_place else (None, None)
     scattered = not bool(((last_tile - tiles[:, 0] + 1 == count) | (count == 0)).all())
     shared = k.stride(0) == 0
     sources = None if key_rows and value_rows else \
@@ -149,19 +149,24 @@ def keys_major_scores(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor
 
 def _reads_in_place(x: torch.Tensor) -> bool:
     """Whether the CPU kernels read x (B, Hkv, S, D): a CPU tensor of float32/float64 whose rows are
-    contiguous and evenly spaced, so that ``row_table`` is a view (else a gather would copy)."""
+    contiguous and evenly spaced, so that ``row_table`` is a view (else a gather would copy), once
+    the kernels are loaded (``cpu_gather.kernels_ready``; until then the torch path serves)."""
+    return _table_layout(x) and x.device.type == "cpu" and kernels_ready()
+
+
+def _table_layout(x: torch.Tensor) -> bool:
     row = x.stride(2)
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.stride(3) == 1
-            and row == x.shape[3] and x.stride(0) % row == 0 and x.stride(1) % row == 0)
+    return (x.dtype in (torch.float32, torch.float64) and x.stride(3) == 1 and row == x.shape[3]
+            and x.stride(0) % row == 0 and x.stride(1) % row == 0)
 
 
 def row_table(x: torch.Tensor):
     """x (B, Hkv, S, D) (a shared pool: batch stride 0) as one table of rows: ``(table (R, D), base (B, Hkv))``,
-    position n of (b, h) being row ``base[b, h] + n``; a view of x's memory. None where the kernels do not
-    read x in place (``_reads_in_place``)."""
+    position n of (b, h) being row ``base[b, h] + n``; a view of x's memory. None where x's rows are not
+    contiguous, evenly spaced rows of float32/float64 (then a gather would copy)."""
     B, Hkv, S, D = x.shape
     row = x.stride(2)
-    if not _reads_in_place(x):
+    if not _table_layout(x):
         return None
     base = (torch.arange(B, device=x.device).view(B, 1) * (x.stride(0) // row)
             + torch.arange(Hkv, device=x.device).view(1, Hkv) * (x.stride(1) // row))

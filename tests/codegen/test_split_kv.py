@@ -6,11 +6,15 @@ from hypothesis import given, settings, strategies as st
 
 import flexattn
 from codegen import BACKENDS, split_kv, split_kv_rows
+from codegen.cpu_gather import kernels_ready, load_kernels
 from codegen.split_kv import MAX_Q_LEN, decode_attention
 from flexattn.errors import LoweringError
 from flexattn.paged import PagedKVCache
 from flexattn.trace import trace_mask_mod, trace_score_mod
 from mods import MODS, ModCase, Mods
+
+
+load_kernels()  # else the first tests would run on the torch path while the kernels load
 
 
 def _stripes(L, S, H):
@@ -193,3 +197,18 @@ def test_paged_pool_with_free_pages_holding_nan(budget, monkeypatch):
                cache.convert_logical_block_mask(logical), SPLIT_KV_CHUNK=64)
     _assert_equal_results(got, want)
     assert bool(pool_passes) == (budget == 0)
+
+
+def test_torch_path_serves_until_the_kernels_are_loaded(monkeypatch):
+    """Before the CPU kernels are in (they load in the background), decode reads K/V by views and
+    copies of tiles, with the same result; once loaded, kernels_ready says so."""
+    assert kernels_ready()
+    monkeypatch.setattr(split_kv_rows, "kernels_ready", lambda: False)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    mask = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= 250 - 40 * b, 2, None, 1, 300,
+                                      BLOCK_SIZE=(1, 32))
+    copies = []
+    monkeypatch.setattr(split_kv_rows, "read_tiles", _spy(split_kv_rows.read_tiles, copies))
+    _assert_equal_results(_run(decode_attention, q, k, v, None, mask), _run(BACKENDS["reference"], q, k, v, None, mask))
+    assert copies
