@@ -116,7 +116,9 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     keep = per_element == FULL
     if mods.mask_graph is not None and bool((per_slot == PARTIAL).any()):
         keep = keep | ((per_element == PARTIAL) & evaluate(mods.mask_graph, env, mods.mask_buffers).bool())
-    s.masked_fill_(~(keep & (env["kv_idx"] < S)), NEG_INF)
+    keep = keep & (env["kv_idx"] < S)
+    if not bool(keep.all()):  # windows of FULL tiles only: nothing to mask, no pass over the scores
+        s.masked_fill_(~keep, NEG_INF)
     m = s.amax(dim=-1)  # (B, Hkv, G, L)
     shift = torch.where(m == NEG_INF, 0.0, m)
     p = s.sub_(shift.unsqueeze(-1)).exp_().view(B, Hkv, group * L, width * kv_block)
