@@ -83,18 +83,17 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     # K/V read where they lie, by the CPU gathering kernels; rows of scattered tiles (a paged pool)
     # are prefetched by the kernels, consecutive ones left to the hardware prefetcher.
     in_place = _reads_in_place(k) and _reads_in_place(v)
-    key_rows, value_rows = (row_table(k), row_table(v)) if in_place else (None, None)
     scattered = not bool(((last_tile - tiles[:, 0] + 1 == count) | (count == 0)).all())
     shared = k.stride(0) == 0
-    sources = None if key_rows and value_rows else \
+    sources = None if in_place else \
         [tile_source(tiles[b, :int(count[b])], kv_block, S)[0] if count[b] else None for b in range(B)]
 
     q_rows = q.view(B, Hkv, group * L, E) * scale  # scaling the few queries, not the many scores
     # A fresh buffer of scores would be page-faulted in on every call (the 33 MB of a 32k causal
     # batch: 192 ms a call against 108 ms with the kept buffer, 2-core dev machine).
     s = _reused_buffer(2, B * Hkv * group * L * width * kv_block, q.dtype, q.device).view(B, Hkv, group * L, -1)
-    if key_rows:
-        gathered_scores(key_rows[0], key_rows[1], positions, q_rows, reads, scattered, out=s)
+    if in_place:
+        gathered_scores(*row_table(k), positions, q_rows, reads, scattered, out=s)
     else:
         s.fill_(NEG_INF)
         for b, source in enumerate(sources):
@@ -123,8 +122,8 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     shift = torch.where(m == NEG_INF, 0.0, m)
     p = s.sub_(shift.unsqueeze(-1)).exp_().view(B, Hkv, group * L, width * kv_block)
     total = p.sum(dim=-1).view(B, Hkv, group, L)
-    if value_rows:
-        o = gathered_values(value_rows[0], value_rows[1], positions, p, reads, scattered)
+    if in_place:
+        o = gathered_values(*row_table(v), positions, p, reads, scattered)
     else:
         o = q.new_zeros(B, Hkv, group * L, v.shape[-1])
         for b, source in enumerate(sources):
