@@ -10,16 +10,21 @@ tokens), as in a serving batch; two masks:
 Rows: flexattn (``backend="auto"``, which takes the split-KV decode path,
 ``codegen.split_kv``), ``torch.compile(torch flex_attention)``,
 ``scaled_dot_product_attention`` with a dense bool mask, and flexattn on a
-paged cache holding the same data (pages handed out round-robin as the
-sequences grow, so they interleave in the pool); the implementations take
-turns call by call, so a drifting machine slows them alike. Decode is memory-bound, so
+paged cache holding the same data, twice: "paged" as the pool places the
+pages of sequences that grow side by side, page by page in turn (mostly long
+runs, see ``flexattn.page_pool``), and "paged, scattered" with every page then
+moved to a random place, as long churn in a busy pool may leave them (the
+worst case: each page a jump). The implementations take turns call by call, so
+a drifting machine slows them alike. Decode is memory-bound, so
 next to the time each row reports the K/V bytes the mask needs (fp32, each
 needed position's key and value read once) divided by the time, and the
 machine's copy bandwidth measured on a large tensor copy (bytes read +
 written per second). The "paged / contiguous" column comes from a second
-interleaved run of just those two, for at least PAIR_SECONDS (many more calls
-than the four-way run where a row is cheap), so it is not at the mercy of a
-few slow calls. Conversion of the logical BlockMask to pages is timed apart
+interleaved run of just the flexattn rows, for at least PAIR_SECONDS (many
+more calls than the run of all rows where a row is cheap): the median, and in
+brackets the quartiles, of the ratio of each paged call's time to the
+contiguous call's of the same turn (the machine drifts less within a turn
+than between medians taken over the run). Conversion of the logical BlockMask to pages is timed apart
 ("convert"): it is per step, not per layer.
 
 Run: ``python benchmarks/decode.py`` (``--kv-lens 4096 --no-compile`` for a quick run).
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.attention.flex_attention as torch_flex
@@ -41,7 +47,7 @@ from flexattn.paged import PagedKVCache
 
 B, H_Q, H_KV, HEAD_DIM, WINDOW, PAGE_SIZE = 8, 32, 8, 128, 1024, 128
 BLOCK_SIZE = (1, PAGE_SIZE)  # one query row; kv tiles of a page
-PAIR_SECONDS = 3.0  # the paged / contiguous ratio: its own A/B of the two, at least this long
+PAIR_SECONDS = 4.5  # the paged / contiguous ratios: their own run of the flexattn rows, at least this long
 
 
 def timed(fn, reps: int) -> float:
@@ -50,9 +56,14 @@ def timed(fn, reps: int) -> float:
 
 
 def interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds of each function; they take turns, so a drifting machine hits all alike, and
-    the order of the turn rotates, so no function always runs right after the same other one (a
-    call leaves caches, and idle threads still spinning, to the next)."""
+    """Median seconds of each function (see ``turns``)."""
+    return {name: statistics.median(t) for name, t in turns(fns, reps).items()}
+
+
+def turns(fns: dict, reps: int) -> dict:
+    """Seconds of each function's calls, turn by turn; they take turns, so a drifting machine hits
+    all alike, and the order of the turn rotates, so no function always runs right after the same
+    other one (a call leaves caches, and idle threads still spinning, to the next)."""
     for fn in fns.values():
         fn()
     names = list(fns)
@@ -62,7 +73,19 @@ def interleaved(fns: dict, reps: int) -> dict:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def turn_ratios(fns: dict, base: str, reps: int) -> dict:
+    """Per function but ``base``: the (lower quartile, median, upper quartile) of its call's time
+    over ``base``'s in the same turn."""
+    times = turns(fns, reps)
+    quartiles = {}
+    for name in fns:
+        if name != base:
+            ratios = sorted(t / t_base for t, t_base in zip(times[name], times[base]))
+            quartiles[name] = (ratios[len(ratios) // 4], statistics.median(ratios), ratios[3 * len(ratios) // 4])
+    return quartiles
 
 
 def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
@@ -87,7 +110,8 @@ def masks(lengths: torch.Tensor):
 
 
 def paged_copy(k: torch.Tensor, v: torch.Tensor, lengths: list[int]):
-    """A PagedKVCache holding the same K/V, its pages interleaved round-robin like growing sequences."""
+    """A PagedKVCache holding the same K/V, its pages placed by the pool as the sequences grow page by
+    page in turn, in a pool that just fits them."""
     n_pages = sum(-(-n // PAGE_SIZE) for n in lengths)
     cache = PagedKVCache(n_pages, PAGE_SIZE, len(lengths))
     k_cache = torch.zeros(1, H_KV, cache.n_positions, HEAD_DIM)
@@ -100,14 +124,34 @@ def paged_copy(k: torch.Tensor, v: torch.Tensor, lengths: list[int]):
     return cache, k_cache, v_cache
 
 
+def scattered(cache: PagedKVCache, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: list[int]):
+    """A copy of a full pool with every page moved to a random place (data and page tables alike)."""
+    moved = PagedKVCache(cache.n_pages, cache.page_size, cache.max_batch_size)
+    for b, n in enumerate(lengths):
+        moved.reserve(b, n)  # the same pages per slot, so the pool's record of free pages (none) holds
+    assert moved.free_pages == 0
+    place = torch.randperm(cache.n_pages, generator=torch.Generator().manual_seed(0))  # page p goes to place[p]
+    owned = cache.page_table >= 0
+    moved.page_table[owned] = place[cache.page_table[owned].long()].int()
+    moved.physical_to_logical[:, place] = cache.physical_to_logical
+
+    def move(x):
+        pages = x.view(1, x.shape[1], cache.n_pages, cache.page_size, -1)
+        out = torch.empty_like(pages)
+        out[:, :, place] = pages
+        return out.view_as(x)
+
+    return moved, move(k_cache), move(v_cache)
+
+
 def bench_length(kv_len: int, reps: int, compile_torch: bool, bandwidth: float) -> list[tuple]:
     torch.manual_seed(0)
     q = torch.randn(B, H_Q, 1, HEAD_DIM)
     k = torch.randn(B, H_KV, kv_len, HEAD_DIM)
     v = torch.randn(B, H_KV, kv_len, HEAD_DIM)
     lengths = [kv_len - b * kv_len // 16 for b in range(B)]
-    cache, k_cache, v_cache = paged_copy(k, v, lengths)
-    k_pages, v_pages = cache.expand_kv(k_cache, v_cache, B)
+    pools = {"flexattn paged": paged_copy(k, v, lengths)}
+    pools["flexattn paged, scattered"] = scattered(*pools["flexattn paged"], lengths)
     compiled_flex = torch.compile(torch_flex.flex_attention, dynamic=False) if compile_torch else None
     rows = []
     for name, mask_mod in masks(torch.tensor(lengths)).items():
@@ -119,12 +163,12 @@ def bench_length(kv_len: int, reps: int, compile_torch: bool, bandwidth: float) 
             rows.append((name, kv_len, impl, seconds * 1e3, gbps, 100 * gbps / bandwidth, vs_contiguous))
 
         logical = flexattn.create_block_mask(mask_mod, B, None, 1, kv_len, BLOCK_SIZE=BLOCK_SIZE)
-        paged_mask = cache.convert_logical_block_mask(logical)
-        fns = {"flexattn": lambda: flexattn.flex_attention(q, k, v, block_mask=logical, enable_gqa=True),
-               "flexattn paged": lambda: flexattn.flex_attention(q, k_pages, v_pages, block_mask=paged_mask,
-                                                                 enable_gqa=True)}
+        fns = {"flexattn": lambda: flexattn.flex_attention(q, k, v, block_mask=logical, enable_gqa=True)}
         expected = fns["flexattn"]()
-        torch.testing.assert_close(fns["flexattn paged"](), expected, rtol=1e-5, atol=1e-5)
+        for impl, (cache, k_cache, v_cache) in pools.items():
+            fns[impl] = partial(flexattn.flex_attention, q, *cache.expand_kv(k_cache, v_cache, B),
+                                block_mask=cache.convert_logical_block_mask(logical), enable_gqa=True)
+            torch.testing.assert_close(fns[impl](), expected, rtol=1e-5, atol=1e-5)
         if compiled_flex is not None:
             theirs = torch_flex.create_block_mask(mask_mod, B, None, 1, kv_len, device="cpu", BLOCK_SIZE=PAGE_SIZE)
             fns["torch.compile(flex_attention)"] = lambda: compiled_flex(q, k, v, block_mask=theirs, enable_gqa=True)
@@ -134,11 +178,12 @@ def bench_length(kv_len: int, reps: int, compile_torch: bool, bandwidth: float) 
                                                                                      enable_gqa=True)
         torch.testing.assert_close(fns["scaled_dot_product_attention"](), expected, rtol=1e-4, atol=1e-4)
         seconds = interleaved(fns, reps)
-        pair = {impl: fns[impl] for impl in ("flexattn", "flexattn paged")}
-        pair_seconds = interleaved(pair, max(reps, round(PAIR_SECONDS / sum(seconds[impl] for impl in pair))))
-        ratio = pair_seconds["flexattn paged"] / pair_seconds["flexattn"]
+        ours = {impl: fns[impl] for impl in ("flexattn", *pools)}
+        ratios = turn_ratios(ours, "flexattn", max(reps, round(PAIR_SECONDS / sum(seconds[impl] for impl in ours))))
         for impl, time_s in seconds.items():
-            report(impl, time_s, f"{ratio:.3f}x" if impl == "flexattn paged" else "")
+            low, median, high = ratios.get(impl, (None,) * 3)
+            report(impl, time_s, "" if median is None else f"{median:.3f}x ({low:.2f}-{high:.2f})")
+        cache = pools["flexattn paged"][0]
         convert = timed(lambda: cache.convert_logical_block_mask(logical), reps)
         rows.append((name, kv_len, "  convert_logical_block_mask", convert * 1e3, None, None, ""))
     return rows

@@ -34,6 +34,11 @@ from flexattn.semantics import evaluate
 
 NEG_INF = float("-inf")
 BATCH_SCORES_BUDGET = 1 << 24  # score elements of one batch of long rows (64 MB in fp32); more: chunks
+# Runs of consecutive keys shorter than this on average (bytes of one head) get the kernels' prefetch
+# hints. Decode benchmark, causal 16k, pages of 64 KB per head: pages scattered one by one 1-3%
+# faster with hints, runs of two pages alike, runs of four or more 3-6% slower (hints cost, and the
+# hardware prefetcher has the run).
+SHORT_RUN_BYTES = 1 << 17
 
 # Copied tiles and batched scores land in per-thread buffers kept between calls: a fresh
 # allocation of tens of MB is returned to the OS when freed and page-faulted in again on every
@@ -80,10 +85,11 @@ def batched_rows(q, k, v, classes, scale, mods, out, lse, max_scores) -> None:
     # Row b reads its first `reads[b]` positions: its visited tiles, without what lies past the cache.
     last_tile = tiles.gather(1, (count - 1).clamp(min=0).view(B, 1)).view(B)
     reads = torch.where(count > 0, count * kv_block - ((last_tile + 1) * kv_block - S).clamp(min=0), 0)
-    # K/V read where they lie, by the CPU gathering kernels; rows of scattered tiles (a paged pool)
-    # are prefetched by the kernels, consecutive ones left to the hardware prefetcher.
+    # K/V read where they lie, by the CPU gathering kernels; rows that jump often (a pool's pages
+    # scattered one by one) are prefetched by the kernels, long runs left to the hardware prefetcher.
     in_place = _reads_in_place(k) and _reads_in_place(v)
-    scattered = not bool(((last_tile - tiles[:, 0] + 1 == count) | (count == 0)).all())
+    runs = int(((tiles[:, 1:] != tiles[:, :-1] + 1) & used[:, 1:]).sum()) + int((count > 0).sum())
+    scattered = int(reads.sum()) * k.shape[-1] * k.element_size() < SHORT_RUN_BYTES * runs
     shared = k.stride(0) == 0
     sources = None if in_place else \
         [tile_source(tiles[b, :int(count[b])], kv_block, S)[0] if count[b] else None for b in range(B)]

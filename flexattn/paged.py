@@ -38,6 +38,7 @@ import torch
 from flexattn.block_mask import BlockMask
 from flexattn.errors import PagedCacheError
 from flexattn.masks import noop_mask
+from flexattn.page_pool import PagePool
 
 _UNASSIGNED = -1  # page-table entry of a page no sequence owns
 
@@ -83,8 +84,8 @@ class PagedKVCache:
         self.physical_to_logical = torch.full((max_batch_size, n_pages), _UNASSIGNED, dtype=torch.int32,
                                               device=device)
         self._pages_owned = [0] * max_batch_size
-        # Free physical pages, lowest on top; erased pages go back on top and are reused first.
-        self._free = list(range(n_pages - 1, -1, -1))
+        self._last_page: list[int | None] = [None] * max_batch_size  # each slot's last physical page
+        self._pool = PagePool(n_pages)  # free pages, and where a slot's next pages go
 
     @property
     def n_positions(self) -> int:
@@ -94,7 +95,7 @@ class PagedKVCache:
     @property
     def free_pages(self) -> int:
         """Number of pages no slot owns."""
-        return len(self._free)
+        return self._pool.free_count
 
     def capacity(self, batch_idx) -> int:
         """Positions reserved for slot ``batch_idx`` (a multiple of ``page_size``)."""
@@ -125,11 +126,13 @@ class PagedKVCache:
         missing = -(-seq_len // self.page_size) - owned
         if missing <= 0:
             return
-        if missing > len(self._free):
+        if missing > self.free_pages:
             raise PagedCacheError(
                 f"the page pool is full: slot {slot} needs {missing} more page(s) for {seq_len} positions "
-                f"but only {len(self._free)} of {self.n_pages} are free; erase finished sequences first")
-        pages = [self._free.pop() for _ in range(missing)]
+                f"but only {self.free_pages} of {self.n_pages} are free; erase finished sequences first")
+        tails = {page for other, page in enumerate(self._last_page) if other != slot and page is not None}
+        pages = self._pool.take(missing, self._last_page[slot], tails)
+        self._last_page[slot] = pages[-1]
         physical = torch.tensor(pages, dtype=torch.int64, device=self.device)
         logical = torch.arange(owned, owned + missing, dtype=torch.int32, device=self.device)
         self.page_table[slot, owned:owned + missing] = physical.to(torch.int32)
@@ -147,7 +150,8 @@ class PagedKVCache:
         self.physical_to_logical[slot, self.page_table[slot, :owned].long()] = _UNASSIGNED
         self.page_table[slot] = _UNASSIGNED
         self._pages_owned[slot] = 0
-        self._free.extend(reversed(pages))
+        self._last_page[slot] = None
+        self._pool.give_back(pages)
 
     def assign(self, batch_idx, input_pos, k, v, k_cache, v_cache) -> None:
         """Write new keys/values of logical positions ``input_pos`` into the physical caches.

@@ -182,12 +182,14 @@ def test_paged_pool_with_free_pages_holding_nan(budget, monkeypatch):
     for pages in range(1, 8):  # three sequences grow round-robin; the third (first to get pages) is erased
         for b, n in [(2, 64), (0, lengths[0]), (1, lengths[1])]:
             cache.reserve(b, min(n, 32 * pages))
-    assert int(cache.page_table[2, 0]) == 0  # page 0 will hold the NaN
-    nan = torch.full((1, Hkv, 64, D), float("nan"))
-    cache.assign(torch.tensor([2]), torch.arange(64)[None], nan, nan, k_cache, v_cache)
     cache.erase(2)
     for b, n in enumerate(lengths):
         cache.assign(torch.tensor([b]), torch.arange(n)[None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], k_cache, v_cache)
+    owned = set(cache.page_table[:2].flatten().tolist()) - {-1}
+    free = [page for page in range(cache.n_pages) if page not in owned]
+    assert 0 in free and any(min(owned) < page < max(owned) for page in free)
+    for page in free:
+        k_cache[:, :, page * 32:(page + 1) * 32] = v_cache[:, :, page * 32:(page + 1) * 32] = float("nan")
     last = torch.tensor(lengths) - 1
     logical = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= last[b], 2, None, 1, 200,
                                          BLOCK_SIZE=(1, 32))

@@ -238,15 +238,15 @@ def test_block_mask_longer_than_a_slot_or_of_another_batch_is_rejected():
         cache.convert_logical_block_mask(batch_of_two, torch.tensor([1]))
 
 
-def test_erased_pages_are_reused_first():
+def test_erased_pages_serve_other_slots():
     cache = PagedKVCache(4, 8, 2)
     cache.reserve(0, 16)
     cache.reserve(1, 8)
-    first_pages = cache.page_table[0, :2].tolist()
     cache.erase(0)
     assert cache.free_pages == 3 and cache.capacity(0) == 0
-    cache.reserve(1, 24)
-    assert cache.page_table[1, 1:3].tolist() == first_pages
+    cache.reserve(1, 32)  # all four pages: slot 0's two among them
+    assert sorted(cache.page_table[1, :4].tolist()) == [0, 1, 2, 3] and cache.free_pages == 0
+    assert cache.physical_to_logical[0].eq(-1).all()
 
 
 # ----- page changes never change the traced IR ---------------------------------------
