@@ -19,31 +19,37 @@ round-robin).
 
 from __future__ import annotations
 
-import re
+import torch
 
-_FREE, _USED = b"\x01", b"\x00"
-_FREE_RUN = re.compile(rb"\x01+")
+_FREE, _USED = 1, 0  # one byte per page
 
 
 class PagePool:
     """The free pages of a pool of ``n_pages`` (all free at first)."""
 
     def __init__(self, n_pages: int):
-        self._free = bytearray(_FREE * n_pages)  # one byte per page: the runs are found by a C-speed scan
+        self._free = bytearray([_FREE]) * n_pages
         self.free_count = n_pages
 
     def take(self, count: int, last_page: int | None, tails: set[int]) -> list[int]:
         """``count`` (<= ``free_count``) free pages for a sequence whose last page is ``last_page``
         (None: it has none), in the order the sequence will use them; ``tails``: the last pages of
-        the other live sequences."""
+        the other live sequences.
+
+        One scan of the pool per call at most, whatever ``count``: a long prompt in a pool
+        fragmented into single pages must not scan it once per page."""
         pages: list[int] = []
+        runs: list[tuple[int, int]] = []  # free runs, longest first, from the first jump on
         while len(pages) < count:
             after = None if last_page is None else last_page + 1
-            if after is not None and after < len(self._free) and self._free[after:after + 1] == _FREE:
+            if after is not None and after < len(self._free) and self._free[after] == _FREE:
                 page = after
             else:
-                page = self._run_start(count - len(pages), tails)
-            self._free[page] = _USED[0]
+                runs = runs or self._free_runs()  # a run started in its middle leaves its first half out
+                start, end = runs.pop(0)
+                spare = end - start - (count - len(pages))
+                page = start + spare // 2 if spare > 0 and start - 1 in tails else start
+            self._free[page] = _USED
             pages.append(page)
             last_page = page
         self.free_count -= count
@@ -52,13 +58,13 @@ class PagePool:
     def give_back(self, pages: list[int]) -> None:
         """Pages a sequence no longer owns."""
         for page in pages:
-            self._free[page] = _FREE[0]
+            self._free[page] = _FREE
         self.free_count += len(pages)
 
-    def _run_start(self, wanted: int, tails: set[int]) -> int:
-        """Where a new run of up to ``wanted`` pages starts: in the largest free run (the first such)."""
-        start, end = max((run.span() for run in _FREE_RUN.finditer(self._free)), key=lambda s: s[1] - s[0])
-        spare = end - start - wanted
-        if spare > 0 and start - 1 in tails:
-            return start + spare // 2
-        return start
+    def _free_runs(self) -> list[tuple[int, int]]:
+        """The runs [start, end) of free pages, longest first (the lowest first among equals)."""
+        free = torch.frombuffer(self._free, dtype=torch.uint8).to(torch.int8)
+        edges = torch.diff(free, prepend=free.new_zeros(1), append=free.new_zeros(1))
+        starts, ends = (edges == 1).nonzero().view(-1), (edges == -1).nonzero().view(-1)
+        order = torch.sort(ends - starts, descending=True, stable=True).indices
+        return list(zip(starts[order].tolist(), ends[order].tolist()))

@@ -18,7 +18,9 @@ are masked out. The wrapper traces into one IR graph whose page tables are
 run-time buffers, mutated in place: growing a sequence or reshuffling pages
 changes buffer contents only, never the traced structure, so nothing
 recompiles. ``convert_logical_block_mask`` maps a logical BlockMask's tiles
-onto physical pages the same way.
+onto physical pages the same way. Which free page a slot gets is up to
+``flexattn.page_pool``: a slot grows in place while the next page is free, so
+sequences that grow side by side still own long runs (CPU reads favour them).
 
 Example (one decode step for the sequences in ``slots``)::
 
