@@ -35,9 +35,9 @@ from flexattn.semantics import evaluate
 NEG_INF = float("-inf")
 BATCH_SCORES_BUDGET = 1 << 24  # score elements of one batch of long rows (64 MB in fp32); more: chunks
 # Runs of consecutive keys shorter than this on average (bytes of one head) get the kernels' prefetch
-# hints. Decode benchmark, causal 16k, pages of 64 KB per head: pages scattered one by one 1-3%
-# faster with hints, runs of two pages alike, runs of four or more 3-6% slower (hints cost, and the
-# hardware prefetcher has the run).
+# hints. Decode benchmark, causal 16k, pages of 64 KB per head (two rotated A/B runs): pages scattered
+# one by one 1-3% faster with hints; runs of two pages 1-5%, of four or eight 3-6% slower with them
+# (the hardware prefetcher has the run, and the hints cost instructions).
 SHORT_RUN_BYTES = 1 << 17
 
 # Copied tiles and batched scores land in per-thread buffers kept between calls: a fresh
