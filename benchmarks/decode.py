@@ -24,8 +24,8 @@ interleaved run of just the flexattn rows, for at least PAIR_SECONDS (many
 more calls than the run of all rows where a row is cheap): the median, and in
 brackets the quartiles, of the ratio of each paged call's time to the
 contiguous call's of the same turn (the machine drifts less within a turn
-than between medians taken over the run). Conversion of the logical BlockMask to pages is timed apart
-("convert"): it is per step, not per layer.
+than between medians taken over the run). Conversion of the logical
+BlockMask to pages is timed apart ("convert"): it is per step, not per layer.
 
 Run: ``python benchmarks/decode.py`` (``--kv-lens 4096 --no-compile`` for a quick run).
 """

@@ -34,7 +34,8 @@ class PagePool:
     def take(self, count: int, last_page: int | None, tails: set[int]) -> list[int]:
         """``count`` (<= ``free_count``) free pages for a sequence whose last page is ``last_page``
         (None: it has none), in the order the sequence will use them; ``tails``: the last pages of
-        the other live sequences.
+        the live sequences (its own may be among them: the page after it is taken, else the
+        sequence would grow in place, so no free run starts there).
 
         One scan of the pool per call at most, whatever ``count``: a long prompt in a pool
         fragmented into single pages must not scan it once per page."""

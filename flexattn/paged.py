@@ -132,7 +132,7 @@ class PagedKVCache:
             raise PagedCacheError(
                 f"the page pool is full: slot {slot} needs {missing} more page(s) for {seq_len} positions "
                 f"but only {self.free_pages} of {self.n_pages} are free; erase finished sequences first")
-        tails = {page for other, page in enumerate(self._last_page) if other != slot and page is not None}
+        tails = {page for page in self._last_page if page is not None}
         pages = self._pool.take(missing, self._last_page[slot], tails)
         self._last_page[slot] = pages[-1]
         physical = torch.tensor(pages, dtype=torch.int64, device=self.device)
