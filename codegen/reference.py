@@ -50,13 +50,17 @@ def dense_attention(query, key, value, *, score_graph: Graph | None = None, scor
         scores = evaluate(score_graph, env, list(score_buffers)).to(compute).expand(B, Hq, L, S)
     if mask is not None:
         scores = scores.masked_fill(~mask.to(query.device), float("-inf"))
-    max_scores = scores.amax(dim=-1)
-    lse = torch.logsumexp(scores, dim=-1)
-    # A fully masked row has max -inf; exp(score - max) would be NaN there.
-    safe_max = torch.where(torch.isfinite(max_scores), max_scores, torch.zeros_like(max_scores))
+    max_scores = scores.amax(dim=-1).detach()  # not differentiable, as in torch
+    # A fully masked row has max -inf: shift by 0 there (exp(score - max) would be NaN) and take
+    # its lse from a branch that never sees log(0), so no NaN reaches any gradient. The lse is
+    # invariant to the shift, so a detached shift leaves its gradient exact.
+    empty = torch.isneginf(max_scores)
+    safe_max = torch.where(empty, 0.0, max_scores)
     weights = torch.exp(scores - safe_max.unsqueeze(-1))
-    denom = weights.sum(dim=-1, keepdim=True)
-    out = (weights @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    denom = weights.sum(dim=-1)
+    safe_denom = torch.where(empty, 1.0, denom)
+    lse = torch.where(empty, float("-inf"), safe_max + torch.log(safe_denom))
+    out = (weights @ v) / safe_denom.unsqueeze(-1)
     lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
     return out.to(query.dtype), lse.to(lse_dtype), max_scores.to(lse_dtype)
 

@@ -316,6 +316,20 @@ def _cached_units(block_mask, mask_graph, mask_buffers, B, Hq, L, S, block_size,
     return cache[key]
 
 
+def _with_lse_column(q, k, v, out, grad_out, grad_lse, lse):
+    """q, k, v, out, grad_out with one more head-dim column that carries the lse's gradient.
+
+    The fused backward takes dS = P * (dO V^T - rowsum(dO * O)); the lse adds P * dLSE. A zero
+    column in q, k and v leaves scores and dO V^T as they are, while out = 1 and dO = -dLSE
+    there add -dLSE to rowsum(dO * O). The extra column of each gradient is dropped after.
+    """
+    zero = lambda x: torch.nn.functional.pad(x, (0, 1))  # noqa: E731
+    lse_grad = torch.where(lse == NEG_INF, 0.0, grad_lse).to(out.dtype)
+    out = torch.cat([out, torch.ones_like(out[..., :1])], -1)
+    grad_out = torch.cat([grad_out, -lse_grad.unsqueeze(-1)], -1)
+    return zero(q), zero(k), zero(v), out, grad_out
+
+
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, setup, units, q, k, v):
@@ -323,15 +337,20 @@ class _FusedAttention(torch.autograd.Function):
         out, lse = forward(p, units)
         ctx.setup, ctx.units = setup, units
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_lse):
+    def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype)
+        if grad_lse is not None:
+            q, k, v, out, grad_out = _with_lse_column(q, k, v, out, grad_out, grad_lse, lse)
         p = ctx.setup(q, k, v)
-        dq, dk, dv = backward(p, ctx.units, out, lse, grad_out.to(out.dtype).contiguous())
+        dq, dk, dv = backward(p, ctx.units, out, lse, grad_out.contiguous())
+        if grad_lse is not None:
+            dq, dk, dv = (x[..., :-1] for x in (dq, dk, dv))
         if p.group > 1:  # the query heads of one KV head add up
             dk, dv = (x.unflatten(1, (-1, p.group)).sum(2) for x in (dk, dv))
         return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

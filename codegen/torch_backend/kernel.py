@@ -33,22 +33,27 @@ def check_heads(Hq: int, Hkv: int, enable_gqa: bool) -> None:
 
 
 class _BlockSparseAttention(torch.autograd.Function):
-    """out, lse, max_scores of attention; grads for q, k, v and floating score buffers."""
+    """out, lse, max_scores of attention; grads of out and lse for q, k, v and floating score
+    buffers (max_scores is not differentiable, as in torch)."""
 
     @staticmethod
     def forward(ctx, call, q, k, v, *score_buffers):
         out, lse, max_scores = call.forward(q, k, v, score_buffers)
         ctx.call = call
         ctx.save_for_backward(q, k, v, out, lse, *score_buffers)
-        ctx.mark_non_differentiable(lse, max_scores)
+        ctx.mark_non_differentiable(max_scores)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return out, lse, max_scores
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_lse, _grad_max):
+    def backward(ctx, grad_out, grad_lse, _grad_max):
         q, k, v, out, lse, *score_buffers = ctx.saved_tensors
         slots = [i for i, buf in enumerate(score_buffers) if ctx.needs_input_grad[4 + i]]
-        grad_q, grad_k, grad_v, grad_buffers = ctx.call.backward(q, k, v, out, lse, grad_out, score_buffers, slots)
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grad_q, grad_k, grad_v, grad_buffers = ctx.call.backward(
+            q, k, v, out, lse, grad_out, grad_lse, score_buffers, slots)
         by_slot = dict(zip(slots, grad_buffers))
         grads_of_buffers = [by_slot.get(i) for i in range(len(score_buffers))]
         return (None, grad_q, grad_k, grad_v, *grads_of_buffers)
@@ -69,11 +74,12 @@ class _Call:
             score_buffers, self.score_consts, self.mask_buffers, self.mask_consts)
         return out.to(q.dtype), lse, max_scores
 
-    def backward(self, q, k, v, out, lse, grad_out, score_buffers, slots):
+    def backward(self, q, k, v, out, lse, grad_out, grad_lse, score_buffers, slots):
         compute = lse.dtype
         grad_q, grad_k, grad_v, grad_buffers = self.namespace["backward"](
             q.to(compute), k.to(compute), v.to(compute), out.to(compute), lse, grad_out.to(compute),
-            self.rows, self.kv_block, self.scale, score_buffers, slots, self.score_consts,
+            None if grad_lse is None else grad_lse.to(compute), self.rows, self.kv_block, self.scale,
+            score_buffers, slots, self.score_consts,
             self.mask_buffers, self.mask_consts)
         grad_buffers = [g.to(score_buffers[i].dtype) for i, g in zip(slots, grad_buffers)]
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_buffers

@@ -113,12 +113,12 @@ def forward(q, k, v, rows, kv_block, scale, score_buffers, score_consts, mask_bu
 '''
 
 BACKWARD = '''
-def backward(q, k, v, out, lse, grad_out, rows, kv_block, scale, score_buffers, grad_buffer_slots,
+def backward(q, k, v, out, lse, grad_out, grad_lse, rows, kv_block, scale, score_buffers, grad_buffer_slots,
              score_consts, mask_buffers, mask_consts):
-    """Gradients of out w.r.t. q, k, v and the score buffers in ``grad_buffer_slots``.
+    """Gradients of (out, lse) w.r.t. q, k, v and the score buffers in ``grad_buffer_slots``.
 
     Recomputes each piece's probabilities from the saved lse (flash-attention
-    style): dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ += dS K * scale,
+    style): dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O) + dLSE), dQ += dS K * scale,
     dK += dS^T Q * scale; dS passes back through the score_mod by autograd on
     the piece, which also yields the buffer gradients.
     """
@@ -128,7 +128,10 @@ def backward(q, k, v, out, lse, grad_out, rows, kv_block, scale, score_buffers, 
     grad_q = torch.zeros_like(q)
     grad_k, grad_v = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
     grad_buffers = [torch.zeros_like(score_buffers[i]) for i in grad_buffer_slots]
+    # d lse / d s = P, so the lse's gradient joins dS as P * dLSE: it folds into delta.
     delta = (grad_out * out).sum(dim=-1)
+    if grad_lse is not None:
+        delta = delta - torch.where(lse == NEG_INF, 0.0, grad_lse)
     safe_lse = torch.where(lse == NEG_INF, 0.0, lse)
     # With q scaled once, Q K^T and dS^T Q come out scaled; dQ is scaled once at the end.
     q = q * scale

@@ -72,21 +72,24 @@ def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None, options:
 
 
 class _Attention(torch.autograd.Function):
-    """Forward with the Triton kernel; backward with the dq and dk/dv kernels (lse, max get no grad)."""
+    """Forward with the Triton kernel; backward with the dq and dk/dv kernels, for the gradients
+    of out and lse (max_scores is not differentiable, as in torch)."""
 
     @staticmethod
     def forward(ctx, kernel, call, query, key, value, *score_buffers):
         out, lse, max_scores = kernel(query, key, value, score_buffers=score_buffers, **call)
         ctx.kernel, ctx.call = kernel, call
         ctx.save_for_backward(query, key, value, out, lse, *score_buffers)
-        ctx.mark_non_differentiable(lse, max_scores)
+        ctx.mark_non_differentiable(max_scores)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return out, lse, max_scores
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_max):
         query, key, value, out, lse, *score_buffers = ctx.saved_tensors
         wants = ctx.needs_input_grad[5:]
-        dq, dk, dv, grads = ctx.kernel.backward(query, key, value, out, lse, grad_out.contiguous(),
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+        dq, dk, dv, grads = ctx.kernel.backward(query, key, value, out, lse, grad_out, grad_lse=grad_lse,
                                                 score_buffers=score_buffers, buffer_grads=any(wants), **ctx.call)
         buffer_grads = [g.to(b.dtype) if (g is not None and want) else None
                         for g, b, want in zip(grads, score_buffers, wants)]

@@ -128,13 +128,17 @@ class Kernel:
             *a["mod_args"], **a["consts"])
         return out, lse, max_scores
 
-    def backward(self, query, key, value, out, lse, grad_out, *, score_buffers=(), mask_buffers=(),
+    def backward(self, query, key, value, out, lse, grad_out, *, grad_lse=None, score_buffers=(), mask_buffers=(),
                  block_mask=None, scale=None, enable_gqa=False, buffer_grads=False):
-        """(dq, dk, dv, [grads of the score_mod's float buffers, or None]) for d loss / d out = grad_out."""
+        """(dq, dk, dv, [grads of the score_mod's float buffers, or None]) for d loss / d out = grad_out
+        and d loss / d lse = grad_lse (None: zero)."""
         a = self._setup(query, key, value, score_buffers, mask_buffers, block_mask, scale, enable_gqa, "BWD")
         q, k, v, B, Hq, Hkv, L, S = (a[n] for n in ("q", "k", "v", "B", "Hq", "Hkv", "L", "S"))
         do = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        delta = (out.float() * grad_out.float()).sum(-1).contiguous()  # rowsum(dO * O) = rowsum(dP * P)
+        delta = (out.float() * grad_out.float()).sum(-1)  # rowsum(dO * O) = rowsum(dP * P)
+        if grad_lse is not None:  # d lse / d s = P: the lse's gradient joins dS = P * (dP - delta)
+            delta = delta - torch.where(torch.isneginf(lse), 0.0, grad_lse.float())
+        delta = delta.contiguous()
         lse = lse.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = [a["scale"], L, S]

@@ -16,6 +16,8 @@ from codegen import reference  # noqa: E402
 from codegen.triton import attention, compile_kernel  # noqa: E402
 from flexattn.analysis import create_block_mask  # noqa: E402
 from flexattn.trace import trace_mask_mod, trace_score_mod  # noqa: E402
+from flexattn import AuxRequest, flex_attention  # noqa: E402
+from lse_cases import BIAS, MASKS, SCORE_MODS, dense_attention, grads, make_case, sink_loss  # noqa: E402
 
 H = 2
 SLOPES = torch.tensor([0.5, 0.25])
@@ -141,3 +143,20 @@ def test_generated_source_parses_and_has_no_python_fallbacks(name):
     ast.parse(kernel.source)
     assert "torch." not in kernel.source and "import torch" not in kernel.source
     assert kernel.source.count("@triton.jit") >= 3
+
+
+@pytest.mark.parametrize("score", ["none", "bias_on_masked_rows"])
+def test_lse_gradients(score):
+    """The lse is differentiable here too (tests/codegen/test_lse_gradients.py has the other back ends)."""
+    q, k, v, sinks = make_case(5, 1, 2, 2, 20, 36, torch.float32)
+    bias = BIAS.float().requires_grad_()
+    score_mod, mask_mod = SCORE_MODS[score](bias), MASKS["causal"]
+    block_mask = create_block_mask(mask_mod, None, None, 20, 36, BLOCK_SIZE=16)
+    out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True,
+                                       return_aux=AuxRequest(lse=True), backend="triton")
+    wrt = [q, k, v, sinks, bias]
+    got = grads(sink_loss(out, aux.lse, sinks), wrt)
+    want = grads(sink_loss(*dense_attention(*(t.double() for t in (q, k, v)), score_mod, mask_mod), sinks.double()), wrt)
+    for name, a, b in zip("q k v sinks bias".split(), got, want):
+        if b is not None:
+            torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5, msg=name)
