@@ -7,19 +7,18 @@ the IR (plus the BlockMask the analysis built) to a back end in ``codegen``.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import NamedTuple
 
 import torch
 
 import codegen
 from flexattn.block_mask import BlockMask
-from flexattn.errors import FlexAttnError
+from flexattn import kernel_options as options
+from flexattn.errors import InputError
 from flexattn.semantics import evaluate, index_grid
 from flexattn.trace import TracedMod, trace, trace_mask_mod, trace_score_mod
-
-
-class InputError(FlexAttnError, ValueError):
-    """query/key/value (or the sizes given) do not fit together."""
 
 
 class AuxRequest(NamedTuple):
@@ -36,7 +35,15 @@ class AuxOutput(NamedTuple):
     max_scores: torch.Tensor | None = None
 
 
-def _validate(query, key, value, enable_gqa: bool) -> None:
+def validate_inputs(query, key, value, enable_gqa: bool, block_mask_batch: int | None = None):
+    """Check query/key/value as torch's flex_attention does; return (query, key, value) for a back end.
+
+    query (B, Hq, L, E), key (B or 1, Hkv, S, E), value (B or 1, Hkv, S, Ev). As in torch, a key
+    and value batch of 1 broadcasts against the query's batch when the BlockMask has the query's
+    batch (``block_mask_batch``), and key/value may have another float dtype than query (all are
+    computed in the widest of their dtypes; the caller returns the output in query's). Raises ``InputError`` naming
+    the argument before any work is done.
+    """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -44,13 +51,19 @@ def _validate(query, key, value, enable_gqa: bool) -> None:
             raise InputError(f"{name} must be 4-D (B, H, L, E), got shape {list(t.shape)}")
         if not t.is_floating_point():
             raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise InputError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+        if t.shape[-1] == 0:
+            raise InputError(f"{name} has head dim 0 (shape {list(t.shape)}); every head needs at least one feature")
     if not (query.device == key.device == value.device):
         raise InputError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
     B, Hq, L, E = query.shape
-    if key.shape[0] != B or value.shape[0] != B:
-        raise InputError(f"batch sizes differ: query {B}, key {key.shape[0]}, value {value.shape[0]}")
+    if key.shape[0] != value.shape[0]:
+        raise InputError(f"key and value batch sizes differ: {key.shape[0]} vs {value.shape[0]}")
+    if key.shape[0] != B:
+        if key.shape[0] != 1 or block_mask_batch != B:
+            raise InputError(f"batch sizes differ: query {B}, key/value {key.shape[0]}. A key/value batch of 1 "
+                             "broadcasts only with a block_mask built for the query's batch "
+                             f"(create_block_mask(mask_mod, {B}, H, ...)), as in torch")
+        key, value = key.expand(B, *key.shape[1:]), value.expand(B, *value.shape[1:])
     if key.shape[2] != value.shape[2]:
         raise InputError(f"key and value lengths differ: {key.shape[2]} vs {value.shape[2]}")
     if key.shape[1] != value.shape[1]:
@@ -65,6 +78,10 @@ def _validate(query, key, value, enable_gqa: bool) -> None:
             raise InputError(f"with enable_gqa=True the query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})")
     elif Hq != Hkv:
         raise InputError(f"query has {Hq} heads but key/value have {Hkv}; pass enable_gqa=True for grouped-query attention")
+    if not (query.dtype == key.dtype == value.dtype):
+        common = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+        query, key, value = query.to(common), key.to(common), value.to(common)
+    return query, key, value
 
 
 def _pick_backend(backend: str, query: torch.Tensor) -> str:
@@ -91,13 +108,15 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
     Computes ``softmax(score_mod(q @ k^T * scale) masked by block_mask) @ v``.
 
     Args:
-        query: (B, Hq, L, E). key: (B, Hkv, S, E). value: (B, Hkv, S, Ev).
+        query: (B, Hq, L, E). key: (B, Hkv, S, E). value: (B, Hkv, S, Ev). As in torch, key/value
+            may have batch 1 with a block_mask of batch B, and another float dtype than query.
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` or None.
         block_mask: a ``BlockMask`` from ``create_block_mask`` or None (attend everywhere).
         scale: defaults to ``1 / sqrt(E)``.
         enable_gqa: let Hq be a multiple of Hkv (grouped-query attention).
         return_lse: also return the log-sum-exp (B, Hq, L) (prefer ``return_aux``).
-        kernel_options: back-end options (block sizes, ...); unknown keys are ignored.
+        kernel_options: back-end options: torch's keys and flexattn's (``flexattn.kernel_options.OPTIONS``
+            lists each with its meaning); an unknown key raises ``InputError``.
         return_aux: ``AuxRequest(lse=True, max_scores=True)`` returns ``(out, AuxOutput)``.
         backend: ``"auto"`` (the fastest for the device), ``"reference"``, ``"torch"`` or ``"triton"``.
 
@@ -119,21 +138,26 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         >>> flex_attention(q, k, v, block_mask=bm).shape
         torch.Size([1, 2, 256, 16])
     """
-    _validate(query, key, value, enable_gqa)
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        block_mask = BlockMask.from_torch(block_mask)
+    out_dtype = query.dtype
+    query, key, value = validate_inputs(query, key, value, enable_gqa,
+                                        block_mask.kv_num_blocks.shape[0] if block_mask is not None else None)
     if return_lse and return_aux is not None:
         raise InputError("pass either return_lse or return_aux, not both (return_lse is deprecated)")
+    if return_lse:
+        _warn_once("return_lse is deprecated (as in torch); use return_aux=AuxRequest(lse=True) instead")
+    kernel_options = options.normalize(kernel_options)
     L, S = query.shape[2], key.shape[2]
     score = trace_score_mod(score_mod) if score_mod is not None else None
     mask = None
     if block_mask is not None:
-        if not isinstance(block_mask, BlockMask):
-            block_mask = BlockMask.from_torch(block_mask)
         block_mask.check_lengths(L, S)
+        block_mask = block_mask.visited_tiles()
         mask = mask_of(block_mask)
         _check_block_mask_batch(block_mask, query)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     run = codegen.BACKENDS[_pick_backend(backend, query)]
-    kernel_options = dict(kernel_options or {})
     if return_aux is not None and return_aux.max_scores:
         kernel_options["OUTPUT_MAX_SCORES"] = True  # back ends may skip computing it otherwise
     out, lse, max_scores = run(
@@ -142,11 +166,21 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         mask_graph=mask.graph if mask else None, mask_buffers=mask.buffers if mask else (),
         block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
     )
+    out = out.to(out_dtype)
     if return_aux is not None:
         return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
     if return_lse:
         return out, lse
     return out
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, FutureWarning, stacklevel=3)
 
 
 def _check_block_mask_batch(block_mask: BlockMask, query: torch.Tensor) -> None:
@@ -157,6 +191,18 @@ def _check_block_mask_batch(block_mask: BlockMask, query: torch.Tensor) -> None:
                          "build it with B and H of the query (or None to broadcast)")
 
 
+# A dense evaluation holds the bool result and an int64 intermediate of the full shape at once.
+DENSE_BYTES_PER_ELEMENT = 9
+
+
+def memory_limit_bytes() -> int:
+    """The machine's physical memory (the most a dense evaluation could ever get)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**40  # no sysconf (Windows): let the allocator decide
+
+
 def create_mask(mod_fn, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device="cpu") -> torch.Tensor:
     """Evaluate a mask_mod (or score_mod) densely: a (B, H, Q_LEN, KV_LEN) bool tensor.
 
@@ -164,8 +210,10 @@ def create_mask(mod_fn, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, d
     as torch does. ``B=None`` / ``H=None`` mean 1. Cost is O(B*H*Q_LEN*KV_LEN):
     prefer ``create_block_mask`` for long sequences.
 
-    Raises ``InputError`` for non-positive sizes and ``TraceError`` for mods that
-    cannot be traced.
+    Raises ``InputError`` for non-positive sizes or a dense mask larger than the
+    machine's memory (before allocating), and ``TraceError`` for mods that cannot be traced.
+    A mod is a mask_mod when it needs 4 positional arguments and a score_mod when it
+    needs 5 (parameters with defaults do not count), as in torch.
 
     Example::
 
@@ -178,6 +226,12 @@ def create_mask(mod_fn, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, d
     for name, n in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
         if not isinstance(n, int) or n <= 0:
             raise InputError(f"{name} must be a positive int, got {n!r}")
+    needed = DENSE_BYTES_PER_ELEMENT * B * H * Q_LEN * KV_LEN
+    if needed > memory_limit_bytes():
+        raise InputError(f"create_mask(B={B}, H={H}, Q_LEN={Q_LEN}, KV_LEN={KV_LEN}) is a dense mask of "
+                         f"{B * H * Q_LEN * KV_LEN:,} elements and needs about {needed / 2**30:.1f} GiB, more than "
+                         f"this machine's {memory_limit_bytes() / 2**30:.1f} GiB; use create_block_mask, which "
+                         "costs O(tiles), or smaller sizes")
     traced = trace(mod_fn)
     env = index_grid(B, H, Q_LEN, KV_LEN, device)
     buffers = [b.to(device) for b in traced.buffers]

@@ -10,18 +10,17 @@ blocks in neither list are empty and skipped. ``q_*`` are the transposes
 
 from __future__ import annotations
 
+import itertools
+import numbers
+
 import torch
 
 from flexattn.errors import BlockMaskError
-from flexattn.index_lists import ordered_lists, ordered_to_dense, transpose_ordered
+from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
 
 DEFAULT_BLOCK_SIZE = 128
 
 EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes, as stored in a tile-class tensor
-
-
-_TORCH_FIELDS = ("seq_lengths", "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices", "BLOCK_SIZE", "mask_mod")
 
 
 def _sliced_mask_mod(b, h, q_idx, kv_idx):
@@ -29,11 +28,26 @@ def _sliced_mask_mod(b, h, q_idx, kv_idx):
                          "with create_block_mask instead")
 
 
+def positive_int(name: str, value) -> int:
+    """``value`` as an int; ``BlockMaskError`` naming ``name`` unless it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise BlockMaskError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def _pair(block_size) -> tuple[int, int]:
-    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(pair) != 2 or not all(isinstance(x, int) and x > 0 for x in pair):
-        raise BlockMaskError(f"BLOCK_SIZE must be a positive int or a (q, kv) pair of them, got {block_size!r}")
-    return pair  # type: ignore[return-value]
+    pair = tuple(block_size) if isinstance(block_size, (tuple, list)) else (block_size, block_size)
+    if len(pair) != 2 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in pair):
+        raise BlockMaskError(f"BLOCK_SIZE must be a positive int or a (q, kv) pair of them, got {block_size!r}; "
+                             f"pass e.g. BLOCK_SIZE=128 or BLOCK_SIZE=(128, 64)")
+    return int(pair[0]), int(pair[1])
+
+
+def _dq_write_order(block_mask, kv_order_spt):
+    """torch's dQ write-order metadata (for its deterministic FLASH backward) of ``block_mask``."""
+    from torch.nn.attention.flex_attention import _compute_dq_write_order_from_block_mask
+
+    return _compute_dq_write_order_from_block_mask(block_mask, dq_kv_order=kv_order_spt)
 
 
 class BlockMask:
@@ -43,11 +57,22 @@ class BlockMask:
     ``kv_num_blocks`` (B, H, Q_BLOCKS), ``kv_indices`` (B, H, Q_BLOCKS, KV_BLOCKS),
     likewise ``full_kv_*``; ``q_num_blocks`` (B, H, KV_BLOCKS), ``q_indices``
     (B, H, KV_BLOCKS, Q_BLOCKS), likewise ``full_q_*``. All int32.
+
+    It has torch's fields, methods and ``as_tuple()``, so torch's ``flex_attention`` (eager or
+    compiled) takes it as it is. ``dq_*`` are torch's metadata for its deterministic FLASH
+    backward (``create_block_mask(compute_dq_write_order=True)``); flexattn's kernels ignore them.
     """
+
+    # torch's tensor and context fields, in its order.
+    _TENSOR_ATTRS = ["kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices", "dq_write_order", "dq_write_order_full",
+                     "dq_kv_order"]
+    _CONTEXT_ATTRS = ["seq_lengths", "BLOCK_SIZE", "mask_mod", "dq_kv_order_spt"]
 
     def __init__(self, seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                  q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
-                 BLOCK_SIZE=(DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE), mask_mod=None):
+                 BLOCK_SIZE=(DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE), mask_mod=None, *,
+                 dq_write_order=None, dq_write_order_full=None, dq_kv_order=None, dq_kv_order_spt=None):
         if kv_indices.dim() < 2:
             raise BlockMaskError("BlockMask indices must have at least 2 dimensions")
         if (full_kv_num_blocks is None) != (full_kv_indices is None):
@@ -63,18 +88,64 @@ class BlockMask:
         self.q_indices = q_indices
         self.full_q_num_blocks = full_q_num_blocks
         self.full_q_indices = full_q_indices
+        if dq_write_order_full is not None and dq_write_order is None:
+            raise BlockMaskError("dq_write_order_full was given without dq_write_order; pass both or neither")
+        self.dq_write_order, self.dq_write_order_full = dq_write_order, dq_write_order_full
+        self.dq_kv_order, self.dq_kv_order_spt = dq_kv_order, dq_kv_order_spt
         self.BLOCK_SIZE = _pair(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else noop_mask
+        self._tiles_mask_mod = self.mask_mod  # the mask_mod the tile classes were made for
         # Set by create_block_mask: the traced mask (so attention need not trace again)
         # and how the tiles were decided (see explain()).
-        self.traced_mask = None
+        self._traced = (None, None)
         self.stats: dict = {}
+
+    def visited_tiles(self) -> "BlockMask":
+        """The tiles attention visits, and where it applies ``mask_mod``.
+
+        This mask itself, unless ``mask_mod`` was reassigned after it was built: then its FULL
+        tiles were full for the old mask_mod only, so the result lists them as PARTIAL (the new
+        mask_mod is applied in every visited tile; EMPTY tiles stay skipped). Kept until
+        ``mask_mod`` or the tiles change.
+        """
+        if self.mask_mod is self._tiles_mask_mod or self.full_kv_num_blocks is None:
+            return self
+        classes = self.tile_classes()
+        cached = getattr(self, "_demoted", None)
+        if cached is None or cached[0] is not classes:
+            demoted = BlockMask.from_tile_classes(torch.where(classes == FULL, PARTIAL, classes).to(torch.int8),
+                                                  self.BLOCK_SIZE, self.seq_lengths, self.mask_mod)
+            self._demoted = (classes, demoted)
+        demoted = self._demoted[1]
+        demoted.mask_mod = demoted._tiles_mask_mod = self.mask_mod
+        return demoted
+
+    @property
+    def traced_mask(self):
+        """The traced ``mask_mod``, or None when it has not been traced yet.
+
+        A trace is kept with the function it came from: after ``block_mask.mask_mod = other``
+        this is None until ``other`` is traced, since attention applies whatever mask_mod the
+        attribute holds in PARTIAL tiles, as torch does.
+        """
+        mod, traced = self._traced
+        return traced if mod is self.mask_mod else None
+
+    @traced_mask.setter
+    def traced_mask(self, traced) -> None:
+        if self._traced[0] is not self.mask_mod:
+            self.stats = {}  # they describe how the tiles were decided for the previous mask_mod
+        self._traced = (self.mask_mod, traced)
 
     @classmethod
     def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
                        BLOCK_SIZE=DEFAULT_BLOCK_SIZE, mask_mod=None, seq_lengths=None,
-                       compute_q_blocks=True) -> "BlockMask":
+                       compute_q_blocks=True, *, dq_write_order=None, dq_write_order_full=None,
+                       dq_kv_order=None) -> "BlockMask":
         """Build a BlockMask from kv-major block lists (as ``torch``'s ``from_kv_blocks``).
+
+        ``dq_kv_order`` is a tensor (kept as ``dq_kv_order``) or a bool (kept as
+        ``dq_kv_order_spt``), as in torch.
 
         Raises ``BlockMaskError`` if ``kv_indices`` has fewer than 2 dims or only one
         of ``full_kv_num_blocks`` / ``full_kv_indices`` is given.
@@ -92,7 +163,10 @@ class BlockMask:
         if seq_lengths is None:
             seq_lengths = (kv_indices.shape[-2] * block[0], kv_indices.shape[-1] * block[1])
         return cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                   q_num, q_idx, full_q_num, full_q_idx, block, mask_mod)
+                   q_num, q_idx, full_q_num, full_q_idx, block, mask_mod, dq_write_order=dq_write_order,
+                   dq_write_order_full=dq_write_order_full,
+                   dq_kv_order=dq_kv_order if isinstance(dq_kv_order, torch.Tensor) else None,
+                   dq_kv_order_spt=dq_kv_order if isinstance(dq_kv_order, bool) else None)
 
     @classmethod
     def from_tile_classes(cls, classes: torch.Tensor, BLOCK_SIZE, seq_lengths, mask_mod=None) -> "BlockMask":
@@ -123,12 +197,14 @@ class BlockMask:
         return self._classes[2]
 
     def as_tuple(self, flatten: bool = True) -> tuple:
-        """The fields as a tuple, in torch's order."""
-        tensors = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
-                   self.q_num_blocks, self.q_indices, self.full_q_num_blocks, self.full_q_indices)
+        """The fields in torch's order (what torch's ``flex_attention`` hands its kernels): ``(Q_LEN, KV_LEN,
+        kv_num_blocks, kv_indices, full_kv_*, q_*, full_q_*, dq_write_order, dq_write_order_full,
+        dq_kv_order, dq_kv_order_spt, Q_BLOCK, KV_BLOCK, mask_mod)``; ``flatten=False`` keeps pairs.
+        """
+        tensors = tuple(getattr(self, name) for name in self._TENSOR_ATTRS)
         if flatten:
-            return (*self.seq_lengths, *tensors, *self.BLOCK_SIZE, self.mask_mod)
-        return (self.seq_lengths, *tensors, self.BLOCK_SIZE, self.mask_mod)
+            return (*self.seq_lengths, *tensors, self.dq_kv_order_spt, *self.BLOCK_SIZE, self.mask_mod)
+        return (self.seq_lengths, *tensors, self.dq_kv_order_spt, self.BLOCK_SIZE, self.mask_mod)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -150,35 +226,102 @@ class BlockMask:
         return b * h * q * kv
 
     def sparsity(self) -> float:
-        """Percentage of tiles skipped (empty), as torch computes it."""
-        q_block, kv_block = self.BLOCK_SIZE
-        visited = self.to_dense().sum().item() * q_block * kv_block
-        return 100.0 * (1.0 - visited / max(self.numel(), 1))
+        """Percentage of the (B, H, Q_LEN, KV_LEN) mask in skipped (empty) tiles, as torch computes it."""
+        visited = self.kv_num_blocks.sum().item()
+        if self.full_kv_num_blocks is not None:
+            visited += self.full_kv_num_blocks.sum().item()
+        return 100.0 * (1.0 - visited * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / self.numel())
 
-    def to_string(self, grid_size: int = 20) -> str:
-        """An ASCII picture of batch 0, head 0: ``██`` full, ``░░`` partial, blank empty tiles.
+    def to_string(self, grid_size: int | tuple[int, int] = (20, 20), limit: int = 4) -> str:
+        """An ASCII picture per (batch, head): ``██`` full, ``░░`` partial, blank empty tiles.
 
-        Shows at most ``grid_size`` x ``grid_size`` tiles (the top-left corner of larger masks).
+        Takes torch's arguments: ``grid_size`` (an int, a (rows, cols) pair, or -1 for
+        all tiles) caps the tiles drawn (the top-left corner of larger masks); ``limit``
+        caps the (batch, head) pairs drawn, then a ``...`` line says how to see more.
+
+        Raises ``BlockMaskError`` for a ``grid_size`` or ``limit`` that is not an int (or pair).
+        Example: ``print(create_block_mask(causal, 2, 1, 256, 256).to_string(grid_size=-1, limit=1))``.
         """
-        classes = self.tile_classes()[0, 0, :grid_size, :grid_size]
+        pair = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        if len(pair) != 2 or not all(isinstance(x, int) for x in pair) or not isinstance(limit, int):
+            raise BlockMaskError(f"to_string takes grid_size=int, (rows, cols) or -1 and limit=int, got "
+                                 f"grid_size={grid_size!r}, limit={limit!r}")
+        classes = self.tile_classes()
+        *lead, n_q, n_kv = classes.shape
+        rows, cols = (n if m == -1 else m for m, n in zip(pair, (n_q, n_kv)))
+        note = "" if n_q <= rows and n_kv <= cols else f" (first {rows}x{cols} of {n_q}x{n_kv} tiles)"
         glyph = {EMPTY: "  ", PARTIAL: "░░", FULL: "██"}
-        rows = ["".join(glyph[int(c)] for c in row) for row in classes]
-        n_q, n_kv = self.kv_indices.shape[-2:]
-        note = "" if n_q <= grid_size and n_kv <= grid_size else f" (first {grid_size}x{grid_size} of {n_q}x{n_kv} tiles)"
-        return f"b=0, h=0{note}\n" + "\n".join(rows)
+        pictures = []
+        for count, at in enumerate(itertools.product(*(range(n) for n in lead))):
+            if count == limit:
+                pictures.append("...\nTo print out more, set BlockMask.to_string(limit=N); you can also index "
+                                "(BlockMask[batch, head]) to choose a specific batch or head")
+                break
+            name = ", ".join(f"{dim}={i}" for dim, i in zip(("b", "h"), at)) or "tiles"
+            picture = ["".join(glyph[int(c)] for c in row) for row in classes[at][:rows, :cols]]
+            pictures.append(f"{name}{note}\n" + "\n".join(picture))
+        return "\n".join(pictures)
+
+    def __str__(self) -> str:
+        """torch's ``str``: shape, sparsity and the picture of ``to_string()``."""
+        return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%, \n{self.to_string().strip()}\n)"
 
     def __getitem__(self, index) -> "BlockMask":
-        """Slice batch, head and q-block dims like torch: ``bm[b]``, ``bm[b, h]``, ``bm[:, :, 2:4]``.
-
-        The slice keeps every kv block; its mask_mod cannot be used (it would see
-        shifted indices), so attention with it raises ``BlockMaskError``.
+        """Slice batch, head and q-block dims exactly like torch: ``bm[-1]``, ``bm[b, h]``, ``bm[:, -2:]``,
+        ``bm[:, :, 2:4]``, ``bm[:, :, torch.tensor([1])]``. An int ``i`` keeps its dim (``i:i + 1``, from
+        the end when negative); entries past the third are ignored, as in torch. Every kv block is kept;
+        the slice's mask_mod raises ``BlockMaskError`` (it would see shifted indices), and so does
+        slicing lists with fewer than 3 dims or a mask with a tensor ``dq_kv_order``.
         """
-        index = index if isinstance(index, tuple) else (index,)
-        index = tuple(slice(i, i + 1) if isinstance(i, int) else i for i in index)
+        sizes = self.kv_num_blocks.shape[:3]
+        if len(sizes) < 3 or self.dq_kv_order is not None:
+            raise BlockMaskError(f"can only slice (B, H, Q_BLOCKS) lists without a tensor dq_kv_order (as torch), got "
+                                 f"kv_num_blocks {tuple(sizes)}; index kv_num_blocks/kv_indices directly instead")
+        index = (*(index if isinstance(index, tuple) else (index,)), slice(None), slice(None), slice(None))[:3]
+        index = tuple((slice(i + n, i + n + 1) if -n <= i < 0 else slice(i, i + 1)) if isinstance(i, int) else i
+                      for i, n in zip(index, sizes))
         full = None if self.full_kv_num_blocks is None else (self.full_kv_num_blocks[index], self.full_kv_indices[index])
-        return BlockMask.from_kv_blocks(self.kv_num_blocks[index], self.kv_indices[index], *(full or (None, None)),
-                                        BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=_sliced_mask_mod,
-                                        seq_lengths=self.seq_lengths)
+        sliced = BlockMask.from_kv_blocks(self.kv_num_blocks[index], self.kv_indices[index], *(full or (None, None)),
+                                          BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=_sliced_mask_mod,
+                                          seq_lengths=self.seq_lengths, compute_q_blocks=self.q_indices is not None)
+        return self._carry_dq_order(sliced)
+
+    def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
+        """torch's ``_adjust``: the mask cropped to its top-left ``new_q_len`` x ``new_kv_len`` corner.
+
+        As torch does it (decoding with a growing cache reuses one mask built for the full
+        length; see ``index_lists.crop_lists``): exact for causal-like masks, not for every mask_mod.
+
+        Raises ``BlockMaskError`` for non-positive lengths or a tensor ``dq_kv_order``.
+        Example: ``step_mask = block_mask._adjust(1, cache_len)``.
+        """
+        new_q_len, new_kv_len = positive_int("new_q_len", new_q_len), positive_int("new_kv_len", new_kv_len)
+        if self.dq_kv_order is not None:
+            raise BlockMaskError("cannot _adjust a BlockMask with a tensor dq_kv_order (nor can torch); build the "
+                                 "new mask with BlockMask.from_kv_blocks(..., dq_write_order=...) instead")
+        rows, cols = -(-new_q_len // self.BLOCK_SIZE[0]), -(-new_kv_len // self.BLOCK_SIZE[1])
+        full = (None, None) if self.full_kv_num_blocks is None else \
+            crop_lists(self.full_kv_num_blocks, self.full_kv_indices, rows, cols)
+        adjusted = self.from_kv_blocks(*crop_lists(self.kv_num_blocks, self.kv_indices, rows, cols), *full,
+                                       BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                                       seq_lengths=(new_q_len, new_kv_len), compute_q_blocks=self.q_indices is not None)
+        return self._carry_dq_order(adjusted)
+
+    def _carry_dq_order(self, derived: "BlockMask") -> "BlockMask":
+        """``derived`` (a slice or crop of this mask) with this mask's dQ write order, recomputed as torch does."""
+        derived.dq_kv_order_spt = self.dq_kv_order_spt
+        if self.dq_write_order is not None:
+            derived.dq_write_order, derived.dq_write_order_full = _dq_write_order(derived, self.dq_kv_order_spt)
+        return derived
+
+    def to(self, device) -> "BlockMask":
+        """A new BlockMask with every tensor field on ``device`` (a ``torch.device`` or a string), as torch's ``to``."""
+        moved = {name: None if getattr(self, name) is None else getattr(self, name).to(device)
+                 for name in self._TENSOR_ATTRS}
+        result = BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                           dq_kv_order_spt=self.dq_kv_order_spt)
+        result.stats = self.stats
+        return result
 
     @classmethod
     def from_torch(cls, torch_block_mask) -> "BlockMask":
@@ -187,11 +330,13 @@ class BlockMask:
         Raises ``BlockMaskError`` for an object without those fields.
         """
         try:
-            fields = [getattr(torch_block_mask, name) for name in _TORCH_FIELDS]
+            fields = [getattr(torch_block_mask, name) for name in ("seq_lengths", *cls._TENSOR_ATTRS[:8])]
+            block_size, mask_mod = torch_block_mask.BLOCK_SIZE, torch_block_mask.mask_mod
         except AttributeError as error:
             raise BlockMaskError(f"expected a BlockMask (flexattn's or torch's), got "
                                  f"{type(torch_block_mask).__name__}") from error
-        return cls(*fields)
+        dq = {name: getattr(torch_block_mask, name, None) for name in (*cls._TENSOR_ATTRS[8:], "dq_kv_order_spt")}
+        return cls(*fields, block_size, mask_mod, **dq)
 
     def to_torch(self):
         """The same mask as a ``torch.nn.attention.flex_attention.BlockMask`` (for torch's flex_attention)."""
@@ -199,7 +344,13 @@ class BlockMask:
 
         return TorchBlockMask.from_kv_blocks(
             self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
-            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths)
+            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths,
+            compute_q_blocks=self.q_indices is not None, dq_write_order=self.dq_write_order,
+            dq_write_order_full=self.dq_write_order_full, dq_kv_order=self._dq_kv_order())
+
+    def _dq_kv_order(self):
+        """torch's: the tensor kv order of the dQ write order if there is one, else the bool one."""
+        return self.dq_kv_order if self.dq_kv_order is not None else self.dq_kv_order_spt
 
     def explain(self) -> str:
         """How the tiles were decided: symbolically from the IR, or by dense refinement."""

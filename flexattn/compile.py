@@ -17,7 +17,7 @@ import math
 import torch
 
 import codegen
-from flexattn.api import InputError, _validate
+from flexattn.api import InputError, validate_inputs
 from flexattn.block_mask import DEFAULT_BLOCK_SIZE, PARTIAL, BlockMask, _pair
 from flexattn.trace import TracedMod, trace_mask_mod, trace_score_mod
 
@@ -47,7 +47,9 @@ class CompiledAttention:
         empty tiles. Raises ``InputError`` for shapes that do not fit, or a
         block_mask with partial tiles when no mask_mod was compiled in.
         """
-        _validate(query, key, value, enable_gqa)
+        out_dtype = query.dtype
+        query, key, value = validate_inputs(query, key, value, enable_gqa,
+                                            block_mask.kv_num_blocks.shape[0] if block_mask is not None else None)
         L, S = query.shape[2], key.shape[2]
         if block_mask is None and self.mask is not None:
             block_mask = _every_tile_partial(L, S, self.options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
@@ -61,6 +63,7 @@ class CompiledAttention:
             query, key, value, score_buffers=self.score.buffers if self.score else (),
             mask_buffers=self.mask.buffers if self.mask else (), block_mask=block_mask, scale=scale,
             enable_gqa=enable_gqa)
+        out = out.to(out_dtype)
         return (out, lse) if return_lse else out
 
 

@@ -29,6 +29,10 @@ class TraceError(FlexAttnError, TypeError):
         super().__init__(message)
 
 
+class InputError(FlexAttnError, ValueError):
+    """query/key/value, a size or a kernel option given to the API does not fit."""
+
+
 class BlockMaskError(FlexAttnError, ValueError):
     """A BlockMask was built from, or used with, inconsistent sizes."""
 

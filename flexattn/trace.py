@@ -12,6 +12,7 @@ Anything that would need the *value* of a traced index (``if``, ``and``,
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -118,13 +119,35 @@ def trace_mask_mod(mask_mod) -> TracedMod:
     return _trace(mask_mod, "mask_mod", MASK_MOD_INPUTS)
 
 
-def trace(mod) -> TracedMod:
-    """Trace a score_mod (5 arguments) or a mask_mod (4 arguments)."""
+def required_positional_args(fn) -> int:
+    """How many positional arguments ``fn`` needs, the count torch reads a mod's kind from.
+
+    Parameters with defaults (``w=3``) and those a ``functools.partial`` binds do not count.
+    """
+    code = getattr(fn, "__code__", None)
+    if code is not None and not isinstance(fn, functools.partial):
+        return code.co_argcount - len(getattr(fn, "__defaults__", None) or ())
     try:
-        n = len(inspect.signature(mod).parameters)
+        parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        n = 5
-    return trace_mask_mod(mod) if n == 4 else trace_score_mod(mod)
+        return len(SCORE_MOD_INPUTS)
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty)
+
+
+def trace(mod) -> TracedMod:
+    """Trace a score_mod (5 required positional arguments) or a mask_mod (4), as torch tells them apart.
+
+    Raises ``TraceError`` for a callable that needs another number of arguments.
+    """
+    n = required_positional_args(mod)
+    if n not in (len(MASK_MOD_INPUTS), len(SCORE_MOD_INPUTS)):
+        location, line = _definition_site(mod)
+        raise TraceError(f"a mod must take 4 positional arguments (b, h, q_idx, kv_idx: a mask_mod) or 5 "
+                         f"(score, b, h, q_idx, kv_idx: a score_mod), but '{getattr(mod, '__name__', 'mod')}' "
+                         f"needs {n}. Give extra parameters defaults or bind them with functools.partial.",
+                         location, line)
+    return trace_mask_mod(mod) if n == len(MASK_MOD_INPUTS) else trace_score_mod(mod)
 
 
 __all__ = ["Proxy", "TracedMod", "trace", "trace_mask_mod", "trace_score_mod"]

@@ -17,7 +17,7 @@ def _qkv(B=1, Hq=2, Hkv=2, L=16, S=16, E=8, Ev=8, dtype=torch.float32):
     (lambda: (_qkv()[0], torch.randn(1, 2, 20, 8), _qkv()[2]), "key and value lengths differ"),
     (lambda: (_qkv()[0], torch.randn(1, 2, 16, 4), _qkv()[2]), "head dims differ"),
     (lambda: _qkv(Hq=4, Hkv=2), "enable_gqa=True"),
-    (lambda: (_qkv()[0].double(),) + _qkv()[1:], "share a dtype"),
+    (lambda: (_qkv()[0], torch.randn(1, 2, 16, 0), torch.randn(1, 2, 16, 8)), "head dim 0"),
     (lambda: _qkv(L=0), "empty sequence"),
     (lambda: (_qkv()[0].long(),) + _qkv()[1:], "floating-point"),
 ])
