@@ -199,8 +199,11 @@ class PagedKVCache:
 
     # ----- mods and block masks through the page table -----------------------
 
-    def get_mask_mod(self, mask_mod=None, batch_idx=None, kv_len=None):
+    def get_mask_mod(self, mask_mod=None, kv_len=None, *, batch_idx=None):
         """A mask_mod over *physical* kv positions that calls ``mask_mod`` on logical ones.
+
+        The signature is torch's (``PagedAttention.get_mask_mod(mask_mod, kv_len)``), plus
+        ``batch_idx`` by keyword.
 
         Row ``b`` of the query batch is slot ``batch_idx[b]`` (default: slot
         ``b``). A physical position is kept when its page belongs to that slot,
@@ -228,11 +231,13 @@ class PagedKVCache:
         paged_mask_mod.__name__ = f"paged_{getattr(mask_mod, '__name__', 'mask_mod')}"
         return paged_mask_mod
 
-    def get_score_mod(self, score_mod=None, batch_idx=None):
+    def get_score_mod(self, score_mod=None, kv_len=None, *, batch_idx=None):
         """A score_mod over *physical* kv positions that calls ``score_mod`` on logical ones.
 
-        Positions on pages the row's slot does not own score ``-inf``. See
-        ``get_mask_mod`` for ``batch_idx``. Raises ``PagedCacheError`` for a slot out of range.
+        Positions on pages the row's slot does not own, or at logical positions from
+        ``kv_len[b]`` on, score ``-inf``. See ``get_mask_mod`` for ``batch_idx`` and ``kv_len``
+        (the signature is torch's, plus ``batch_idx`` by keyword). Raises ``PagedCacheError``
+        for a slot out of range or a bad ``kv_len``.
 
         Example::
 
@@ -241,16 +246,18 @@ class PagedKVCache:
         score_mod = _identity_score if score_mod is None else score_mod
         slots = self._slots(batch_idx) if batch_idx is not None else torch.arange(
             self.max_batch_size, device=self.device)
+        lengths = None if kv_len is None else self._kv_len(kv_len, slots.numel())
         to_logical = self._translator(slots)
 
         def paged_score_mod(score, b, h, q_idx, physical_kv_idx):
             logical_kv_idx, owned = to_logical(b, physical_kv_idx)
-            return torch.where(owned, score_mod(score, b, h, q_idx, logical_kv_idx), float("-inf"))
+            kept = owned if lengths is None else owned & (logical_kv_idx < lengths[b])
+            return torch.where(kept, score_mod(score, b, h, q_idx, logical_kv_idx), float("-inf"))
 
         paged_score_mod.__name__ = f"paged_{getattr(score_mod, '__name__', 'score_mod')}"
         return paged_score_mod
 
-    def convert_logical_block_mask(self, block_mask: BlockMask, batch_idx=None) -> BlockMask:
+    def convert_logical_block_mask(self, block_mask: BlockMask, batch_idx=None, kv_len=None) -> BlockMask:
         """Map a BlockMask over logical positions onto the physical cache.
 
         ``block_mask`` has kv_indices (B or 1, H, Q_BLOCKS, KV_BLOCKS) over a
@@ -260,7 +267,7 @@ class PagedKVCache:
         with each listed tile moved to the physical block holding it (tiles on
         unreserved pages are dropped: nothing there belongs to the sequence),
         listed in logical order, and the mask_mod ``get_mask_mod(mask_mod,
-        batch_idx, kv_len=KV_LEN)``.
+        kv_len, batch_idx=batch_idx)`` (``kv_len`` defaults to the mask's KV_LEN).
 
         Raises ``PagedCacheError`` if ``page_size`` is not a multiple of the kv
         block size, KV_LEN exceeds ``n_positions``, a slot is out of range, or
@@ -271,14 +278,14 @@ class PagedKVCache:
             >>> logical = create_block_mask(causal, B, None, 1, 4096, BLOCK_SIZE=(1, 128))
             >>> physical = cache.convert_logical_block_mask(logical, slots)
         """
-        q_len, kv_len = block_mask.seq_lengths
+        q_len, kv_len_of_mask = block_mask.seq_lengths
         kv_block = block_mask.BLOCK_SIZE[1]
         if self.page_size % kv_block != 0:
             raise PagedCacheError(f"page_size {self.page_size} is not a multiple of the block mask's kv block "
                                   f"size {kv_block}; build the mask with BLOCK_SIZE=(q, {kv_block}) dividing it")
-        if kv_len > self.n_positions:
-            raise PagedCacheError(f"the block mask covers KV_LEN={kv_len} logical positions but a slot holds at "
-                                  f"most {self.n_positions} (n_pages * page_size)")
+        if kv_len_of_mask > self.n_positions:
+            raise PagedCacheError(f"the block mask covers KV_LEN={kv_len_of_mask} logical positions but a slot "
+                                  f"holds at most {self.n_positions} (n_pages * page_size)")
         mask_batch = block_mask.kv_indices.shape[0]
         slots = self._slots(batch_idx) if batch_idx is not None else torch.arange(mask_batch, device=self.device)
         if mask_batch not in (1, slots.numel()):
@@ -291,7 +298,8 @@ class PagedKVCache:
                                                                                      kv_block)
         return BlockMask.from_kv_blocks(
             *physical["kv"], *physical["full_kv"], BLOCK_SIZE=block_mask.BLOCK_SIZE,
-            mask_mod=self.get_mask_mod(block_mask.mask_mod, slots, kv_len),
+            mask_mod=self.get_mask_mod(block_mask.mask_mod, kv_len_of_mask if kv_len is None else kv_len,
+                                       batch_idx=slots),
             seq_lengths=(q_len, self.n_positions), compute_q_blocks=block_mask.q_indices is not None)
 
     def expand_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, batch_size: int):

@@ -4,6 +4,7 @@ torch's eager flex_attention (CPU) is the oracle; its performance warning is sil
 """
 
 import functools
+import inspect
 import typing
 
 import pytest
@@ -138,3 +139,27 @@ def test_a_mod_needing_other_argument_counts_is_rejected_with_the_fix():
 def test_create_mask_too_large_for_memory_is_rejected_before_allocating():
     with pytest.raises(InputError, match="create_block_mask"):
         flexattn.create_mask(causal, 64, 32, 10**6, 10**6)
+
+
+@pytest.mark.parametrize("method", ["get_mask_mod", "get_score_mod", "convert_logical_block_mask", "reserve",
+                                    "erase", "assign"])
+def test_paged_cache_methods_take_torch_positional_arguments(method):
+    from torch.nn.attention.experimental._paged_attention import PagedAttention as TorchPaged
+
+    def positional(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+
+    theirs, ours = positional(getattr(TorchPaged, method)), positional(getattr(flexattn.PagedAttention, method))
+    assert len(ours) == len(theirs)
+    meaning = {"k_val": "k", "v_val": "v"}  # torch's names of the same arguments
+    assert ours == [meaning.get(name, name) for name in theirs]
+
+
+def test_paged_score_mod_drops_positions_past_kv_len():
+    cache = flexattn.PagedAttention(n_pages=4, page_size=16, max_batch_size=1)
+    cache.reserve(torch.tensor([0]), torch.tensor([64]))
+    scores = flexattn.create_mask(cache.get_score_mod(None, torch.tensor([20])), 1, 1, 1, 64)
+    logical = flexattn.create_mask(cache.get_mask_mod(None, torch.tensor([20])), 1, 1, 1, 64)
+    assert scores.sum() == logical.sum() == 20
+    assert torch.equal(scores, logical)

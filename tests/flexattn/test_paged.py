@@ -126,14 +126,14 @@ class PagedVsContiguous(RuleBasedStateMachine):
         logical = create_block_mask(mask_mod, B, None, q_len, kv_len, BLOCK_SIZE=block)
         expected = flex_attention(q, self.k[rows, :, :kv_len], self.v[rows, :, :kv_len], score_mod=score_mod,
                                   block_mask=logical, enable_gqa=True)
-        paged_score = self.cache.get_score_mod(score_mod, rows) if score_mod else None
+        paged_score = self.cache.get_score_mod(score_mod, batch_idx=rows) if score_mod else None
         k_cache, v_cache = self.cache.expand_kv(self.k_cache, self.v_cache, B)
         paged = self.cache.convert_logical_block_mask(logical, rows)
         out = flex_attention(q, k_cache, v_cache, score_mod=paged_score, block_mask=paged, enable_gqa=True)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         self._check_element_masks(logical, paged, rows, kv_len)
         # The paged mask_mod alone (its block mask built over physical positions) means the same.
-        direct = create_block_mask(self.cache.get_mask_mod(mask_mod, rows, kv_len), B, None, q_len,
+        direct = create_block_mask(self.cache.get_mask_mod(mask_mod, kv_len, batch_idx=rows), B, None, q_len,
                                    self.cache.n_positions, BLOCK_SIZE=block)
         out = flex_attention(q, k_cache, v_cache, score_mod=paged_score, block_mask=direct, enable_gqa=True)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
