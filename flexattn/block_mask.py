@@ -14,6 +14,7 @@ import itertools
 import numbers
 
 import torch
+from torch.nn.attention import flex_attention as torch_flex
 
 from flexattn.errors import BlockMaskError
 from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
@@ -41,13 +42,6 @@ def _pair(block_size) -> tuple[int, int]:
         raise BlockMaskError(f"BLOCK_SIZE must be a positive int or a (q, kv) pair of them, got {block_size!r}; "
                              f"pass e.g. BLOCK_SIZE=128 or BLOCK_SIZE=(128, 64)")
     return int(pair[0]), int(pair[1])
-
-
-def _dq_write_order(block_mask, kv_order_spt):
-    """torch's dQ write-order metadata (for its deterministic FLASH backward) of ``block_mask``."""
-    from torch.nn.attention.flex_attention import _compute_dq_write_order_from_block_mask
-
-    return _compute_dq_write_order_from_block_mask(block_mask, dq_kv_order=kv_order_spt)
 
 
 class BlockMask:
@@ -311,7 +305,8 @@ class BlockMask:
         """``derived`` (a slice or crop of this mask) with this mask's dQ write order, recomputed as torch does."""
         derived.dq_kv_order_spt = self.dq_kv_order_spt
         if self.dq_write_order is not None:
-            derived.dq_write_order, derived.dq_write_order_full = _dq_write_order(derived, self.dq_kv_order_spt)
+            derived.dq_write_order, derived.dq_write_order_full = torch_flex._compute_dq_write_order_from_block_mask(
+                derived, dq_kv_order=self.dq_kv_order_spt)
         return derived
 
     def to(self, device) -> "BlockMask":
@@ -340,9 +335,7 @@ class BlockMask:
 
     def to_torch(self):
         """The same mask as a ``torch.nn.attention.flex_attention.BlockMask`` (for torch's flex_attention)."""
-        from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
-
-        return TorchBlockMask.from_kv_blocks(
+        return torch_flex.BlockMask.from_kv_blocks(
             self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
             BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths,
             compute_q_blocks=self.q_indices is not None, dq_write_order=self.dq_write_order,

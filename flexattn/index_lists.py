@@ -12,7 +12,10 @@ gives every list at once: O(tiles) memory traffic, no sort, no int64 scatter.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from flexattn.errors import BlockMaskError
 
 
 def _runs(codes: torch.Tensor, down_columns: bool):
@@ -93,6 +96,48 @@ def ordered_lists(codes: torch.Tensor, selected: tuple[int, ...], transposed: bo
     return out
 
 
+def box_lists(boxes: np.ndarray, shape: tuple[int, int, int], selected: tuple[int, ...], device="cpu"):
+    """``ordered_lists`` of a stack of tile matrices given as disjoint boxes, without the matrices.
+
+    ``boxes`` is a (6, N) int64 array of (matrix, first row, row end, first column,
+    column end, code), ends exclusive; tiles in no box have code 0. ``shape`` is
+    (matrices, rows, cols). Returns, for each code in ``selected``, (num (matrices * rows,),
+    indices (matrices * rows, cols)) int32 on ``device``. Work and memory beyond the
+    output follow the runs of equal tiles in the rows the boxes span, not rows x cols.
+
+    Example (one box of code 1 over rows 0-1, columns 1-2 of a 2 x 4 matrix)::
+
+        >>> num, indices = box_lists(np.array([[0], [0], [2], [1], [3], [1]]), (1, 2, 4), (1,))[0]
+        >>> num.tolist(), indices.tolist()
+        ([2, 2], [[1, 2, 0, 3], [1, 2, 0, 3]])
+    """
+    matrices, rows, cols = shape
+    matrix, row_lo, row_end, col_lo, col_end, code = boxes
+    height = row_end - row_lo
+    box = np.repeat(np.arange(len(height)), height)  # one run per (box, row it spans)
+    row = row_lo[box] + np.arange(len(box)) - np.repeat(np.cumsum(height) - height, height)
+    line, start, end, code = matrix[box] * rows + row, col_lo[box], col_end[box], code[box]
+    order = np.argsort(line * cols + start, kind="stable")
+    line, start, end, code = line[order], start[order], end[order], code[order]
+    # The columns no box covers: before each run (after the previous run of its line) and after each line's last.
+    gap_lo = np.where(np.diff(line, prepend=-1) != 0, 0, np.roll(end, 1))
+    tail_lo = np.zeros(matrices * rows, dtype=np.int64)
+    last = np.diff(line, append=matrices * rows) != 0
+    tail_lo[line[last]] = end[last]
+    lines = np.arange(matrices * rows)
+    runs = [np.concatenate(parts) for parts in ((line, line, lines), (start, gap_lo, tail_lo),
+                                                (end - start, start - gap_lo, cols - tail_lo),
+                                                (code, np.zeros_like(gap_lo), np.zeros_like(tail_lo)))]
+    keep = np.flatnonzero(runs[2] > 0)
+    keep = keep[np.argsort(runs[0][keep] * cols + runs[1][keep], kind="stable")]
+    line, start, length, code = (x[keep] for x in runs)
+    # Neighbouring runs of one code merge (boxes of a quadtree cut a row into many).
+    first = np.flatnonzero((np.diff(line, prepend=-1) != 0) | (np.diff(code, prepend=-1) != 0))
+    line, start, length, code = (torch.from_numpy(x).to(device) for x in (
+        line[first], start[first], np.add.reduceat(length, first) if len(first) else length, code[first]))
+    return [_lists_from_runs(line, start, length, code == value, matrices * rows, cols) for value in selected]
+
+
 def ordered_to_dense(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols: int) -> torch.Tensor:
     """Inverse of ``ordered_lists`` for one code: int32 0/1 tiles of shape (..., rows, num_cols)."""
     listed = torch.arange(indices.shape[-1], device=indices.device) < num_blocks.unsqueeze(-1)
@@ -107,3 +152,24 @@ def transpose_ordered(num_blocks: torch.Tensor, indices: torch.Tensor) -> tuple[
     """The lists of the transposed tile matrix (kv-major <-> q-major)."""
     dense = ordered_to_dense(num_blocks, indices, indices.shape[-1])
     return ordered_lists(dense.to(torch.int8), (1,), transposed=True)[0]
+
+
+def crop_lists(num_blocks: torch.Tensor, indices: torch.Tensor, rows: int, cols: int):
+    """torch's crop of (B, H, R, C) lists to their first ``rows`` rows and ``cols`` entries (``BlockMask._adjust``).
+
+    Each count becomes the number of kept entries whose value is below ``min(count, cols)``:
+    exact for rows that list blocks 0, 1, 2, ... (causal-like), as torch assumes.
+    Returns (num_blocks (B, H, rows) int32, indices (B, H, rows, cols)).
+
+    Raises ``BlockMaskError`` when a kept row would list a block past ``cols`` (where
+    torch's ``_adjust`` fails with an IndexError).
+    """
+    indices = indices[:, :, :rows, :cols]
+    kept = torch.clamp(num_blocks[:, :, :rows], max=cols)
+    num = (indices < kept[:, :, :, None]).sum(dim=-1).to(torch.int32)
+    listed = torch.arange(indices.shape[-1], device=indices.device) < num[..., None]
+    if bool((listed & (indices >= cols)).any()):
+        raise BlockMaskError(f"cropping to {rows} x {cols} blocks keeps a row that lists a kv block past the "
+                             f"last one (torch's _adjust fails here too); build the mask for these lengths "
+                             f"with create_block_mask instead")
+    return num, indices

@@ -73,8 +73,10 @@ def test_mask_combinators():
     c, w = flexattn.create_mask(causal, 1, 1, 8, 8), flexattn.create_mask(window, 1, 1, 8, 8)
     assert torch.equal(both, c & w) and torch.equal(either, c | w)
     assert flexattn.create_mask(flexattn.noop_mask, 1, 1, 3, 5).all()
+    assert flexattn.create_mask(flexattn.and_masks(), 1, 1, 3, 5).all()  # as torch's: keeps everything
+    assert not flexattn.create_mask(flexattn.or_masks(), 1, 1, 3, 5).any()  # keeps nothing
     with pytest.raises(TypeError):
-        flexattn.and_masks()
+        flexattn.and_masks(3)
 
 
 def test_block_mask_to_string_draws_tiles():
