@@ -11,8 +11,9 @@ A traced mod is a DAG of ``Node``s in SSA form. Each node is
   one element. Back ends clamp every index into the buffer's bounds, so a
   load at a masked or padded position can never read out of bounds.
 * ``CAST``   -- arg is the target ``DType``.
-* everything else is an elementwise op on its inputs with torch semantics
-  (``FLOORDIV``/``MOD`` follow Python's sign rules, like ``torch.remainder``).
+* everything else is an elementwise op on its inputs with torch semantics,
+  defined by its entry in ``flexattn.ops.OPS`` (``SPECS[op]``): ``FLOORDIV``
+  and ``MOD`` follow Python's sign rules, like ``torch.remainder``.
 
 Index inputs (``b``, ``h``, ``q_idx``, ``kv_idx``) are int64 and ``score`` is
 float32 ("the compute float": back ends may compute it in float64 when the
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from flexattn.ops import OPS, OpDef
+
 
 class DType(enum.Enum):
     BOOL = "bool"
@@ -45,71 +48,20 @@ class DType(enum.Enum):
     def is_int(self) -> bool:
         return self in (DType.INT32, DType.INT64)
 
-
-class Op(enum.Enum):
-    # leaves
-    INPUT = "input"
-    CONST = "const"
-    BUFFER = "buffer"
-    LOAD = "load"
-    # unary
-    NEG = "neg"
-    ABS = "abs"
-    NOT = "not"  # logical not on bool, bitwise not on ints
-    EXP = "exp"
-    EXP2 = "exp2"
-    LOG = "log"
-    LOG2 = "log2"
-    SQRT = "sqrt"
-    RSQRT = "rsqrt"
-    TANH = "tanh"
-    SIGMOID = "sigmoid"
-    SIN = "sin"
-    COS = "cos"
-    SIGN = "sign"
-    FLOOR = "floor"
-    CEIL = "ceil"
-    ROUND = "round"
-    ISNAN = "isnan"
-    CAST = "cast"
-    # binary
-    ADD = "add"
-    SUB = "sub"
-    MUL = "mul"
-    TRUEDIV = "truediv"
-    FLOORDIV = "floordiv"
-    MOD = "mod"
-    POW = "pow"
-    MIN = "min"
-    MAX = "max"
-    LT = "lt"
-    LE = "le"
-    GT = "gt"
-    GE = "ge"
-    EQ = "eq"
-    NE = "ne"
-    AND = "and"  # logical on bool, bitwise on ints
-    OR = "or"
-    XOR = "xor"
-    LSHIFT = "lshift"
-    RSHIFT = "rshift"
-    # ternary
-    WHERE = "where"
+    @property
+    def kind(self) -> str:
+        """``"bool"``, ``"int"`` or ``"float"``: the key of the op table's per-kind entries."""
+        return "float" if self.is_float else "int" if self.is_int else "bool"
 
 
-UNARY_OPS = frozenset({
-    Op.NEG, Op.ABS, Op.NOT, Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH,
-    Op.SIGMOID, Op.SIN, Op.COS, Op.SIGN, Op.FLOOR, Op.CEIL, Op.ROUND, Op.ISNAN, Op.CAST,
-})
-BINARY_OPS = frozenset({
-    Op.ADD, Op.SUB, Op.MUL, Op.TRUEDIV, Op.FLOORDIV, Op.MOD, Op.POW, Op.MIN, Op.MAX,
-    Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE, Op.AND, Op.OR, Op.XOR, Op.LSHIFT, Op.RSHIFT,
-})
-COMPARISONS = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
-# Unary ops that always produce a float (ints are promoted to float32 first).
-FLOAT_UNARY_OPS = frozenset({
-    Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SIN, Op.COS,
-})
+# Ops that are not elementwise functions of their inputs, and CAST (its target is an argument).
+STRUCTURAL_OPS = ("input", "const", "buffer", "load", "cast")
+
+Op = enum.Enum("Op", [(name.upper(), name) for name in STRUCTURAL_OPS + tuple(op.name for op in OPS)])
+Op.__doc__ = "An IR op: the structural ones, then one member per entry of ``flexattn.ops.OPS``."
+
+# The table entry of each elementwise op.
+SPECS: dict[Op, OpDef] = {Op(op.name): op for op in OPS}
 
 INDEX_NAMES = ("b", "h", "q_idx", "kv_idx")
 SCORE_MOD_INPUTS = ("score",) + INDEX_NAMES

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flexattn.ir import DType, Graph, Op
+from flexattn.ir import SPECS, DType, Graph, Op
 
 TORCH_DTYPES = {
     DType.BOOL: torch.bool,
@@ -20,74 +20,25 @@ TORCH_DTYPES = {
 }
 
 
-def _float(x):
-    """Promote ints and bools to the compute float, as torch does for exp(int)."""
-    if isinstance(x, torch.Tensor):
-        return x if x.is_floating_point() else x.to(torch.float32)
-    return torch.tensor(float(x), dtype=torch.float32)
-
-
-def _not(x):
-    if isinstance(x, torch.Tensor):
-        return torch.logical_not(x) if x.dtype == torch.bool else torch.bitwise_not(x)
-    return (not x) if isinstance(x, bool) else ~x
-
-
-def _floordiv(a, b):
-    return torch.floor_divide(torch.as_tensor(a), b)
-
-
-def _mod(a, b):
-    return torch.remainder(torch.as_tensor(a), b)
-
-
 def _clamp_index(index, size):
     return torch.clamp(torch.as_tensor(index), 0, size - 1)
 
 
-UNARY = {
-    Op.NEG: lambda x: -x,
-    Op.ABS: lambda x: torch.abs(torch.as_tensor(x)),
-    Op.NOT: _not,
-    Op.EXP: lambda x: torch.exp(_float(x)),
-    Op.EXP2: lambda x: torch.exp2(_float(x)),
-    Op.LOG: lambda x: torch.log(_float(x)),
-    Op.LOG2: lambda x: torch.log2(_float(x)),
-    Op.SQRT: lambda x: torch.sqrt(_float(x)),
-    Op.RSQRT: lambda x: torch.rsqrt(_float(x)),
-    Op.TANH: lambda x: torch.tanh(_float(x)),
-    Op.SIGMOID: lambda x: torch.sigmoid(_float(x)),
-    Op.SIN: lambda x: torch.sin(_float(x)),
-    Op.COS: lambda x: torch.cos(_float(x)),
-    Op.SIGN: lambda x: torch.sign(torch.as_tensor(x)),
-    Op.FLOOR: lambda x: torch.floor(torch.as_tensor(x)),
-    Op.CEIL: lambda x: torch.ceil(torch.as_tensor(x)),
-    Op.ROUND: lambda x: torch.round(torch.as_tensor(x)),
-    Op.ISNAN: lambda x: torch.isnan(torch.as_tensor(x)),
-}
+def _kind(dtype: torch.dtype) -> type:
+    return bool if dtype == torch.bool else float if dtype.is_floating_point else int
 
-BINARY = {
-    Op.ADD: lambda a, b: a + b,
-    Op.SUB: lambda a, b: a - b,
-    Op.MUL: lambda a, b: a * b,
-    Op.TRUEDIV: lambda a, b: torch.true_divide(torch.as_tensor(a), b),
-    Op.FLOORDIV: _floordiv,
-    Op.MOD: _mod,
-    Op.POW: lambda a, b: torch.pow(torch.as_tensor(a), b),
-    Op.MIN: lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)),
-    Op.MAX: lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)),
-    Op.LT: lambda a, b: torch.as_tensor(a) < b,
-    Op.LE: lambda a, b: torch.as_tensor(a) <= b,
-    Op.GT: lambda a, b: torch.as_tensor(a) > b,
-    Op.GE: lambda a, b: torch.as_tensor(a) >= b,
-    Op.EQ: lambda a, b: torch.as_tensor(a) == b,
-    Op.NE: lambda a, b: torch.as_tensor(a) != b,
-    Op.AND: lambda a, b: torch.as_tensor(a) & b,
-    Op.OR: lambda a, b: torch.as_tensor(a) | b,
-    Op.XOR: lambda a, b: torch.as_tensor(a) ^ b,
-    Op.LSHIFT: lambda a, b: torch.bitwise_left_shift(torch.as_tensor(a), b),
-    Op.RSHIFT: lambda a, b: torch.bitwise_right_shift(torch.as_tensor(a), b),
-}
+
+def _tensors(args: list) -> list[torch.Tensor]:
+    """The operands as tensors: a Python scalar takes the dtype and device of an operand
+    tensor of its kind (as a scalar promotes), so a float64 evaluation keeps its constants exact."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    out = []
+    for a in args:
+        if not isinstance(a, torch.Tensor):
+            like = next((t for t in tensors if _kind(t.dtype) is type(a)), None)
+            a = torch.as_tensor(a) if like is None else torch.as_tensor(a, dtype=like.dtype, device=like.device)
+        out.append(a)
+    return out
 
 
 def apply_op(op: Op, dtype: DType, args: list, arg=None):
@@ -99,16 +50,13 @@ def apply_op(op: Op, dtype: DType, args: list, arg=None):
     if op is Op.CAST:
         (x,) = args
         return torch.as_tensor(x).to(TORCH_DTYPES[arg])
-    if op is Op.WHERE:
-        cond, a, b = args
-        result = torch.where(torch.as_tensor(cond), torch.as_tensor(a), torch.as_tensor(b))
-    elif op in UNARY:
-        result = UNARY[op](args[0])
-    elif op in BINARY:
-        result = BINARY[op](args[0], args[1])
-    else:
+    spec = SPECS.get(op)
+    if spec is None:
         raise ValueError(f"apply_op cannot evaluate leaf op {op}")
-    result = torch.as_tensor(result)
+    operands = _tensors(args)
+    if spec.promote == "float":  # as torch does for exp(int)
+        operands = [x if x.is_floating_point() else x.to(torch.float32) for x in operands]
+    result = torch.as_tensor(spec.fn(*operands))
     want = TORCH_DTYPES[dtype]
     if result.dtype != want and not (dtype is DType.FLOAT32 and result.is_floating_point()):
         result = result.to(want)

@@ -21,7 +21,9 @@ import torch
 from flexattn import passes
 from flexattn.errors import TraceError
 from flexattn.ir import MASK_MOD_INPUTS, SCORE_MOD_INPUTS, DType, Graph, Node, Op
-from flexattn.proxy import Proxy, _BufferView, _cast, _current, _operand, _Tracer
+from flexattn.capture import _current
+from flexattn.proxy import Proxy, _BufferView, _cast, _operand
+from flexattn.spellings import _Tracer
 
 
 @dataclass(frozen=True)

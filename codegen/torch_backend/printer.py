@@ -23,23 +23,11 @@ compute float (float32, or float64 for float64 inputs): it is what
 from __future__ import annotations
 
 from flexattn.errors import LoweringError
-from flexattn.ir import DType, Graph, Node, Op
+from flexattn.ir import SPECS, DType, Graph, Node, Op
+from flexattn.ops import variant
 
 _TORCH_DTYPE = {DType.BOOL: "torch.bool", DType.INT32: "torch.int32", DType.INT64: "torch.int64"}
 
-# Ops printed as Python operators: tensors (and a Python scalar on either side) work.
-_INFIX = {
-    Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.TRUEDIV: "/", Op.FLOORDIV: "//", Op.MOD: "%",
-    Op.POW: "**", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
-    Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.LSHIFT: "<<", Op.RSHIFT: ">>",
-}
-_CALL_BINARY = {Op.MIN: "torch.minimum", Op.MAX: "torch.maximum"}
-_CALL_UNARY = {
-    Op.ABS: "torch.abs", Op.EXP: "torch.exp", Op.EXP2: "torch.exp2", Op.LOG: "torch.log",
-    Op.LOG2: "torch.log2", Op.SQRT: "torch.sqrt", Op.RSQRT: "torch.rsqrt", Op.TANH: "torch.tanh",
-    Op.SIGMOID: "torch.sigmoid", Op.SIN: "torch.sin", Op.COS: "torch.cos", Op.SIGN: "torch.sign",
-    Op.FLOOR: "torch.floor", Op.CEIL: "torch.ceil", Op.ROUND: "torch.round", Op.ISNAN: "torch.isnan",
-}
 _FLOAT_STORAGE = ("torch.float16", "torch.bfloat16")
 
 
@@ -102,25 +90,21 @@ class TorchPrinter:
             return None
         if any(self.fused.get(id(i)) is node for i in ins):
             return self.multiply_add(node)
-        if op is Op.NEG:
-            return f"-{self.tensor(ins[0])}"
-        if op is Op.NOT:
-            fn = "torch.logical_not" if ins[0].dtype is DType.BOOL else "torch.bitwise_not"
-            return f"{fn}({self.tensor(ins[0])})"
-        if op in _CALL_UNARY:
-            return self.typed(node, f"{_CALL_UNARY[op]}({self.tensor(ins[0])})")
-        if op in _INFIX:
-            a, b = ins
-            # A constant on the left of an infix op would be a Python scalar op Python scalar
-            # only if both were constants, which constant folding rules out; still be safe.
-            left = self.tensor(a) if a.op is Op.CONST and b.op is Op.CONST else self.name(a)
-            return self.typed(node, f"{left} {_INFIX[op]} {self.name(b)}")
-        if op in _CALL_BINARY:
-            return f"{_CALL_BINARY[op]}({self.tensor(ins[0])}, {self.tensor(ins[1])})"
-        if op is Op.WHERE:
-            cond, a, b = ins
-            return self.typed(node, f"torch.where({self.tensor(cond)}, {self.name(a)}, {self.name(b)})")
-        raise LoweringError(f"the torch back end cannot lower op {op.value!r} (in {self.graph.name})")
+        return self.elementwise(node)
+
+    def elementwise(self, node: Node) -> str:
+        """A table op: its ``OpDef.torch`` template over the operands' names (``{0}``) and tensors (``{t0}``)."""
+        spec = SPECS.get(node.op)
+        template = variant(spec.torch, node.inputs[-1].dtype.kind) if spec is not None else None
+        if template is None:
+            raise LoweringError(f"the torch back end cannot lower op {node.op.value!r} (in {self.graph.name})")
+        names = [self.name(i) for i in node.inputs]
+        # Constant folding leaves no op of constants only, but Python scalars alone would not
+        # give a tensor: make the first operand one.
+        if all(i.op is Op.CONST for i in node.inputs):
+            names[0] = self.tensor(node.inputs[0])
+        tensors = {f"t{k}": self.tensor(i) for k, i in enumerate(node.inputs)}
+        return self.typed(node, template.format(*names, **tensors))
 
     def multiply_add(self, node: Node) -> str:
         """``x + a * b`` / ``x - a * b`` as one torch.addcmul (or torch.add with alpha for a constant)."""

@@ -17,22 +17,11 @@ captured buffer's gradient).
 
 from __future__ import annotations
 
-import math
-
 from flexattn.errors import LoweringError
-from flexattn.ir import DType, Graph, Node, Op
+from flexattn.ir import SPECS, DType, Graph, Node, Op
+from flexattn.ops import variant
 
 TL_DTYPE = {DType.BOOL: "tl.int1", DType.INT32: "tl.int32", DType.INT64: "tl.int64", DType.FLOAT32: "tl.float32"}
-_INFIX = {
-    Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=",
-    Op.EQ: "==", Op.NE: "!=", Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.LSHIFT: "<<", Op.RSHIFT: ">>",
-}
-_FLOAT_CALL = {
-    Op.EXP: "tl.exp({})", Op.EXP2: "tl.exp2({})", Op.LOG: "tl.log({})", Op.LOG2: "tl.log2({})",
-    Op.SQRT: "tl.sqrt_rn({})", Op.RSQRT: "tl.rsqrt({})", Op.TANH: "_tanh({})", Op.SIGMOID: "tl.sigmoid({})",
-    Op.SIN: "tl.sin({})", Op.COS: "tl.cos({})", Op.FLOOR: "tl.floor({})", Op.CEIL: "tl.ceil({})",
-    Op.ROUND: "libdevice.rint({})",
-}
 _FLOAT_STORAGE = ("torch.float16", "torch.bfloat16", "torch.float32", "torch.float64")
 
 
@@ -92,39 +81,18 @@ class ModPrinter:
             if node.arg is DType.BOOL:
                 return f"({self.name(ins[0])} != 0)"
             return f"{self.name(ins[0])}.to({TL_DTYPE[node.arg]})"
-        if op in _FLOAT_CALL:
-            return _FLOAT_CALL[op].format(self.as_float(ins[0]))
-        if op is Op.NEG:
-            return f"-{self.name(ins[0])}"
-        if op is Op.ABS:
-            return f"tl.abs({self.name(ins[0])})"
-        if op is Op.NOT:
-            x = self.name(ins[0])
-            return f"({x} == 0)" if ins[0].dtype is DType.BOOL else f"~{x}"
-        if op is Op.SIGN:
-            x = self.name(ins[0])
-            return f"(({x} > 0).to({TL_DTYPE[node.dtype]}) - ({x} < 0).to({TL_DTYPE[node.dtype]}))"
-        if op is Op.ISNAN:
-            return f"({self.name(ins[0])} != {self.name(ins[0])})"
-        if op is Op.WHERE:
-            c, a, b = map(self.name, ins)
-            return self.typed(node, f"tl.where({c}, {a}, {b})")
-        a, b = ins[0], ins[1] if len(ins) > 1 else None
-        if op is Op.TRUEDIV:
-            return f"{self.as_float(a)} / {self.as_float(b)}"
-        if op is Op.POW:
-            if node.dtype is not DType.FLOAT32:
-                raise LoweringError(f"the triton back end cannot lower an integer pow (in {self.graph.name})")
-            return f"libdevice.pow({self.as_float(a)}, {self.as_float(b)})"
-        if op in (Op.FLOORDIV, Op.MOD):
-            kind = "float" if node.dtype is DType.FLOAT32 else "int"
-            return self.typed(node, f"_{op.value}_{kind}({self.name(a)}, {self.name(b)})")
-        if op in (Op.MIN, Op.MAX):
-            fn = "tl.minimum" if op is Op.MIN else "tl.maximum"
-            return self.typed(node, f"{fn}({self.name(a)}, {self.name(b)})")
-        if op in _INFIX:
-            return self.typed(node, f"{self.name(a)} {_INFIX[op]} {self.name(b)}")
-        raise LoweringError(f"the triton back end cannot lower op {op.value!r} (in {self.graph.name})")
+        spec = SPECS.get(op)
+        kind = ins[-1].dtype.kind if ins else None
+        template = variant(spec.triton, kind) if spec is not None else None
+        if template is None:
+            on = f" on {kind} operands" if spec is not None else ""
+            raise LoweringError(f"the triton back end cannot lower op {op.value!r}{on} (in {self.graph.name})")
+        return self.typed(node, template.format(*self.operands(node), dtype=TL_DTYPE[node.dtype]))
+
+    def operands(self, node: Node) -> list[str]:
+        """The operands' names; float32 views for an op that computes in float."""
+        as_float = SPECS[node.op].promote == "float"
+        return [self.as_float(i) if as_float else self.name(i) for i in node.inputs]
 
     def typed(self, node: Node, expr: str) -> str:
         """Cast to the node's dtype, as ``apply_op`` does (Triton's promotion can differ)."""
@@ -171,42 +139,20 @@ class ModPrinter:
         return lines, d[id(self.graph.output)] or "0.0"
 
     def derivative(self, node: Node, dins: list) -> str | None:
-        """One forward-mode rule per float op: the tangent of ``node`` from its inputs' tangents."""
+        """The tangent of ``node`` from its inputs' tangents (``OpDef.derivative``; a cast passes it on)."""
         if all(x is None for x in dins):
             return None
-        op, ins, v = node.op, node.inputs, self.name(node)
-        da = dins[0] if dins[0] is not None else "0.0"
-        db = (dins[1] if dins[1] is not None else "0.0") if len(dins) > 1 else None
-        a = self.as_float(ins[0])
-        b = self.as_float(ins[1]) if len(ins) > 1 and ins[1].dtype is not DType.BOOL else None
-        rules = {
-            Op.ADD: lambda: f"{da} + {db}",
-            Op.SUB: lambda: f"{da} - {db}",
-            Op.MUL: lambda: f"{da} * {b} + {a} * {db}",
-            Op.TRUEDIV: lambda: f"({da} - {v} * {db}) / {b}",
-            Op.NEG: lambda: f"-{da}",
-            Op.EXP: lambda: f"{da} * {v}",
-            Op.EXP2: lambda: f"{da} * {v} * {math.log(2.0)!r}",
-            Op.LOG: lambda: f"{da} / {a}",
-            Op.LOG2: lambda: f"{da} / ({a} * {math.log(2.0)!r})",
-            Op.SQRT: lambda: f"{da} * 0.5 / {v}",
-            Op.RSQRT: lambda: f"-0.5 * {da} * {v} / {a}",
-            Op.TANH: lambda: f"{da} * (1.0 - {v} * {v})",
-            Op.SIGMOID: lambda: f"{da} * {v} * (1.0 - {v})",
-            Op.SIN: lambda: f"{da} * tl.cos({a})",
-            Op.COS: lambda: f"-{da} * tl.sin({a})",
-            Op.ABS: lambda: f"tl.where({a} < 0, -{da}, {da})",
-            Op.MIN: lambda: f"tl.where({a} <= {b}, {da}, {db})",
-            Op.MAX: lambda: f"tl.where({a} >= {b}, {da}, {db})",
-            Op.POW: lambda: f"{da} * {b} * libdevice.pow({a}, {b} - 1.0) + {db} * {v} * tl.log({a})",
-            Op.CAST: lambda: da,
-            Op.FLOOR: lambda: "0.0", Op.CEIL: lambda: "0.0", Op.ROUND: lambda: "0.0", Op.SIGN: lambda: "0.0",
-            Op.FLOORDIV: lambda: "0.0",
-            Op.MOD: lambda: f"{da} - {db} * tl.floor({a} / {b})",
-        }
-        if op is Op.WHERE:
-            t = [x if x is not None else "0.0" for x in dins[1:]]
-            return f"tl.where({self.name(ins[0])}, {t[0]}, {t[1]})"
-        if op not in rules:
-            raise LoweringError(f"the triton back end cannot differentiate op {op.value!r} (in {self.graph.name})")
-        return rules[op]()
+        if node.op is Op.CAST:
+            return dins[0]
+        rule = SPECS[node.op].derivative
+        if rule is None:
+            raise LoweringError(f"the triton back end cannot differentiate op {node.op.value!r} "
+                                f"(in {self.graph.name})")
+        fields = {"v": self.name(node)}
+        for letter, x, d in zip("abc", node.inputs, dins):
+            fields[letter], fields[f"d{letter}"] = self.as_float(x), d if d is not None else "0.0"
+        names = [self.name(x) for x in node.inputs]
+        if isinstance(rule, str):
+            return rule.format(*names, **fields)
+        terms = [term.format(*names, **fields) for term, d in zip(rule, dins) if d is not None]
+        return " + ".join(terms) or "0.0"

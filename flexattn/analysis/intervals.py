@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flexattn.ir import DType, Graph, Op
+from flexattn.ir import SPECS, DType, Graph, Op
 
 BIG = 2 ** 61  # stands for "unbounded"; the sum of two such bounds still fits in int64
 
@@ -181,31 +181,21 @@ def _affine_add(a, b, sign: int) -> Affine:
     return Affine(a.q_coef + sign * b.q_coef, a.kv_coef + sign * b.kv_coef, off)
 
 
-def _compare(op: Op, a, b, grid: TileGrid) -> Range:
+# Per comparison, (where it is always true, where always false) from the range d of a - b.
+_TRUTH = {
+    Op.LT: lambda d: (d.hi < 0, d.lo >= 0), Op.LE: lambda d: (d.hi <= 0, d.lo > 0),
+    Op.GT: lambda d: (d.lo > 0, d.hi <= 0), Op.GE: lambda d: (d.lo >= 0, d.hi < 0),
+    Op.EQ: lambda d: ((d.lo == 0) & (d.hi == 0), (d.lo > 0) | (d.hi < 0)),
+    Op.NE: lambda d: ((d.lo > 0) | (d.hi < 0), (d.lo == 0) & (d.hi == 0)),
+}
+
+
+def _compare(node, ins, grid: TileGrid) -> Range:
     """Bool range of ``a op b``, from the range of the affine difference ``a - b``."""
-    d = grid.range_of(_affine_add(a, b, -1))
-    if op is Op.LT:
-        true, false = d.hi < 0, d.lo >= 0
-    elif op is Op.LE:
-        true, false = d.hi <= 0, d.lo > 0
-    elif op is Op.GT:
-        true, false = d.lo > 0, d.hi <= 0
-    elif op is Op.GE:
-        true, false = d.lo >= 0, d.hi < 0
-    elif op is Op.EQ:
-        true, false = (d.lo == 0) & (d.hi == 0), (d.lo > 0) | (d.hi < 0)
-    else:  # NE
-        true, false = (d.lo > 0) | (d.hi < 0), (d.lo == 0) & (d.hi == 0)
+    d = grid.range_of(_affine_add(ins[0], ins[1], -1))
+    true, false = _TRUTH[node.op](d)
     # Where d takes every value in its range, each truth value its bounds allow occurs.
     return Range(_t(true), _t(~false), _attained(d) if grid.want_attained else False)
-
-
-def _floordiv(a: Range, k: int) -> Range:
-    if a.lo is a.hi:
-        value = a.lo // k
-        return Range(value, value, True)
-    # k > 0: flooring keeps the order of the bounds.
-    return Range(a.lo // k, a.hi // k, _attained(a))
 
 
 def _mod(value, k: int, grid: "TileGrid"):
@@ -303,68 +293,105 @@ def _evaluate(graph: Graph, grid: TileGrid, load_range) -> Range:
         elif op is Op.BUFFER:
             value = None
         elif node.dtype is DType.FLOAT32 or any(i.dtype is DType.FLOAT32 for i in node.inputs):
-            value = _any() if node.dtype is not DType.BOOL else Range(_t(0), _t(1))
+            value = _unknown(node)
         elif op is Op.LOAD:
             value = load_range(node.inputs[0].arg, [_as_range(v, grid) for v in ins[1:]])
             if len(ins) == 2:
                 grid.suggest_cut(ins[1], lambda lo, hi, i=node.inputs[0].arg: load_range.first_change(i, lo, hi))
-        elif op in (Op.ADD, Op.SUB):
-            value = _affine_add(ins[0], ins[1], 1 if op is Op.ADD else -1)
-        elif op is Op.NEG:
-            value = _affine_add(_point(0), ins[0], -1)
-        elif op is Op.MUL:
-            k0, k1 = _const_of(ins[0]), _const_of(ins[1])
-            if k1 is not None or k0 is not None:
-                form, k = (_as_affine(ins[0]), k1) if k1 is not None else (_as_affine(ins[1]), k0)
-                value = Affine(form.q_coef * k, form.kv_coef * k, _scale(form.offset, k))
-            else:
-                value = _mul(_as_range(ins[0], grid), _as_range(ins[1], grid))
-        elif op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE):
-            value = _compare(op, ins[0], ins[1], grid)
-        elif node.dtype is DType.BOOL and op in (Op.AND, Op.OR, Op.XOR):
-            value = _bool_op(op, ins[0], ins[1])
-        elif node.dtype is DType.BOOL and op is Op.NOT:
-            value = Range(1 - ins[0].hi, 1 - ins[0].lo, ins[0].attained)
+        elif op is Op.CAST:  # to bool: x != 0; to another int type: the same values
+            r = _as_range(ins[0], grid)
+            value = r if node.dtype is not DType.BOOL else Range(
+                _t((r.lo > 0) | (r.hi < 0)), _t(~((r.lo == 0) & (r.hi == 0))), _attained(r))
         else:
-            value = _interval_rule(node, [_as_range(v, grid) if v is not None else None for v in ins], ins, grid)
+            rule = RULES.get(SPECS[op].interval)
+            value = rule(node, ins, grid) if rule is not None else _unknown(node)
         values[node] = value
     return _as_range(values[graph.output], grid)
 
 
-def _interval_rule(node, ranges: list, raw: list, grid: TileGrid):
-    op = node.op
-    if op is Op.WHERE:
-        cond, a, b = ranges
-        lo = np.where(cond.lo == 1, a.lo, np.where(cond.hi == 0, b.lo, np.minimum(a.lo, b.lo)))
-        hi = np.where(cond.lo == 1, a.hi, np.where(cond.hi == 0, b.hi, np.maximum(a.hi, b.hi)))
-        attained = np.where(cond.lo == 1, _attained(a), (cond.hi == 0) & _attained(b))
-        return Range(lo, hi, attained)
-    if op is Op.CAST:
-        r = ranges[0]
-        if node.dtype is DType.BOOL:  # x != 0
-            return Range(_t((r.lo > 0) | (r.hi < 0)), _t(~((r.lo == 0) & (r.hi == 0))), _attained(r))
-        return r
-    if op is Op.ABS:
-        r = ranges[0]
-        lo = np.where(r.lo >= 0, r.lo, np.where(r.hi <= 0, -r.hi, 0))
-        return Range(lo, np.minimum(np.maximum(np.abs(r.lo), np.abs(r.hi)), BIG), _attained(r))
-    if op in (Op.MIN, Op.MAX):
-        f = np.minimum if op is Op.MIN else np.maximum
-        return Range(f(ranges[0].lo, ranges[1].lo), f(ranges[0].hi, ranges[1].hi))
-    k = _const_of(raw[1]) if len(raw) > 1 else None
-    if op in (Op.FLOORDIV, Op.MOD) and k is not None and k > 0:
-        grid.suggest_cut(raw[0], lambda lo, hi: np.where((lo // k + 1) * k <= hi, (lo // k + 1) * k, -1))
-    if op is Op.FLOORDIV and k is not None and k > 0:
-        return _floordiv(ranges[0], k)
-    if op is Op.MOD and k is not None and k > 0:
-        return _mod(raw[0], k, grid)
-    if op in (Op.AND, Op.OR, Op.XOR):
-        return _bitwise(op, ranges[0], ranges[1])
-    if op in (Op.LSHIFT, Op.RSHIFT) and k is not None and 0 <= k < 62:
-        r = ranges[0]
-        if op is Op.LSHIFT:
-            return Range(_times(r.lo, 2 ** k), _times(r.hi, 2 ** k))
-        return Range(r.lo >> k, r.hi >> k, _attained(r))
-    if node.dtype is DType.BOOL:
-        return Range(_t(0), _t(1))
-    return _any()
+def _unknown(node) -> Range:
+    """Every value of the node's dtype: sound for an op without a rule."""
+    return Range(_t(0), _t(1)) if node.dtype is DType.BOOL else _any()
+
+
+def _mul_rule(node, ins, grid: TileGrid):
+    k0, k1 = _const_of(ins[0]), _const_of(ins[1])
+    if k1 is None and k0 is None:
+        return _mul(_as_range(ins[0], grid), _as_range(ins[1], grid))
+    form, k = (_as_affine(ins[0]), k1) if k1 is not None else (_as_affine(ins[1]), k0)
+    return Affine(form.q_coef * k, form.kv_coef * k, _scale(form.offset, k))
+
+
+def _on_ranges(rule):
+    """A rule of the inputs' Ranges (their affine forms resolved over the grid)."""
+    return lambda node, ins, grid: rule(node, *(_as_range(v, grid) for v in ins))
+
+
+def _logic(node, *ranges: Range) -> Range:
+    """and / or / xor / not: three-valued on bools, bit bounds on ints."""
+    if node.dtype is not DType.BOOL:
+        return _any() if node.op is Op.NOT else _bitwise(node.op, *ranges)
+    if node.op is Op.NOT:
+        return Range(1 - ranges[0].hi, 1 - ranges[0].lo, ranges[0].attained)
+    return _bool_op(node.op, *ranges)
+
+
+def _where(node, cond: Range, a: Range, b: Range) -> Range:
+    lo = np.where(cond.lo == 1, a.lo, np.where(cond.hi == 0, b.lo, np.minimum(a.lo, b.lo)))
+    hi = np.where(cond.lo == 1, a.hi, np.where(cond.hi == 0, b.hi, np.maximum(a.hi, b.hi)))
+    return Range(lo, hi, np.where(cond.lo == 1, _attained(a), (cond.hi == 0) & _attained(b)))
+
+
+def _abs(node, r: Range) -> Range:
+    lo = np.where(r.lo >= 0, r.lo, np.where(r.hi <= 0, -r.hi, 0))
+    return Range(lo, np.minimum(np.maximum(np.abs(r.lo), np.abs(r.hi)), BIG), _attained(r))
+
+
+def _divisor(ins, grid: TileGrid) -> int | None:
+    """The constant k > 0 of ``x // k`` or ``x % k`` (None otherwise); cuts boxes where x // k changes."""
+    k = _const_of(ins[1])
+    if k is not None and k > 0:
+        grid.suggest_cut(ins[0], lambda lo, hi: np.where((lo // k + 1) * k <= hi, (lo // k + 1) * k, -1))
+        return k
+    return None
+
+
+def _floordiv(node, ins, grid: TileGrid):
+    k, a = _divisor(ins, grid), _as_range(ins[0], grid)
+    if k is None:
+        return _any()
+    if a.lo is a.hi:
+        value = a.lo // k
+        return Range(value, value, True)
+    return Range(a.lo // k, a.hi // k, _attained(a))  # k > 0: flooring keeps the order of the bounds
+
+
+def _shift(node, ins, grid: TileGrid):
+    k, r = _const_of(ins[1]), _as_range(ins[0], grid)
+    if k is None or not 0 <= k < 62:
+        return _any()
+    if node.op is Op.LSHIFT:
+        return Range(_times(r.lo, 2 ** k), _times(r.hi, 2 ** k))
+    return Range(r.lo >> k, r.hi >> k, _attained(r))
+
+
+# The rules ``flexattn.ops.OpDef.interval`` names: (node, input values, grid) -> the node's
+# value, a Range or (index arithmetic) an Affine form.
+RULES = {
+    "add": lambda node, ins, grid: _affine_add(ins[0], ins[1], 1),
+    "sub": lambda node, ins, grid: _affine_add(ins[0], ins[1], -1),
+    "neg": lambda node, ins, grid: _affine_add(_point(0), ins[0], -1),
+    "mul": _mul_rule,
+    "compare": _compare,
+    "logic": _on_ranges(_logic),
+    "where": _on_ranges(_where),
+    "abs": _on_ranges(_abs),
+    # sign is monotone and takes every value between the signs of the bounds.
+    "sign": _on_ranges(lambda node, r: Range(np.sign(r.lo), np.sign(r.hi), _attained(r))),
+    "identity": lambda node, ins, grid: ins[0],  # floor, ceil, round, trunc of an int
+    "min": _on_ranges(lambda node, a, b: Range(np.minimum(a.lo, b.lo), np.minimum(a.hi, b.hi))),
+    "max": _on_ranges(lambda node, a, b: Range(np.maximum(a.lo, b.lo), np.maximum(a.hi, b.hi))),
+    "floordiv": _floordiv,
+    "mod": lambda node, ins, grid: _any() if (k := _divisor(ins, grid)) is None else _mod(ins[0], k, grid),
+    "shift": _shift,
+}

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import sympy
 
-from flexattn.ir import DType, Graph, Op
-
-_BINARY = {
-    Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
-    Op.TRUEDIV: lambda a, b: a / b, Op.FLOORDIV: lambda a, b: sympy.floor(a / b), Op.MOD: sympy.Mod,
-    Op.POW: lambda a, b: a ** b, Op.MIN: sympy.Min, Op.MAX: sympy.Max,
-    Op.LT: sympy.Lt, Op.LE: sympy.Le, Op.GT: sympy.Gt, Op.GE: sympy.Ge, Op.EQ: sympy.Eq, Op.NE: sympy.Ne,
-}
-_BOOLEAN = {Op.AND: sympy.And, Op.OR: sympy.Or, Op.XOR: sympy.Xor}
-_UNARY = {Op.NEG: lambda x: -x, Op.ABS: sympy.Abs, Op.EXP: sympy.exp, Op.LOG: sympy.log, Op.SQRT: sympy.sqrt,
-          Op.TANH: sympy.tanh, Op.SIN: sympy.sin, Op.COS: sympy.cos, Op.SIGN: sympy.sign,
-          Op.FLOOR: sympy.floor, Op.CEIL: sympy.ceiling}
+from flexattn.ir import SPECS, Graph, Op
+from flexattn.ops import variant
 
 
 def to_sympy(graph: Graph) -> sympy.Basic:
@@ -37,19 +27,17 @@ def to_sympy(graph: Graph) -> sympy.Basic:
             value = sympy.Function(graph.buffers[node.arg].name)
         elif node.op is Op.LOAD:
             value = ins[0](*ins[1:]) if len(ins) > 1 else sympy.Symbol(str(ins[0]))
-        elif node.op in _BOOLEAN and node.dtype is DType.BOOL:
-            value = _BOOLEAN[node.op](*ins)
-        elif node.op is Op.NOT and node.dtype is DType.BOOL:
-            value = sympy.Not(ins[0])
-        elif node.op is Op.WHERE:
-            value = sympy.Piecewise((ins[1], ins[0]), (ins[2], True))
         elif node.op is Op.CAST:
             value = ins[0]
-        elif node.op in _BINARY:
-            value = _BINARY[node.op](*ins)
-        elif node.op in _UNARY:
-            value = _UNARY[node.op](ins[0])
-        else:  # bit operations and the rest keep their IR name
-            value = sympy.Function(node.op.value)(*ins)
+        else:
+            value = _op_form(node, ins)
         values[node] = value
     return values[graph.output]
+
+
+def _op_form(node, ins: list) -> sympy.Basic:
+    """A table op as sympy: its ``OpDef.sympy`` form, or an opaque function named after it."""
+    form = variant(SPECS[node.op].sympy, node.inputs[-1].dtype.kind)
+    if form is None:
+        return sympy.Function(node.op.value)(*ins)
+    return getattr(sympy, form)(*ins) if isinstance(form, str) else form(sympy, *ins)
