@@ -86,7 +86,13 @@ def flex_block_mask(mask_mod, B, H, L, S, block):
 
 
 def run_torch(q, k, v, score_mod=None, block_mask=None, **kw):
-    """torch's eager flex_attention: (out, lse), no gradients (torch has none on CPU)."""
+    """torch's eager flex_attention: (out, lse), no gradients (torch has none on CPU).
+
+    torch runs its eager path through dynamo, whose cache can hand a mod made by the same
+    factory (one code object, another closure) the graph of an earlier one, e.g. a
+    ``torch.Tensor.tanh`` mod's graph to a ``clamp_min`` mod: the cache is cleared first.
+    """
+    torch._dynamo.reset()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's note that eager mode is unfused
         out, aux = tfa.flex_attention(q.detach(), k.detach(), v.detach(), score_mod=score_mod,

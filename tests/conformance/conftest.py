@@ -1,15 +1,13 @@
 """Known failure classes of the conformance suite, each marked xfail with its reason.
 
 Every entry is an open gap of the drop-in issue (see the closing note that added it); remove an
-entry when its class is fixed. Marks are not strict: some of these cases pass when run alone
-(the ops listed under ORDER_DEPENDENT), which is itself the bug being tracked.
+entry when its class is fixed. Marks are not strict, so a class fixed in part (some of its
+cases passing) does not fail the suite.
 """
 
 import pytest
 
 TENSOR_VALUES = "tensor-valued intermediates (a captured tensor indexed partially, then reduced) are not traced yet"
-ORDER_DEPENDENT = ("differs from torch after other cases ran in the same process, passes alone: "
-                   "state left behind by an earlier failed trace or cached kernel (under investigation)")
 KNOWN = {
     "test_conformance_attn_gym.py::test_forward[vsa_topk": TENSOR_VALUES,
     "test_conformance_attn_gym.py::test_block_mask[vsa_topk": TENSOR_VALUES,
@@ -30,11 +28,8 @@ KNOWN = {
                                                      "does not depend on a differentiated input raises",
     "test_conformance_ops.py::test_op_forward[tanh_method]": "unbound Tensor methods (torch.Tensor.tanh(x))",
     "test_conformance_ops.py::test_op_forward[div_method]": "unbound Tensor methods (torch.Tensor.div(x, y))",
-    "test_conformance_ops.py::test_op_forward[clamp_min]": ORDER_DEPENDENT,
-    "test_conformance_ops.py::test_op_forward[clamp_max]": ORDER_DEPENDENT,
-    "test_conformance_ops.py::test_op_forward[nan_to_num]": ORDER_DEPENDENT,
-    "test_conformance_ops.py::test_op_forward[float_pow_tensor]": ORDER_DEPENDENT,
-    "test_conformance_ops.py::test_op_forward[pow]": ORDER_DEPENDENT,
+    "test_conformance_ops.py::test_op_forward[pow]": "the case raises negative bases to fractional powers: "
+                                                     "NaN in the output (the case, not the op, needs fixing)",
     "test_conformance_ops.py::test_op_forward[masked_fill]": "Tensor.masked_fill is not traced",
     "test_conformance_ops.py::test_op_forward[gcd]": "torch.gcd is not traced",
     "test_conformance_ops.py::test_op_gradients[lerp]": "lerp's gradient with a float weight fails (dtype)",
