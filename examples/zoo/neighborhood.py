@@ -30,13 +30,13 @@ def in_window(x, y, n, k, d, s):
 
 
 def neighborhood(shape, kernel, dilation, stride):
-    def mask_mod(b, h, q_idx, kv_idx):
+    def na_mask(b, h, q_idx, kv_idx):
         visible, step = True, 1
         for n, k, d, s in reversed(list(zip(shape, kernel, dilation, stride))):
             visible = visible & in_window(q_idx // step % n, kv_idx // step % n, n, k, d, s)
             step *= n
         return visible
-    return mask_mod
+    return na_mask
 # ------------------------------------------------------------------------------------------
 
 

@@ -24,9 +24,8 @@ def make_sigmoid_attention(n):
     bias = -math.log(n)
 
     # --- the user's code -----------------------------------------------------------------
-    def log_sigmoid(score, b, h, q_idx, kv_idx):  # F.logsigmoid(score + bias), which the tracer rejects
-        x = score + bias
-        return torch.clamp(x, max=0.0) - torch.log(1 + torch.exp(-torch.abs(x)))
+    def log_sigmoid(score, b, h, q_idx, kv_idx):
+        return torch.nn.functional.logsigmoid(score + bias)
 
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx

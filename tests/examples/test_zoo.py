@@ -7,7 +7,7 @@ import pytest
 
 ZOO = Path(__file__).parents[2] / "examples" / "zoo"
 NAMES = sorted(p.stem for p in ZOO.glob("*.py") if not p.stem.startswith("_"))
-SMALL = {"moa": 512, "nsa": 512, "bigbird": 512, "s2_attention": 512, "neighborhood": 256, "tree_attention": 512}
+SMALL = {"neighborhood": 256, "swin": 256}  # the others run at 512 tokens
 
 
 def checks(result):
@@ -26,7 +26,7 @@ def test_the_twelve_variants_have_an_example():
 def test_variant_matches_its_dense_formula(name, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ZOO))
     module = importlib.import_module(name)
-    result = module.main(size=SMALL.get(name, 256))
+    result = module.main(size=SMALL.get(name, 512))
     assert "max |" in capsys.readouterr().out
     found = checks(result)
     assert found, f"{name}.main returned no check"
