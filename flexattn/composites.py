@@ -17,7 +17,7 @@ from typing import Callable
 from flexattn.capture import _fail
 from flexattn.ir import DType
 from flexattn.ops import BY_NAME
-from flexattn.proxy import Proxy, _cast, _operand, apply
+from flexattn.proxy import Proxy, _cast, _operand, _promote, apply
 
 _FLOAT32_MAX = 3.4028234663852886e38
 _SQRT1_2 = 0.7071067811865476
@@ -49,6 +49,12 @@ def _bool(x) -> Proxy:
     return _cast(_operand(x), DType.BOOL)
 
 
+def _option(value, *operands: Proxy):
+    """A Python number option as torch applies it: truncated to an int where the operands are integers."""
+    integer = not any(p.node.dtype.is_float for p in operands)
+    return int(value) if isinstance(value, float) and integer and math.isfinite(value) else value
+
+
 def _no_inplace(inplace: bool) -> None:
     if inplace:
         _fail("inplace=True in a traced mod. Mods must not mutate: leave inplace out and use the result.")
@@ -57,6 +63,12 @@ def _no_inplace(inplace: bool) -> None:
 def _scaled(x, alpha):
     """``alpha * x``, keeping ``x`` (and its dtype) when alpha is 1."""
     return x if alpha == 1 else alpha * x
+
+
+def _alpha(a, b, alpha):
+    """``alpha * b`` of torch.add(a, b, alpha=...): on two bools torch reads alpha as a bool."""
+    both_bool = a.node.dtype is DType.BOOL and b.node.dtype is DType.BOOL
+    return b if both_bool and alpha else _scaled(b, alpha)
 
 
 def _div(a, b, *, rounding_mode=None):
@@ -106,7 +118,7 @@ def _relu(x, inplace=False):
 
 def _hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False):
     _no_inplace(inplace)
-    return _clamp(x, min_val, max_val)
+    return _clamp(x, _option(min_val, x), _option(max_val, x))
 
 
 def _gelu(x, approximate="none"):
@@ -168,7 +180,7 @@ def _hardswish(x, inplace=False):
 
 def _threshold(x, threshold, value, inplace=False):
     _no_inplace(inplace)
-    return _where(x <= threshold, value, x)
+    return _where(x <= _option(threshold, x), _option(value, x), x)
 
 
 def _nan_to_num(x, nan=0.0, posinf=None, neginf=None):
@@ -206,7 +218,7 @@ def _logit(x, eps=None):
 
 
 def _entr(x):
-    return _where(_op("isnan", x), x, _where(x > 0, -x * _op("log", x), _where(x == 0, 0.0, -math.inf)))
+    return _where(_op("isnan", x), x, _where(x > 0, -(x * _op("log", x)), _where(x == 0, 0.0, -math.inf)))
 
 
 def _lerp(start, end, weight):
@@ -215,17 +227,18 @@ def _lerp(start, end, weight):
 
 COMPOSITES: tuple[Composite, ...] = (
     # arithmetic with options
-    Composite("torch.add Tensor.add", 2, lambda a, b, *, alpha=1: a + _scaled(b, alpha), ({}, {"alpha": 3})),
+    Composite("torch.add Tensor.add", 2, lambda a, b, *, alpha=1: a + _alpha(a, b, alpha), ({}, {"alpha": 3})),
     Composite("torch.sub torch.subtract Tensor.sub Tensor.subtract", 2,
-              lambda a, b, *, alpha=1: a - _scaled(b, alpha), ({}, {"alpha": 3})),
-    Composite("torch.rsub", 2, lambda a, b, *, alpha=1: b - _scaled(a, alpha), ({}, {"alpha": 3})),
+              lambda a, b, *, alpha=1: a - _alpha(a, b, alpha), ({}, {"alpha": 3})),
+    Composite("torch.rsub", 2, lambda a, b, *, alpha=1: b - _alpha(b, a, alpha), ({}, {"alpha": 3})),
     Composite("torch.div torch.divide Tensor.div Tensor.divide", 2, _div,
               ({}, {"rounding_mode": "floor"}, {"rounding_mode": "trunc"})),
     Composite("torch.round Tensor.round torch.special.round", 1, _round, ({}, {"decimals": 2}, {"decimals": -1})),
     Composite("torch.clamp torch.clip Tensor.clamp Tensor.clip", 1, _clamp,
               ({"min": -0.5}, {"max": 2}, {"min": -1, "max": 0.5})),
     Composite("torch.addcmul Tensor.addcmul", 3,
-              lambda x, a, b, *, value=1: x + (a * b if value == 1 else value * a * b), ({}, {"value": 0.5})),
+              lambda x, a, b, *, value=1: x + (a * b if value == 1 else _option(value, x, a, b) * a * b),
+              ({}, {"value": 0.5})),
     Composite("torch.addcdiv Tensor.addcdiv", 3, lambda x, a, b, *, value=1: x + _scaled(a / b, value),
               ({}, {"value": 0.5})),
     Composite("torch.square Tensor.square", 1, _square),
@@ -239,6 +252,9 @@ COMPOSITES: tuple[Composite, ...] = (
     Composite("torch.logical_xor Tensor.logical_xor", 2, _logical("xor")),
     Composite("torch.logical_not Tensor.logical_not", 1, lambda x: ~_bool(x)),
     Composite("Tensor.where", 3, lambda x, condition, other: _where(condition, x, other)),
+    # masked_fill keeps x's dtype, as torch's does.
+    Composite("torch.masked_fill Tensor.masked_fill", 2,
+              lambda x, mask, value: _cast(_where(mask, value, x), x.node.dtype), ({"value": -math.inf}, {"value": 2})),
     # activations
     Composite("torch.relu Tensor.relu F.relu", 1, _relu),
     Composite("F.relu6", 1, lambda x, inplace=False: _hardtanh(x, 0.0, 6.0, inplace)),
@@ -273,7 +289,7 @@ COMPOSITES: tuple[Composite, ...] = (
     Composite("torch.fmax Tensor.fmax", 2, _nan_ignoring("max")),
     Composite("torch.fmin Tensor.fmin", 2, _nan_ignoring("min")),
     Composite("torch.heaviside Tensor.heaviside", 2,
-              lambda x, values: _where(x > 0, 1, _where(x == 0, values, 0))),
+              lambda x, values: _cast(_where(x > 0, 1, _where(x == 0, values, 0)), _promote([x, values]))),
     # special functions
     Composite("torch.logaddexp Tensor.logaddexp", 2, _logaddexp("exp", 1)),
     Composite("torch.logaddexp2 Tensor.logaddexp2", 2, _logaddexp("exp2", 1 / math.log(2))),

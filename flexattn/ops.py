@@ -116,6 +116,25 @@ _TWO_OVER_SQRT_PI = "1.1283791670955126"
 _SIGN = "(({0} > 0).to({dtype}) - ({0} < 0).to({dtype}))"
 _ATAN2_NORM = "({a} * {a} + {b} * {b})"
 
+
+def _float_floor_division() -> tuple[str, str]:
+    """Triton forms of torch's float ``remainder`` and ``floor_divide`` kernels, from C's fmod (``%``).
+
+    floor(a / b) would round 1.0 // 0.1 up to 10 (torch: 9) and give -inf // 2 = -inf (torch: nan).
+    """
+    fmod = "({0} % {1})"
+    wrong_sign = "((" + fmod + " != 0) & ((" + fmod + " < 0) != ({1} < 0)))"
+    remainder = "tl.where(" + wrong_sign + ", " + fmod + " + {1}, " + fmod + ")"
+    exact = "(({0} - " + fmod + ") / {1})"
+    quotient = "tl.where(" + wrong_sign + ", " + exact + " - 1.0, " + exact + ")"
+    floor = "tl.floor(" + quotient + ")"
+    rounded = "tl.where(" + quotient + " - " + floor + " > 0.5, " + floor + " + 1.0, " + floor + ")"
+    signed = "tl.where(" + quotient + " != 0, " + rounded + ", 0.0 * ({0} / {1}))"
+    return remainder, "tl.where({1} == 0, {0} / {1}, " + signed + ")"
+
+
+_REMAINDER, _FLOOR_DIVIDE = _float_floor_division()
+
 OPS: tuple[OpDef, ...] = (
     # ----- unary -------------------------------------------------------------
     OpDef("neg", 1, torch.neg, "-{t0}", "-{0}", "torch.neg torch.negative Tensor.neg Tensor.negative",
@@ -181,10 +200,10 @@ OPS: tuple[OpDef, ...] = (
           operators=("truediv", "div"), promote="float", derivative=("{da} / {b}", "-{v} * {db} / {b}"),
           sympy=lambda s, a, b: a / b),
     OpDef("floordiv", 2, torch.floor_divide, "{0} // {1}",
-          {"float": "_floordiv_float({0}, {1})", "int": "_floordiv_int({0}, {1})"},
+          {"float": _FLOOR_DIVIDE, "int": "_floordiv_int({0}, {1})"},
           "torch.floor_divide Tensor.floor_divide", operators=("floordiv",), bools="int64", interval="floordiv",
           derivative="0.0", sympy=lambda s, a, b: s.floor(a / b), int_domain="divisor"),
-    OpDef("mod", 2, torch.remainder, "{0} % {1}", {"float": "_mod_float({0}, {1})", "int": "_mod_int({0}, {1})"},
+    OpDef("mod", 2, torch.remainder, "{0} % {1}", {"float": _REMAINDER, "int": "_mod_int({0}, {1})"},
           "torch.remainder Tensor.remainder", operators=("mod",), bools="int64", interval="mod",
           derivative=("{da}", "-{db} * tl.floor({a} / {b})"), sympy="Mod", int_domain="divisor"),
     # Triton's % is C's remainder (the sign of the dividend) on ints and floats: fmod.
@@ -192,7 +211,9 @@ OPS: tuple[OpDef, ...] = (
           derivative=("{da}", "-{db} * libdevice.trunc({a} / {b})"), int_domain="divisor"),
     OpDef("pow", 2, torch.pow, "{0} ** {1}", {"float": "libdevice.pow({0}, {1})"}, "torch.pow Tensor.pow",
           operators=("pow",), bools="int64",
-          derivative=("{da} * {b} * libdevice.pow({a}, {b} - 1.0)", "{db} * {v} * tl.log({a})"),
+          # As torch's pow_backward: no term from a zero exponent, nor from a zero base.
+          derivative=("tl.where({b} == 0.0, 0.0, {da} * {b} * libdevice.pow({a}, {b} - 1.0))",
+                      "tl.where(({a} == 0.0) & ({b} >= 0.0), 0.0, {db} * {v} * tl.log({a}))"),
           sympy=lambda s, a, b: a ** b, int_domain="exponent"),
     OpDef("atan2", 2, torch.atan2, "torch.atan2({t0}, {t1})", "libdevice.atan2({0}, {1})",
           "torch.atan2 torch.arctan2 Tensor.atan2 Tensor.arctan2", promote="float",
