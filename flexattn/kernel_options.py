@@ -52,6 +52,9 @@ OPTIONS: dict[str, Option] = {
     "BLOCK_SIZE": Option(_block_size, "tile size (q, kv) when no block_mask is given (default 128)"),
     "FUSED": Option(_one_of(True, False, "auto"), "torch back end: force (True) or forbid (False) the fused "
                     "SDPA path for mask-only and separable-bias calls"),
+    "COMPILED": Option(_one_of(True, False, "auto"), "torch back end's generic loop: 'auto' (default) serves eagerly "
+                       "until its compiled kernel is built in the background; True waits for the compiled kernel; "
+                       "False always runs the eager loop"),
     "SPLIT_KV": Option(_flag, "False: never take the split-KV decoding path"),
     "SPLIT_KV_CHUNK": Option(_positive_int, "keys per split-KV chunk"),
     "max_tiles": Option(_positive_int, "torch back end: KV tiles gathered per piece of the generated loop"),

@@ -27,7 +27,7 @@ import torch
 
 from codegen import split_kv
 from codegen.cache import KERNELS
-from codegen.torch_backend import fused
+from codegen.torch_backend import compiled, fused
 from codegen.torch_backend.kernel import Kernel, check_heads, outside_compiled_graphs
 from codegen.torch_backend.printer import constants_of
 from codegen.torch_backend.template import kernel_source
@@ -48,7 +48,7 @@ def _generator_version() -> str:
 
 
 GENERATOR_VERSION = _generator_version()
-_DISPATCH_OPTIONS = ("FUSED", "OUTPUT_MAX_SCORES", "SPLIT_KV", "SPLIT_KV_CHUNK")
+_DISPATCH_OPTIONS = ("FUSED", "OUTPUT_MAX_SCORES", "SPLIT_KV", "SPLIT_KV_CHUNK", "COMPILED")
 
 
 def kernel_key(score_graph: Graph | None, mask_graph: Graph | None, options: dict) -> str:
@@ -125,7 +125,12 @@ def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask
             score_buffers=score_buffers)
         if result is not None:
             return result
-    kernel = compile_kernel(score_graph, mask_graph, kernel_options)
+    # --- compiled generic path (issue 18): its kernel once compiled in the background, else the eager loop.
+    kernel = compiled.kernel_for(score_graph, mask_graph, kernel_options, kernel_key, query, key, value,
+                                 score_buffers=score_buffers, mask_buffers=mask_buffers, block_mask=block_mask,
+                                 scale=scale, enable_gqa=enable_gqa)
+    if kernel is None:
+        kernel = compile_kernel(score_graph, mask_graph, kernel_options)
     return kernel(query, key, value, score_buffers=score_buffers, mask_buffers=mask_buffers,
                   block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 

@@ -1,0 +1,211 @@
+"""Tiered compilation: the eager loop serves while the compiled tile functions build in the background.
+
+A kernel of the compiled path is one per IR structural key (the eager
+kernel's ``kernel_key``): its tile source (``source.tile_source``) is cached
+on disk by ``codegen.cache`` under ``torch-compiled`` (a corrupt or stale
+file is rebuilt, never used), and its functions are wrapped in
+``torch.compile(dynamic=True)`` with inductor, whose own disk cache keeps
+the C++ it built. Compiled graphs depend on a *call signature* besides the
+key (``signature``: the compute float, which sizes are 1, the buffers'
+dtypes, the gradient slots), because ``torch.compile`` specialises those;
+sequence lengths, batch sizes above 1, constants and buffer contents do not
+enter it, so they never recompile.
+
+A signature not yet compiled is queued for one background thread, which
+compiles it by running the loop on one query block row of the call's own
+inputs; callers meanwhile get None (the eager kernel serves). A failed
+compilation (a compiler error, a missing C++ toolchain) marks the signature
+failed: the eager kernel keeps serving it and the caller's thread warns
+once per kernel, naming the error. ``STATS`` counts ``graphs`` (graphs
+inductor compiled), ``served`` (calls on compiled code) and ``failures``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import queue
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from codegen.cache import KERNELS
+from codegen.torch_backend import printer
+from codegen.torch_backend.compiled import loop, source
+
+_FILES = [Path(source.__file__), Path(loop.__file__), Path(printer.__file__), Path(__file__)]
+GENERATOR_VERSION = hashlib.sha256(
+    b"".join(path.read_bytes() for path in _FILES) + torch.__version__.encode()).hexdigest()[:16]
+STATS = {"graphs": 0, "served": 0, "failures": 0}
+READY, FAILED, PENDING = "ready", "failed", "pending"
+
+_lock = threading.Lock()
+_jobs: queue.Queue = queue.Queue()
+_worker: list = []
+
+
+def inductor(graph_module, example_inputs):
+    """The torch.compile backend: inductor, counting the graphs it compiles (tests replace it to
+    inject a failure)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    STATS["graphs"] += 1
+    return compile_fx(graph_module, example_inputs)
+
+
+def _counting_backend(graph_module, example_inputs):
+    return inductor(graph_module, example_inputs)  # looked up per compilation, so a test can patch it
+
+
+class Entry:
+    """The compiled path of one kernel key: its tile module, compiled wrappers and signature states."""
+
+    def __init__(self, key: str, namespace: dict):
+        self.key, self.namespace = key, namespace
+        self.plain = {name: namespace[name] for name in ("tile_scores", "tile_grad")}
+        self.plain["update"] = loop.update
+        self.compiled: dict | None = None
+        self.bound: dict | None = None
+        self.states: dict = {}
+        self.errors: dict = {}
+        self.warned = False
+        self.done = threading.Condition(_lock)
+
+    def functions(self, compiled: bool) -> loop.TileFunctions:
+        if compiled and self.compiled is None:
+            self.compiled = {name: torch.compile(fn, backend=_counting_backend, dynamic=True)
+                             for name, fn in self.plain.items()}
+        return loop.TileFunctions(self.plain, self.compiled if compiled else None)
+
+    def namespace_for(self) -> dict:
+        """The loop's forward/backward bound to the compiled functions (what ``kernel.Kernel`` calls)."""
+        if self.bound is None:
+            fns = self.functions(compiled=True)
+            self.bound = {"forward": functools.partial(loop.forward, fns),
+                          "backward": functools.partial(loop.backward, fns), "__source__": self.namespace["__source__"]}
+        return self.bound
+
+
+_entries: dict[str, Entry] = {}
+
+
+def _load(text: str, filename: str) -> dict:
+    namespace: dict = {"__name__": f"flexattn_tiles_{Path(filename).stem}", "__source__": text}
+    exec(compile(text, filename, "exec"), namespace)
+    return namespace
+
+
+def entry(key: str, score_graph, mask_graph) -> Entry:
+    """The entry for ``key`` (its tile source from the disk cache, or printed and written there)."""
+    with _lock:
+        if key in _entries:
+            return _entries[key]
+    namespace = KERNELS.get("torch-compiled", key, GENERATOR_VERSION,
+                            build=lambda: source.tile_source(score_graph, mask_graph), load=_load)
+    with _lock:
+        return _entries.setdefault(key, Entry(key, namespace))
+
+
+def _pattern(t: torch.Tensor) -> tuple:
+    return (str(t.dtype), tuple(size == 1 for size in t.shape))
+
+
+def signature(query, score_buffers, mask_buffers, block_mask, slots) -> tuple:
+    """What the compiled graphs of one kernel specialise on (see the module docstring)."""
+    compute = "float64" if query.dtype == torch.float64 else "float32"
+    per_bh = None
+    if block_mask is not None and tuple(block_mask.kv_num_blocks.shape[:2]) != (1, 1):
+        per_bh = tuple(size == 1 for size in block_mask.kv_num_blocks.shape[:2])
+    return (compute, query.shape[0] == 1, query.shape[1] == 1, per_bh, tuple(map(_pattern, score_buffers)),
+            tuple(map(_pattern, mask_buffers)), tuple(slots) if slots is not None else None)
+
+
+def state(item: Entry, sig: tuple) -> str | None:
+    with _lock:
+        return item.states.get(sig)
+
+
+def request(item: Entry, sig: tuple, job) -> None:
+    """Queue ``job`` (a callable compiling ``sig``) unless ``sig`` is known; start the worker once."""
+    with _lock:
+        if sig in item.states:
+            return
+        item.states[sig] = PENDING
+        if not _worker:
+            _worker.append(threading.Thread(target=_work, name="flexattn-compile", daemon=True))
+            _worker[0].start()
+    _jobs.put((item, sig, job))
+
+
+def wait(item: Entry, sig: tuple) -> str:
+    """Block until ``sig`` is compiled or failed; returns its state."""
+    with _lock:
+        item.done.wait_for(lambda: item.states.get(sig) != PENDING)
+        return item.states[sig]
+
+
+def warn_once(item: Entry, sig: tuple) -> None:
+    """The caller's one warning for a kernel whose compilation failed."""
+    with _lock:
+        if item.warned:
+            return
+        item.warned = True
+        error = item.errors.get(sig, "unknown error")
+    warnings.warn(f"flexattn: compiling the torch back end's kernel failed ({error}); the eager loop serves "
+                  "this mod (correct, slower)", RuntimeWarning, stacklevel=4)
+
+
+def _work() -> None:
+    while True:
+        item, sig, job = _jobs.get()
+        try:
+            with _duck_shapes_off():
+                job()
+            result, error = READY, None
+        except Exception as failure:  # a compiler error or a missing toolchain: eager keeps serving
+            first_line = (str(failure).strip().splitlines() or [""])[0][:200]
+            result, error = FAILED, f"{type(failure).__name__}: {first_line}"
+        with _lock:
+            item.states[sig] = result
+            if error is not None:
+                item.errors[sig] = error
+                STATS["failures"] += 1
+            item.done.notify_all()
+        _jobs.task_done()
+
+
+def drain() -> None:
+    """Block until every queued compilation is done."""
+    _jobs.join()
+
+
+def _duck_shapes_off():
+    """Equal sizes at compile time (a 128-row tile of 128 columns) must not become one symbol, which
+    would recompile when they differ later."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False)
+
+
+def warm_up(item: Entry, query, key, value, rows, kv_block, scale, score_buffers, score_consts, mask_buffers,
+            mask_consts, slots) -> None:
+    """Compile by running the loop on one row of the call (of at least two query rows and tiles of at
+    least two columns) on copies of its inputs; with ``slots`` the backward too."""
+    row = next((r for r in rows if r.q_stop - r.q_start > 1 and all(p.kv_idx.shape[-1] > 1 for p in r.pieces)),
+               None)
+    if row is None:
+        raise RuntimeError("no query block row of two rows or more to compile on")
+    fns = item.functions(compiled=True)
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, k, v = (t.detach().to(compute).clone() for t in (query, key, value))
+    buffers = [buf.detach().clone() for buf in score_buffers]
+    out, lse, _ = loop.forward(fns, q, k, v, [row], kv_block, scale, buffers, score_consts, mask_buffers,
+                               mask_consts)
+    if slots is not None:
+        loop.backward(fns, q, k, v, out, lse, torch.ones_like(out), None, [row], kv_block, scale, buffers, slots,
+                      score_consts, mask_buffers, mask_consts)
+
+
+__all__ = ["Entry", "STATS", "entry", "request", "signature", "state", "wait", "warm_up", "warn_once"]
