@@ -142,7 +142,7 @@ class TorchPrinter:
         return expr
 
 
-def print_mod(graph: Graph, fn_name: str) -> str:
+def print_mod(graph: Graph, fn_name: str, printer_class: type = TorchPrinter) -> str:
     """The source of ``def fn_name(...)`` computing ``graph`` elementwise.
 
     A score_mod becomes ``fn(score, b, h, q_idx, kv_idx, buffers, consts, cf)``
@@ -150,9 +150,10 @@ def print_mod(graph: Graph, fn_name: str) -> str:
     buffers, consts, cf)`` returning a bool tensor (or Python bool for a
     constant mask). Inputs are broadcastable int64 index tensors.
 
+    ``printer_class``: a ``TorchPrinter`` subclass that prints some ops differently.
     Raises ``LoweringError`` for an op the printer does not know.
     """
-    printer = TorchPrinter(graph)
+    printer = printer_class(graph)
     params = ", ".join(graph.input_names)
     lines = [f"def {fn_name}({params}, buffers, consts, cf):",
              f'    """The {graph.kind}, printed from its IR (shared by every mod of the same structure)."""']

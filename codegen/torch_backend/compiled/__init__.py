@@ -9,12 +9,16 @@ failed (a one-time warning says why) or when ``kernel_options["COMPILED"]``
 is False: the caller then runs the eager kernel. Matmuls stay on BLAS.
 ``kernel_options["COMPILED"]``: ``"auto"`` (default) tiered as above;
 ``True`` waits for the compiled kernel (benchmarks, tests); ``False`` never
-compiles. See ``tier`` for the cache and the signatures compiled per kernel.
+compiles. The environment variable ``FLEXATTN_COMPILED=0`` makes the default
+``"auto"`` behave as False (the test suite sets it: tests of this path ask
+for it explicitly). See ``tier`` for the cache and the signatures compiled
+per kernel.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -43,6 +47,8 @@ def kernel_for(score_graph, mask_graph, kernel_options: dict, kernel_key, query,
         >>> out, lse, max_scores = kernel(q, k, v, score_buffers=(), mask_buffers=(), block_mask=bm, scale=0.125)
     """
     mode = kernel_options.get("COMPILED", "auto")
+    if mode == "auto" and os.environ.get("FLEXATTN_COMPILED", "").lower() in ("0", "false", "no", "off"):
+        return None
     if mode is False:
         return None
     check_heads(query.shape[1], key.shape[1], enable_gqa)

@@ -165,6 +165,9 @@ def _work() -> None:
                 job()
             result, error = READY, None
         except Exception as failure:  # a compiler error or a missing toolchain: eager keeps serving
+            # torch wraps the compiler's error (BackendCompilerFailed): name the innermost one.
+            while getattr(failure, "inner_exception", None) or failure.__cause__:
+                failure = getattr(failure, "inner_exception", None) or failure.__cause__
             first_line = (str(failure).strip().splitlines() or [""])[0][:200]
             result, error = FAILED, f"{type(failure).__name__}: {first_line}"
         with _lock:

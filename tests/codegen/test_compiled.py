@@ -1,0 +1,158 @@
+"""The torch back end's compiled generic path: equal to the eager loop and the dense reference, tiered,
+compiled once across lengths, safe when compilation fails or its cache is corrupt.
+
+Compiling costs seconds per mod and signature on a 2-core machine, so the tests share few mods
+(inductor's own disk cache keeps what they built for the next run).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import flexattn
+from codegen.cache import KERNELS
+from codegen.torch_backend import compiled, kernel_key
+from codegen.torch_backend.compiled import source, tier
+from mods import MODS
+
+B, HQ, HKV, L, S, E, EV, BLOCK = 2, 4, 2, 77, 93, 8, 11, 16
+CASES = {case.name: case for case in MODS}
+COMPILED, EAGER = {"COMPILED": True}, {"COMPILED": False}
+
+
+def _inputs(L=L, S=S, dtype=torch.float32, batch=B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    return make(batch, HQ, L, E), make(batch, HKV, S, E), make(batch, HKV, S, EV)
+
+
+def _attend(mods, q, k, v, backend="torch", options=None):
+    block_mask = None
+    if mods.mask_mod is not None:
+        block_mask = flexattn.create_block_mask(mods.mask_mod, q.shape[0], HQ, q.shape[2], k.shape[2],
+                                                BLOCK_SIZE=BLOCK)
+    return flexattn.flex_attention(q, k, v, score_mod=mods.score_mod, block_mask=block_mask, enable_gqa=True,
+                                   backend=backend, kernel_options=options if backend == "torch" else None)
+
+
+def _values_and_grads(mods, backend, options=None):
+    q, k, v = _inputs()
+    leaves = [q, k, v, *[p.requires_grad_() for p in mods.params]]
+    out = _attend(mods, q, k, v, backend, options)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), leaves)
+    for p in mods.params:
+        p.requires_grad_(False)
+    return [out, *grads]
+
+
+@pytest.mark.parametrize("name", ["softcap", "per_head_batch"])
+def test_compiled_equals_eager_and_reference_forward_and_backward(name):
+    mods = CASES[name].build(L, S, HQ)
+    served = compiled.STATS["served"]
+    ours = _values_and_grads(mods, "torch", COMPILED)
+    assert compiled.STATS["served"] == served + 1  # the compiled kernel ran (GQA, odd lengths)
+    eager = _values_and_grads(mods, "torch", EAGER)
+    reference = _values_and_grads(mods, "reference")
+    for a, b, c in zip(ours, eager, reference):
+        torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_gradcheck_float64_through_the_compiled_path():
+    mods = CASES["relative_bias"].build(20, 24, HQ)
+    q, k, v = _inputs(20, 24, torch.float64)
+    table = mods.params[0].double().requires_grad_()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + 23]
+
+    def attend(q, k, v, table, backend="torch"):
+        return flexattn.flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True, backend=backend,
+                                       kernel_options=COMPILED if backend == "torch" else None)
+
+    served = compiled.STATS["served"]
+    assert torch.autograd.gradcheck(attend, (q, k, v, table), fast_mode=True)
+    assert compiled.STATS["served"] > served
+    torch.testing.assert_close(attend(q, k, v, table), attend(q, k, v, table, "reference"))
+
+
+def test_training_loop_with_new_lengths_every_step_compiles_once():
+    """float64, as the gradcheck above (whose compiled graphs it reuses when run after it)."""
+    graphs = None
+    for step, (length, kv_length) in enumerate([(77, 93), (64, 50), (101, 131), (33, 47), (90, 90)]):
+        mods = CASES["relative_bias"].build(length, kv_length, HQ)  # a table of a new shape every step
+        table = mods.params[0].double().requires_grad_()
+        q, k, v = _inputs(length, kv_length, torch.float64, seed=step)
+        mods.score_mod = lambda score, b, h, q_idx, kv_idx, table=table, offset=kv_length - 1: (
+            score + table[h, q_idx - kv_idx + offset])
+        served = compiled.STATS["served"]
+        out = _attend(mods, q, k, v, options=COMPILED)
+        out.square().mean().backward()
+        assert compiled.STATS["served"] == served + 1
+        with torch.no_grad():
+            table -= 0.1 * table.grad
+        if graphs is None:
+            graphs = compiled.STATS["graphs"]  # the first step may compile (unless a test above did)
+        assert compiled.STATS["graphs"] == graphs, f"step {step} recompiled"
+
+
+def test_auto_serves_eagerly_until_compiled(monkeypatch):
+    monkeypatch.delenv("FLEXATTN_COMPILED", raising=False)  # the suite's default is eager (conftest.py)
+
+    def mask(b, h, q_idx, kv_idx):
+        return q_idx - kv_idx <= 40
+
+    mods = CASES["softcap"].build(L, S, HQ)
+    mods.mask_mod = mask
+    q, k, v = (t.detach() for t in _inputs())
+    served = compiled.STATS["served"]
+    first = _attend(mods, q, k, v, options={"COMPILED": "auto"})  # queues the compilation, serves eagerly
+    assert compiled.STATS["served"] == served
+    compiled.wait_all()
+    again = _attend(mods, q, k, v, options={"COMPILED": "auto"})
+    assert compiled.STATS["served"] == served + 1
+    torch.testing.assert_close(again, first, atol=2e-5, rtol=1e-4)
+
+
+def test_a_failed_compilation_warns_once_and_eager_keeps_serving(monkeypatch):
+    def broken(graph_module, example_inputs):
+        raise RuntimeError("injected compiler failure")
+
+    monkeypatch.setattr(tier, "inductor", broken)
+    mods = CASES["softcap"].build(L, S, HQ)
+    mods.score_mod = lambda score, b, h, q_idx, kv_idx: score + 0.5 * torch.sin(score)  # a new structure
+    expected = _values_and_grads(mods, "reference")
+    with pytest.warns(RuntimeWarning, match="injected compiler failure"):
+        first = _values_and_grads(mods, "torch", COMPILED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = _values_and_grads(mods, "torch", COMPILED)
+    for a, b, c in zip(first, second, expected):
+        torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b)
+
+
+def test_corrupt_or_stale_tile_source_on_disk_is_rebuilt_never_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path))
+    graph = flexattn.trace_score_mod(lambda score, b, h, q_idx, kv_idx: score * torch.cos(score)).graph
+    key = kernel_key(graph, None, {})
+    expected = source.tile_source(graph, None)
+    path = KERNELS.path("torch-compiled", key)
+    for damage in ("corrupt", "stale"):
+        KERNELS.clear_memory()
+        monkeypatch.setattr(tier, "_entries", {})
+        tier.entry(key, graph, None)
+        text = path.read_text()
+        if damage == "corrupt":
+            path.write_text(text.replace("torch.cos", "torch.sin"))  # the checksum no longer matches
+        else:
+            path.write_text(text.replace(tier.GENERATOR_VERSION, "0" * 16))  # another generator's file
+        KERNELS.clear_memory()
+        monkeypatch.setattr(tier, "_entries", {})
+        rejected = KERNELS.stats["rejected"]
+        item = tier.entry(key, graph, None)
+        assert KERNELS.stats["rejected"] == rejected + 1
+        assert item.namespace["__source__"] == expected
+        assert path.read_text().endswith(expected)
+    KERNELS.clear_memory()
