@@ -9,11 +9,14 @@ an empty kernel cache directory and once with the cache it left on disk.
     python benchmarks/attention.py            # the table (several minutes: torch compiles each shape)
     python benchmarks/attention.py --cold     # cold / warm-disk first-call times
     python benchmarks/attention.py --rows causal  # only rows whose name contains "causal"
+    python benchmarks/attention.py --generic  # mods no fast path recognises: compiled vs eager loop
+    python benchmarks/attention.py --first-compiled  # fresh-process first call and time-to-compiled
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -56,6 +59,44 @@ def documents(n):
     return document
 
 
+def softcap(score, b, h, q_idx, kv_idx):
+    return 20.0 * torch.tanh(score / 20.0)
+
+
+def t5_bias(heads):
+    """T5's bucketed relative position bias (causal buckets: 16 exact, 16 logarithmic up to 128)."""
+    table = torch.randn(heads, 32, generator=torch.Generator().manual_seed(1))
+
+    def t5(score, b, h, q_idx, kv_idx):
+        n = (q_idx - kv_idx).clamp(min=0)
+        large = 16 + (torch.log(n.float() / 16 + 1e-6) / math.log(128 / 16) * 16).long()
+        return score + table[h, torch.where(n < 16, n, large.clamp(max=31))]
+    return t5
+
+
+def relative_bias(n):
+    """A learnable (H, 2n - 1) table of relative-position biases (its gradient is computed)."""
+    table = torch.zeros(H, 2 * n - 1).requires_grad_()
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + n - 1]
+    return bias
+
+
+def window_512(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx <= 512)
+
+
+# Mods no fast path recognises (the generic loop): name, length, score_mod, mask_mod, fwd+bwd?
+GENERIC_ROWS = [
+    ("causal + softcap 4k", 4096, softcap, causal, False),
+    ("causal + T5 bucketed bias 2k", 2048, t5_bias(H), causal, False),
+    ("sliding window 512 + softcap 8k", 8192, softcap, window_512, False),
+    ("documents + softcap 8k", 8192, softcap, documents(8192), False),
+    ("causal + learnable relative bias 2k, fwd+bwd", 2048, relative_bias(2048), causal, True),
+    ("causal + softcap 4k, fwd+bwd", 4096, softcap, causal, True),
+]
+
 # name, length, score_mod, mask_mod, SDPA equivalent ("causal", "none" or None), backward?
 ROWS = [
     ("causal 2k", 2048, None, causal, "causal", False),
@@ -85,19 +126,24 @@ def median_ms(fns: dict, reps: int) -> dict:
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def measure(name, n, score_mod, mask_mod, sdpa, backward, reps, compiled_flex):
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, generator=g, requires_grad=backward) for _ in range(3))
-    ours_mask = flexattn.create_block_mask(mask_mod, None, None, n, n) if mask_mod else None
-    theirs_mask = torch_flex.create_block_mask(mask_mod, None, None, n, n, device="cpu") if mask_mod else None
-
+def _stepper(backward: bool):
+    """``step(fn)``: a call of ``fn``, followed by a backward of its sum when ``backward``."""
     def step(fn):
         def run():
             out = fn()
             if backward:
                 out.sum().backward()
         return run
+    return step
 
+
+def measure(name, n, score_mod, mask_mod, sdpa, backward, reps, compiled_flex):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, requires_grad=backward) for _ in range(3))
+    ours_mask = flexattn.create_block_mask(mask_mod, None, None, n, n) if mask_mod else None
+    theirs_mask = torch_flex.create_block_mask(mask_mod, None, None, n, n, device="cpu") if mask_mod else None
+
+    step = _stepper(backward)
     fns = {"ours": step(lambda: flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=ours_mask,
                                                          backend="torch")),
            "theirs": step(lambda: compiled_flex(q, k, v, score_mod=score_mod, block_mask=theirs_mask))}
@@ -124,6 +170,87 @@ def table(rows_filter: str, reps: int) -> None:
         sdpa_cell = f"{sdpa_ms:.1f}" if sdpa_ms is not None else "-"
         sdpa_ratio = f"{ours / sdpa_ms:.2f}" if sdpa_ms is not None else "-"
         print(f"| {name} | {ours:.1f} | {theirs_cell} | {sdpa_cell} | {theirs_ratio} | {sdpa_ratio} |", flush=True)
+
+
+def generic(rows_filter: str, reps: int) -> None:
+    """The GENERIC_ROWS: flexattn's compiled generic path vs its eager loop vs torch.compile(torch flex)
+    (forward rows) vs SDPA given the same mask as a dense bool attn_mask (without the score_mod)."""
+    compiled_flex = torch.compile(torch_flex.flex_attention)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B={B}, H={H}, D={D}")
+    print("| row | compiled ms | eager ms | torch flex (compiled) ms | SDPA, dense bool mask ms "
+          "| compiled / torch flex | compiled / SDPA | compiled / eager |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n, score_mod, mask_mod, backward in GENERIC_ROWS:
+        if rows_filter not in name:
+            continue
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, n, D, generator=g, requires_grad=backward) for _ in range(3))
+        ours_mask = flexattn.create_block_mask(mask_mod, None, None, n, n)
+        theirs_mask = torch_flex.create_block_mask(mask_mod, None, None, n, n, device="cpu")
+        dense = torch_flex.create_mask(mask_mod, 1, 1, n, n, device="cpu")
+
+        step = _stepper(backward)
+
+        def ours(mode):
+            return step(lambda: flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=ours_mask,
+                                                         backend="torch", kernel_options={"COMPILED": mode}))
+
+        fns = {"compiled": ours(True), "eager": ours(False),
+               "sdpa": step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense))}
+        if not backward:
+            fns["theirs"] = step(lambda: compiled_flex(q, k, v, score_mod=score_mod, block_mask=theirs_mask))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ms = median_ms(fns, reps if n <= 4096 else max(2, reps // 2))
+        theirs = f"{ms['theirs']:.1f}" if "theirs" in ms else "no CPU backward"
+        ratio = f"{ms['compiled'] / ms['theirs']:.2f}" if "theirs" in ms else "-"
+        print(f"| {name} | {ms['compiled']:.1f} | {ms['eager']:.1f} | {theirs} | {ms['sdpa']:.1f} | {ratio} | "
+              f"{ms['compiled'] / ms['sdpa']:.2f} | {ms['compiled'] / ms['eager']:.2f} |", flush=True)
+
+
+FIRST_COMPILED = """
+import sys, time
+start = time.perf_counter()
+import torch, flexattn
+from codegen.torch_backend import compiled
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+def softcap(score, b, h, q_idx, kv_idx):
+    return 20.0 * torch.tanh(score / 20.0)
+q = torch.randn(1, 8, 4096, 64)
+bm = flexattn.create_block_mask(causal, None, None, 4096, 4096)
+imported = time.perf_counter()
+if sys.argv[1] == "flexattn":
+    flexattn.flex_attention(q, q, q, score_mod=softcap, block_mask=bm, backend="torch")
+    first = time.perf_counter()
+    served = compiled.STATS["served"]
+    compiled.wait_all()
+else:
+    from torch.nn.attention import flex_attention as tf
+    theirs = tf.create_block_mask(causal, None, None, 4096, 4096, device="cpu")
+    torch.compile(tf.flex_attention)(q, q, q, score_mod=softcap, block_mask=theirs)
+    first = served = 0
+ready = time.perf_counter()
+print(f"{imported - start:.2f} {first - imported:.2f} {ready - imported:.2f} {served}")
+"""
+
+
+def first_compiled(repeats: int = 1) -> None:
+    """Fresh processes, causal + softcap 4k: flexattn's first call (served eagerly) and the time until
+    its compiled kernel is in, with empty caches (flexattn's and inductor's) and then warm ones;
+    torch.compile(torch flex)'s first call with empty and warm inductor caches."""
+    print("| process | first call s | compiled kernel ready s (from the first call's start) | first call compiled? |")
+    print("|---|---|---|---|")
+    for _ in range(repeats):
+        for who in ("flexattn", "torch"):
+            with tempfile.TemporaryDirectory() as cache_dir:
+                env = dict(os.environ, FLEXATTN_CACHE_DIR=cache_dir, TORCHINDUCTOR_CACHE_DIR=cache_dir + "/inductor")
+                for label in ("fresh, empty caches", "second, warm disk caches"):
+                    out = subprocess.run([sys.executable, "-c", FIRST_COMPILED, who], env=env, capture_output=True,
+                                         text=True, check=True).stdout.split()
+                    first = out[1] if who == "flexattn" else out[2]
+                    served = "yes" if who == "torch" or out[3] != "0" else "no (eager)"
+                    print(f"| {who}: {label} | {first} | {out[2]} | {served} |", flush=True)
 
 
 FIRST_CALL = """
@@ -160,8 +287,17 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="only rows whose name contains this")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--cold", action="store_true", help="measure first-call times in fresh processes")
+    parser.add_argument("--generic", action="store_true", help="the rows no fast path recognises")
+    parser.add_argument("--first-compiled", action="store_true", help="fresh-process first call, time-to-compiled")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    if args.cold:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.first_compiled:
+        first_compiled()
+    elif args.generic:
+        generic(args.rows, args.reps)
+    elif args.cold:
         cold()
     else:
         table(args.rows, args.reps)

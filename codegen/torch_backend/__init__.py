@@ -10,10 +10,10 @@ arguments, so a new window size, document layout or bias table reuses the
 kernel; so do new sequence lengths and batch sizes. The kernel does not
 depend on the input dtype (the compute float is chosen at run time).
 
-The generated code runs eagerly; it is not wrapped in ``torch.compile``: on
-this code (large batched matmuls plus a few elementwise passes per piece)
-eager already spends its time in matmul/exp kernels, while compiling would
-cost seconds on the first call (see docs/performance.md).
+This generated code runs eagerly, so a new mod's first call is fast; the
+compiled generic path (``compiled``: the per-tile elementwise work as
+``torch.compile``d C++, built in a background thread) takes over once its
+kernel is ready (see docs/architecture.md).
 """
 
 from __future__ import annotations
