@@ -38,10 +38,11 @@ def update(x, row_max, new_max, row_sum):
 
 class TileFunctions:
     """A kernel's per-tile functions: ``plain`` (the Python functions) and ``compiled`` (their
-    ``torch.compile`` wrappers, or None to run plain everywhere). ``pick(r, n)`` chooses for a tile."""
+    ``torch.compile`` wrappers, or None to run plain everywhere), and its printed ``mask_mod``
+    (None without one) with ``mask_reads``: whether it reads (b, h). ``pick(r, n)`` chooses for a tile."""
 
-    def __init__(self, plain: dict, compiled: dict | None):
-        self.plain, self.compiled = plain, compiled
+    def __init__(self, plain: dict, compiled: dict | None, mask_mod=None, mask_reads=(False, False)):
+        self.plain, self.compiled, self.mask_mod, self.mask_reads = plain, compiled, mask_mod, mask_reads
 
     def pick(self, r: int, n: int) -> dict:
         return self.compiled if self.compiled is not None and r > 1 and n > 1 else self.plain
@@ -60,15 +61,20 @@ def tensor_consts(values: list, like: torch.Tensor) -> list:
     return out
 
 
-def _columns(piece):
-    """(full_cols, valid), each bool broadcastable to (B, Hq, 1, N): columns of FULL tiles, and
-    columns that exist (False past KV_LEN and at padded slots)."""
+def keep(fns, b, h, q_idx, piece, mask_buffers, mask_consts, cf):
+    """The bool tile (Bk, Hk, r, N) of entries to keep, contiguous: False past KV_LEN and at padded
+    slots; on PARTIAL columns the mask_mod, evaluated at its own broadcast shape. Bk is B where the
+    mask reads ``b`` or the tiles differ per batch (else 1), Hk likewise: one shape per kernel
+    signature, so the compiled tile functions see the same size-1 pattern in every piece."""
     n = piece.kv_idx.shape[-1]
-    full = torch.ones(1, 1, 1, n, dtype=torch.bool)
-    for start, stop in piece.partial_runs:
-        full[..., start:stop] = False
     valid = piece.valid if piece.valid is not None else torch.ones(1, 1, 1, n, dtype=torch.bool)
-    return full, valid
+    reads_b, reads_h = fns.mask_reads
+    shape = (b.shape[0] if reads_b else valid.shape[0], h.shape[1] if reads_h else valid.shape[1], q_idx.shape[2], n)
+    out = valid.expand(shape).clone()
+    for start, stop in piece.partial_runs if fns.mask_mod is not None else ():
+        out[..., start:stop] &= torch.as_tensor(fns.mask_mod(b, h, q_idx, piece.kv_idx[..., start:stop], mask_buffers,
+                                                             mask_consts, cf))
+    return out
 
 
 def _indices(B, Hq, row):
@@ -86,8 +92,8 @@ def forward(fns, q, k, v, rows, kv_block, scale, score_buffers, score_consts, ma
     lse = q.new_full((B, Hq, L), NEG_INF)
     max_scores = q.new_full((B, Hq, L), NEG_INF)
     q = q * scale
-    consts = (tensor_consts(score_consts, q), tensor_consts(mask_consts, q))
-    buffers = ([buf.detach() for buf in score_buffers], [buf.detach() for buf in mask_buffers])
+    consts = tensor_consts(score_consts, q)
+    buffers = [buf.detach() for buf in score_buffers]
     for row in rows:
         r = row.q_stop - row.q_start
         q_row = q[:, :, row.q_start:row.q_stop]
@@ -96,11 +102,10 @@ def forward(fns, q, k, v, rows, kv_block, scale, score_buffers, score_consts, ma
         row_sum = q.new_zeros(B, Hq, r)
         acc = None
         for piece in row.pieces:
-            full, valid = _columns(piece)
             tile = fns.pick(r, piece.kv_idx.shape[-1])
+            kept = keep(fns, b, h, q_idx, piece, mask_buffers, mask_consts, q.dtype)
             s = query_key(q_row, gather(k_pad, piece, kv_block, group))
-            x, new_max = tile["tile_scores"](s, b, h, q_idx, piece.kv_idx, full, valid, row_max, buffers[0],
-                                             consts[0], buffers[1], consts[1])
+            x, new_max = tile["tile_scores"](s, b, h, q_idx, piece.kv_idx, kept, row_max, buffers, consts)
             p, row_sum, rescale = tile["update"](x, row_max, new_max, row_sum)
             pv = weights_value(p, gather(v_pad, piece, kv_block, group))
             acc = pv if acc is None else pv.add_(acc * rescale.unsqueeze(-1))
@@ -129,20 +134,19 @@ def backward(fns, q, k, v, out, lse, grad_out, grad_lse, rows, kv_block, scale, 
         delta = delta - torch.where(lse == NEG_INF, 0.0, grad_lse)
     safe_lse = torch.where(lse == NEG_INF, 0.0, lse)
     q = q * scale
-    consts = (tensor_consts(score_consts, q), tensor_consts(mask_consts, q))
-    buffers = ([buf.detach() for buf in score_buffers], [buf.detach() for buf in mask_buffers])
+    consts = tensor_consts(score_consts, q)
+    buffers = [buf.detach() for buf in score_buffers]
     for row in rows:
         rows_in = slice(row.q_start, row.q_stop)
         q_row, grad_out_row = q[:, :, rows_in], grad_out[:, :, rows_in]
         b, h, q_idx = _indices(B, Hq, row)
         for piece in row.pieces:
-            full, valid = _columns(piece)
             tile = fns.pick(row.q_stop - row.q_start, piece.kv_idx.shape[-1])
+            kept = keep(fns, b, h, q_idx, piece, mask_buffers, mask_consts, q.dtype)
             k_chunk, v_chunk = gather(k_pad, piece, kv_block, group), gather(v_pad, piece, kv_block, group)
             p, grad_s, grads = tile["tile_grad"](
                 query_key(q_row, k_chunk), query_key(grad_out_row, v_chunk), safe_lse[:, :, rows_in],
-                delta[:, :, rows_in], b, h, q_idx, piece.kv_idx, full, valid, buffers[0], slots, consts[0],
-                buffers[1], consts[1])
+                delta[:, :, rows_in], b, h, q_idx, piece.kv_idx, kept, buffers, slots, consts)
             scatter_add(grad_v, grad_chunk(p, grad_out_row, v_chunk.shape[1]), piece, kv_block, group)
             grad_q[:, :, rows_in] += weights_value(grad_s, k_chunk)
             scatter_add(grad_k, grad_chunk(grad_s, q_row, k_chunk.shape[1]), piece, kv_block, group)

@@ -5,9 +5,11 @@ the same torch expressions the eager loop runs) and two functions over one
 tile of scores (B, Hq, r, N), each compiled by ``torch.compile`` into one
 fused C++ loop nest per tile (``codegen.torch_backend.compiled.tier``):
 
-* ``tile_scores``: score_mod, mask_mod (on columns of PARTIAL tiles only, as
-  the eager loop and torch do) and the row maxima, in one pass; it returns
-  the modified, masked scores (-inf where masked) and the new row maxima;
+* ``tile_scores``: the score_mod, the mask (a bool tile ``keep``, which the
+  loop evaluates from the printed ``mask_mod`` at its own broadcast shape, on
+  columns of PARTIAL tiles only: a mask that ignores ``h`` is not evaluated
+  per head) and the row maxima, in one pass; it returns the modified, masked
+  scores (-inf where masked) and the new row maxima;
 * ``tile_grad``: the backward's elementwise work: the scores recomputed,
   P = exp(S - lse), dS = P * (dP - delta) and dS pulled back through the
   score_mod (``torch.func.vjp``, which inductor fuses with the rest), plus the
@@ -49,31 +51,26 @@ def fast_tanh(x):
 '''
 
 TILES = '''
-def masked_scores(s, b, h, q_idx, kv_idx, full_cols, valid, score_buffers, score_consts, mask_buffers,
-                  mask_consts):
-    """Scaled scores s (B, Hq, r, N) -> modified scores, -inf where masked or past KV_LEN."""
+def masked_scores(s, b, h, q_idx, kv_idx, keep, score_buffers, score_consts):
+    """Scaled scores s (B, Hq, r, N) -> modified scores, -inf where ``keep`` (bool, broadcastable) is False."""
     cf = s.dtype
-{score_line}{mask_line}    return torch.where(keep, x, NEG_INF)
+{score_line}    return torch.where(keep, x, NEG_INF)
 
 
-def tile_scores(s, b, h, q_idx, kv_idx, full_cols, valid, row_max, score_buffers, score_consts, mask_buffers,
-                mask_consts):
+def tile_scores(s, b, h, q_idx, kv_idx, keep, row_max, score_buffers, score_consts):
     """One pass over a tile: (masked scores, max(row_max, their row maxima) (B, Hq, r))."""
-    x = masked_scores(s, b, h, q_idx, kv_idx, full_cols, valid, score_buffers, score_consts, mask_buffers,
-                      mask_consts)
+    x = masked_scores(s, b, h, q_idx, kv_idx, keep, score_buffers, score_consts)
     return x, torch.maximum(x.amax(dim=-1), row_max)
 
 
-def tile_grad(raw, grad_p, lse, delta, b, h, q_idx, kv_idx, full_cols, valid, score_buffers, grad_slots,
-              score_consts, mask_buffers, mask_consts):
+def tile_grad(raw, grad_p, lse, delta, b, h, q_idx, kv_idx, keep, score_buffers, grad_slots, score_consts):
     """P (B, Hq, r, N), dS before the score_mod (the gradient w.r.t. the raw scaled scores), and the
     gradients of the score buffers in ``grad_slots`` (each the buffer's shape)."""
     def scores(s, *wrt):
         buffers = list(score_buffers)
         for slot, buf in zip(grad_slots, wrt):
             buffers[slot] = buf
-        return masked_scores(s, b, h, q_idx, kv_idx, full_cols, valid, buffers, score_consts, mask_buffers,
-                             mask_consts)
+        return masked_scores(s, b, h, q_idx, kv_idx, keep, buffers, score_consts)
 
     s, pullback = torch.func.vjp(scores, raw, *[score_buffers[i] for i in grad_slots])
     p = torch.exp2(((s - lse.unsqueeze(-1)) * LOG2E).clamp(min=EXP2_FLOOR))
@@ -93,11 +90,11 @@ class CompiledPrinter(TorchPrinter):
 
 SCORE_LINE = ("    x = torch.broadcast_to(score_mod(s, b, h, q_idx, kv_idx, score_buffers, score_consts, cf),"
               " s.shape).to(cf)\n")
-MASK_LINE = "    keep = valid & (full_cols | mask_mod(b, h, q_idx, kv_idx, mask_buffers, mask_consts, cf))\n"
 
 
 def tile_source(score_graph: Graph | None, mask_graph: Graph | None) -> str:
-    """The Python source of the tile module for these mods (``masked_scores``, ``tile_scores``, ``tile_grad``).
+    """The Python source of the tile module for these mods (``mask_mod`` when given, ``masked_scores``,
+    ``tile_scores``, ``tile_grad``).
 
     Example: ``print(tile_source(trace_score_mod(softcap).graph, None))``.
     Raises ``LoweringError`` (from the printer) for an op it cannot lower.
@@ -107,6 +104,5 @@ def tile_source(score_graph: Graph | None, mask_graph: Graph | None) -> str:
         parts.append("\n" + print_mod(score_graph, "score_mod", CompiledPrinter))
     if mask_graph is not None:
         parts.append("\n" + print_mod(mask_graph, "mask_mod", CompiledPrinter))
-    parts.append(TILES.format(score_line=SCORE_LINE if score_graph is not None else "    x = s\n",
-                              mask_line=MASK_LINE if mask_graph is not None else "    keep = valid\n"))
+    parts.append(TILES.format(score_line=SCORE_LINE if score_graph is not None else "    x = s\n"))
     return "".join(parts)

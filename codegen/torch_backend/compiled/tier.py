@@ -34,6 +34,7 @@ import torch
 from codegen.cache import KERNELS
 from codegen.torch_backend import printer
 from codegen.torch_backend.compiled import loop, source
+from flexattn.ir import Op
 
 _FILES = [Path(source.__file__), Path(loop.__file__), Path(printer.__file__), Path(__file__)]
 GENERATOR_VERSION = hashlib.sha256(
@@ -62,8 +63,8 @@ def _counting_backend(graph_module, example_inputs):
 class Entry:
     """The compiled path of one kernel key: its tile module, compiled wrappers and signature states."""
 
-    def __init__(self, key: str, namespace: dict):
-        self.key, self.namespace = key, namespace
+    def __init__(self, key: str, namespace: dict, mask_reads: tuple[bool, bool]):
+        self.key, self.namespace, self.mask_reads = key, namespace, mask_reads
         self.plain = {name: namespace[name] for name in ("tile_scores", "tile_grad")}
         self.plain["update"] = loop.update
         self.compiled: dict | None = None
@@ -77,7 +78,8 @@ class Entry:
         if compiled and self.compiled is None:
             self.compiled = {name: torch.compile(fn, backend=_counting_backend, dynamic=True)
                              for name, fn in self.plain.items()}
-        return loop.TileFunctions(self.plain, self.compiled if compiled else None)
+        return loop.TileFunctions(self.plain, self.compiled if compiled else None, self.namespace.get("mask_mod"),
+                                  self.mask_reads)
 
     def namespace_for(self) -> dict:
         """The loop's forward/backward bound to the compiled functions (what ``kernel.Kernel`` calls)."""
@@ -105,7 +107,16 @@ def entry(key: str, score_graph, mask_graph) -> Entry:
     namespace = KERNELS.get("torch-compiled", key, GENERATOR_VERSION,
                             build=lambda: source.tile_source(score_graph, mask_graph), load=_load)
     with _lock:
-        return _entries.setdefault(key, Entry(key, namespace))
+        return _entries.setdefault(key, Entry(key, namespace, _reads_batch_and_head(mask_graph)))
+
+
+def _reads_batch_and_head(graph) -> tuple[bool, bool]:
+    """Whether a mask graph uses its batch and its head input."""
+    if graph is None:
+        return False, False
+    used = {id(i) for node in graph.nodes for i in node.inputs} | {id(graph.output)}
+    names = {node.arg for node in graph.nodes if node.op is Op.INPUT and id(node) in used}
+    return graph.input_names[0] in names, graph.input_names[1] in names
 
 
 def _pattern(t: torch.Tensor) -> tuple:
