@@ -134,6 +134,7 @@ def signature(query, score_buffers, mask_buffers, block_mask, slots) -> tuple:
 
 
 def state(item: Entry, sig: tuple) -> str | None:
+    """``READY``, ``FAILED``, ``PENDING`` or None (never requested) for ``sig`` of ``item``."""
     with _lock:
         return item.states.get(sig)
 
