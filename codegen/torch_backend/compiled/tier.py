@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import queue
 import threading
 import warnings
@@ -170,6 +171,12 @@ def warn_once(item: Entry, sig: tuple) -> None:
 
 
 def _work() -> None:
+    # The compiler competes with the calls it serves: lower its CPU priority (Linux: per thread, and
+    # inherited by the C++ compiler processes it starts). Its Python work still holds the GIL.
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
     while True:
         item, sig, job = _jobs.get()
         try:
