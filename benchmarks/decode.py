@@ -109,18 +109,19 @@ def masks(lengths: torch.Tensor):
     return {"causal": causal, "sliding": sliding}
 
 
-def paged_copy(k: torch.Tensor, v: torch.Tensor, lengths: list[int]):
-    """A PagedKVCache holding the same K/V, its pages placed by the pool as the sequences grow page by
-    page in turn, in a pool that just fits them."""
-    n_pages = sum(-(-n // PAGE_SIZE) for n in lengths)
-    cache = PagedKVCache(n_pages, PAGE_SIZE, len(lengths))
-    k_cache = torch.zeros(1, H_KV, cache.n_positions, HEAD_DIM)
-    v_cache = torch.zeros_like(k_cache)
-    for pages in range(1, max(lengths) // PAGE_SIZE + 2):
+def paged_copy(k: torch.Tensor, v: torch.Tensor, lengths: list[int], page_size: int = PAGE_SIZE):
+    """A PagedKVCache (on k's device, caches in k's dtype) holding the same K/V, its pages placed by the
+    pool as the sequences grow page by page in turn, in a pool that just fits them."""
+    n_pages = sum(-(-n // page_size) for n in lengths)
+    cache = PagedKVCache(n_pages, page_size, len(lengths), device=k.device)
+    k_cache = k.new_zeros(1, k.shape[1], cache.n_positions, k.shape[3])
+    v_cache = v.new_zeros(1, v.shape[1], cache.n_positions, v.shape[3])
+    for pages in range(1, max(lengths) // page_size + 2):
         for b, n in enumerate(lengths):
-            cache.reserve(b, min(n, pages * PAGE_SIZE))
+            cache.reserve(b, min(n, pages * page_size))
     for b, n in enumerate(lengths):
-        cache.assign(torch.tensor([b]), torch.arange(n)[None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], k_cache, v_cache)
+        cache.assign(torch.tensor([b], device=k.device), torch.arange(n, device=k.device)[None],
+                     k[b:b + 1, :, :n], v[b:b + 1, :, :n], k_cache, v_cache)
     return cache, k_cache, v_cache
 
 
