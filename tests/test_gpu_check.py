@@ -64,3 +64,33 @@ def test_rows_over_their_time_limit_are_reported_and_the_run_goes_on(tmp_path):
     _, rows = dry_run(tmp_path, "--row-limit", "0.001", "--only", "decode")
     assert [r["mod"] for r in rows] == ["causal-offset", "sliding window"]
     assert all("RowTimeout" in r["note"] and r["flexattn TFLOP/s"] == "" for r in rows)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA GH200 480GB", 989.0),
+                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_is_looked_up_by_the_most_specific_gpu_name(name, peak, monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert gpu_check.peak_tflops(torch.device("cuda")) == peak
+    assert gpu_check.peak_tflops(torch.device("cpu")) is None
+
+
+def test_gpu_rows_are_the_issues(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check_rows as rows
+
+    gpu = rows.rows(rows.GPU)
+    train = {(r.mod, r.D, r.S, r.backward) for r in gpu if r.kind == "train"}
+    decode = {(r.mod, r.layout, r.D, r.S) for r in gpu if r.kind == "decode"}
+    assert len(gpu) == len(train) + len(decode) == 60 + 24
+    assert {m for m, *_ in train} == {"causal", "causal+alibi", "sliding window", "packed documents", "causal+softcap"}
+    assert {(d, s) for _, d, s, _ in train} == {(d, s) for d in (64, 128) for s in (1024, 4096, 16384)}
+    assert {(m, lay) for m, lay, *_ in decode} == {(m, lay) for m in ("causal-offset", "sliding window")
+                                                   for lay in ("contiguous", "paged")}
+    assert {s for *_, s in decode} == {4096, 16384, 32768}
+    assert (rows.GPU.B, rows.GPU.H, rows.GPU.H // rows.GPU.H_KV, rows.GPU.window) == (4, 16, 4, 1024)
