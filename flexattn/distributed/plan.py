@@ -86,7 +86,7 @@ class ContextParallelPlan:
 
     def fingerprint(self) -> int:
         """A 62-bit hash of the layout, equal on every rank that planned the same mask (checked before exchanging)."""
-        return hash((self.world_size, self.seq_len, self.unit, self.block_size, self.units)) & ((1 << 62) - 1)
+        return hash((self.world_size, self.seq_len, self.unit, self.block_size, self.units, self.recv)) & ((1 << 62) - 1)
 
 
 def unit_work(block_mask: BlockMask, partial_weight: float = 1.0) -> tuple[torch.Tensor, int]:
@@ -147,8 +147,9 @@ def _lpt(work: torch.Tensor, world: int) -> list[list[int]]:
 _LAYOUTS = {"contiguous": _contiguous, "zigzag": _zigzag, "lpt": _lpt}
 
 
-def _build(work: torch.Tensor, unit: int, block_mask: BlockMask, world: int, strategy: str) -> ContextParallelPlan:
-    owners = [tuple(sorted(units)) for units in _LAYOUTS[strategy](work, world)]
+def _build(work: torch.Tensor, unit: int, block_mask: BlockMask, world: int, strategy: str,
+           owners=None) -> ContextParallelPlan:
+    owners = [tuple(sorted(units)) for units in (owners or _LAYOUTS[strategy](work, world))]
     owner_of = torch.empty(work.shape[0], dtype=torch.int64)
     for r, units in enumerate(owners):
         owner_of[list(units)] = r
@@ -213,3 +214,29 @@ def plan_context_parallel(block_mask: BlockMask, world_size: int, *, strategy: s
                key=lambda p: sum(p.received_positions(r) for r in range(world_size)))
     _plans[block_mask][key] = (classes, plan)
     return plan
+
+
+def plan_for_units(block_mask: BlockMask, plan: ContextParallelPlan) -> ContextParallelPlan:
+    """``plan`` itself when it was made for ``block_mask``; else its layout with ``block_mask``'s K/V needs.
+
+    A plan made for one mask lays out any mask of the same length and block sizes, but which units
+    travel depends on the mask; this recomputes them (once per mask and layout).
+
+    Raises ``BlockMaskError`` when the mask has another length or block size than the plan.
+    """
+    if block_mask.seq_lengths[0] != plan.seq_len or tuple(block_mask.BLOCK_SIZE) != plan.block_size:
+        raise BlockMaskError(f"the BlockMask is for Q_LEN={block_mask.seq_lengths[0]}, BLOCK_SIZE="
+                             f"{tuple(block_mask.BLOCK_SIZE)} but the plan lays out {plan.seq_len} positions in "
+                             f"blocks of {plan.block_size}; plan with plan_context_parallel(this_block_mask, "
+                             f"world_size) and shard the inputs with that plan")
+    classes = block_mask.visited_tiles().tile_classes()
+    entries = _plans.setdefault(block_mask, {})
+    if any(cached is plan and seen is classes for seen, cached in entries.values()):
+        return plan
+    key = ("units", plan.units, plan.strategy)
+    cached = entries.get(key)
+    if cached is None or cached[0] is not classes:
+        work, unit = unit_work(block_mask)
+        cached = entries[key] = (classes, _build(work, unit, block_mask, plan.world_size, plan.strategy,
+                                                 owners=plan.units))
+    return cached[1]
