@@ -145,6 +145,7 @@ class _Call:
     rank: int
     timeout: datetime.timedelta
     kwargs: dict
+    grad: bool  # grad mode at the call (inside forward it is always off)
 
 
 def _attend(call: _Call, part: _Part, q, k, v):
@@ -172,15 +173,15 @@ class _ContextParallel(torch.autograd.Function):
     def forward(ctx, call: _Call, query, key, value, *buffers):
         ctx.call, ctx.buffers = call, buffers
         E = key.shape[-1]
-        with torch.enable_grad():
-            q, k, v = _leaf(query, query.requires_grad), _leaf(key, key.requires_grad), _leaf(value, value.requires_grad)
+        with torch.set_grad_enabled(call.grad):
+            q, k, v = (_leaf(t, call.grad and t.requires_grad) for t in (query, key, value))
             pending = call.parts.exchange.start_forward(torch.cat([key.detach(), value.detach()], dim=-1),
                                                         call.group, call.timeout, "forward K/V exchange")
             out, lse = _attend(call, call.parts.own, q, k, v)
             received = call.parts.exchange.assemble(pending.wait())
             remote = ()
             if received is not None:
-                remote = (_leaf(received[..., :E], key.requires_grad), _leaf(received[..., E:], value.requires_grad))
+                remote = (_leaf(received[..., :E], k.requires_grad), _leaf(received[..., E:], v.requires_grad))
                 out_r, lse_r = _attend(call, call.parts.remote, q, *remote)
                 out, lse = merge_partials(out, lse, out_r, lse_r)
         ctx.inner = (out, lse, (q, k, v), remote)

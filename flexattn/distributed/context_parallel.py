@@ -7,6 +7,7 @@ import functools
 
 import torch
 
+import codegen
 from flexattn.analysis import create_block_mask
 from flexattn.api import validate_inputs
 from flexattn.block_mask import BlockMask
@@ -96,14 +97,15 @@ def context_parallel_attention(query, key, value, score_mod=None, block_mask: Bl
         query, key, value = _check_local(query, key, value, enable_gqa, plan, rank)
         buffers = _grad_buffers(score_mod)
         parts = local_parts(block_mask, plan, rank, query.device)
+        normalize(kernel_options)  # a bad option fails here, on every rank, not inside the exchange
+        kwargs = dict(scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options, backend=_backend(backend))
     except FlexAttnError as caught:
         error = caught
     rows = all_gather_rows(_row(0 if error is None else 1, None if error else plan, world, query, key, value,
                                 len(buffers)), group, timeout, rank, world, "agreement check before the exchange")
     _agree(rows, rank, plan, error)
-    kwargs = dict(scale=scale, enable_gqa=enable_gqa, kernel_options=normalize(kernel_options), backend=backend)
-    out, lse = _ContextParallel.apply(_Call(parts, score_mod, group, rank, timeout, kwargs), query, key, value,
-                                      *buffers)
+    call = _Call(parts, score_mod, group, rank, timeout, kwargs, torch.is_grad_enabled())
+    out, lse = _ContextParallel.apply(call, query, key, value, *buffers)
     return (out, lse) if return_lse else out
 
 
@@ -121,6 +123,12 @@ def _plan_and_mask(block_mask, plan, world: int):
         raise InputError(f"the plan lays the sequence out over {plan.world_size} ranks but the group has {world}; "
                          f"plan with plan_context_parallel(block_mask, {world})")
     return plan_for_units(block_mask, plan), block_mask
+
+
+def _backend(backend: str) -> str:
+    if backend != "auto" and backend not in codegen.BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, codegen.BACKENDS))}")
+    return backend
 
 
 @functools.lru_cache(maxsize=8)

@@ -82,7 +82,9 @@ class ContextParallelPlan:
 
     def received_positions(self, rank: int) -> int:
         """K/V positions rank ``rank`` receives from other ranks in one forward call."""
-        return sum(self.unit_length(u) for units in self.recv[rank] for u in units)
+        last = -(-self.seq_len // self.unit) - 1
+        short = self.unit - self.unit_length(last)
+        return sum(len(units) * self.unit - (short if last in units else 0) for units in self.recv[rank])
 
     def fingerprint(self) -> int:
         """A 62-bit hash of the layout, equal on every rank that planned the same mask (checked before exchanging)."""
@@ -119,21 +121,21 @@ def _capacities(n_units: int, world: int) -> list[int]:
     return [n_units // world + (1 if r < n_units % world else 0) for r in range(world)]
 
 
-def _contiguous(work: torch.Tensor, world: int) -> list[list[int]]:
+def _contiguous(rows: torch.Tensor, world: int) -> list[list[int]]:
     owners, start = [], 0
-    for count in _capacities(work.shape[0], world):
+    for count in _capacities(rows.shape[0], world):
         owners.append(list(range(start, start + count)))
         start += count
     return owners
 
 
-def _zigzag(work: torch.Tensor, world: int) -> list[list[int]]:
-    runs = _contiguous(work, 2 * world)
+def _zigzag(rows: torch.Tensor, world: int) -> list[list[int]]:
+    runs = _contiguous(rows, 2 * world)
     return [runs[r] + runs[2 * world - 1 - r] for r in range(world)]
 
 
-def _lpt(work: torch.Tensor, world: int) -> list[list[int]]:
-    row_work = work.sum(1).tolist()
+def _lpt(rows: torch.Tensor, world: int) -> list[list[int]]:
+    row_work = rows.tolist()
     order = sorted(range(len(row_work)), key=lambda u: (-row_work[u], u))
     room, load, owners = _capacities(len(row_work), world), [0.0] * world, [[] for _ in range(world)]
     for u in order:
@@ -147,23 +149,40 @@ def _lpt(work: torch.Tensor, world: int) -> list[list[int]]:
 _LAYOUTS = {"contiguous": _contiguous, "zigzag": _zigzag, "lpt": _lpt}
 
 
-def _build(work: torch.Tensor, unit: int, block_mask: BlockMask, world: int, strategy: str,
-           owners=None) -> ContextParallelPlan:
-    owners = [tuple(sorted(units)) for units in (owners or _LAYOUTS[strategy](work, world))]
-    owner_of = torch.empty(work.shape[0], dtype=torch.int64)
+@dataclass(frozen=True)
+class UnitWork:
+    """What every candidate layout is scored on: per-unit row work and the non-empty unit pairs.
+
+    Not kept between plans: at 1M positions in units of 128 the pairs take 256 MB.
+    """
+
+    rows: torch.Tensor  # (U,) float64
+    nonempty: torch.Tensor  # (U, U) int32, 1 where a unit pair has a non-empty tile
+    unit: int
+
+    @classmethod
+    def of(cls, block_mask: BlockMask, partial_weight: float = 1.0) -> "UnitWork":
+        work, unit = unit_work(block_mask, partial_weight)
+        return cls(work.sum(1).to(torch.float64), (work > 0).to(torch.int32), unit)
+
+
+def _build(work: UnitWork, block_mask: BlockMask, world: int, strategy: str, owners=None) -> ContextParallelPlan:
+    owners = [tuple(sorted(units)) for units in (owners or _LAYOUTS[strategy](work.rows, world))]
+    owner_of = torch.empty(work.rows.shape[0], dtype=torch.int64)
     for r, units in enumerate(owners):
-        owner_of[list(units)] = r
-    nonempty = work > 0
+        owner_of[torch.tensor(units, dtype=torch.int64)] = r
+    # needed[r, u]: a row of rank r has a non-empty tile with kv unit u.
+    needed = torch.zeros(world, work.rows.shape[0], dtype=torch.int32).index_add_(0, owner_of, work.nonempty)
     recv = []
-    for r, units in enumerate(owners):
-        needed = nonempty[list(units)].any(0).nonzero().flatten()
-        needed = needed[owner_of[needed] != r]
-        by_owner = owner_of[needed].argsort(stable=True)  # ascending units within each source
-        counts = torch.bincount(owner_of[needed], minlength=world).tolist()
-        recv.append(tuple(tuple(part.tolist()) for part in needed[by_owner].split(counts)))
-    row_work = work.sum(1)
-    return ContextParallelPlan(world, block_mask.seq_lengths[0], unit, tuple(block_mask.BLOCK_SIZE), strategy,
-                               tuple(owners), tuple(recv), tuple(float(row_work[list(u)].sum()) for u in owners))
+    for r in range(world):
+        units = needed[r].nonzero().flatten()
+        units = units[owner_of[units] != r]
+        by_owner = owner_of[units].argsort(stable=True)  # ascending units within each source
+        counts = torch.bincount(owner_of[units], minlength=world).tolist()
+        recv.append(tuple(tuple(part.tolist()) for part in units[by_owner].split(counts)))
+    rank_work = torch.zeros(world, dtype=torch.float64).index_add_(0, owner_of, work.rows)
+    return ContextParallelPlan(world, block_mask.seq_lengths[0], work.unit, tuple(block_mask.BLOCK_SIZE), strategy,
+                               tuple(owners), tuple(recv), tuple(rank_work.tolist()))
 
 
 def plan_context_parallel(block_mask: BlockMask, world_size: int, *, strategy: str = "auto",
@@ -198,22 +217,21 @@ def plan_context_parallel(block_mask: BlockMask, world_size: int, *, strategy: s
     if not isinstance(block_mask, BlockMask):
         block_mask = BlockMask.from_torch(block_mask)
     classes = block_mask.visited_tiles().tile_classes()
-    key = (world_size, strategy, float(partial_weight))
-    cached = _plans.setdefault(block_mask, {}).get(key)
-    if cached is not None and cached[0] is classes:
-        return cached[1]
-    work, unit = unit_work(block_mask, partial_weight)
-    if work.shape[0] < world_size:
-        raise InputError(f"the sequence of {block_mask.seq_lengths[0]} positions has {work.shape[0]} units of "
-                         f"{unit}, fewer than world_size={world_size}; build the BlockMask with a smaller "
+    return _cached(block_mask, (world_size, strategy, float(partial_weight)), classes,
+                   lambda: choose(UnitWork.of(block_mask, partial_weight), block_mask, world_size, strategy))
+
+
+def choose(work: "UnitWork", block_mask: BlockMask, world_size: int, strategy: str = "auto") -> ContextParallelPlan:
+    """The plan by the module's rule among ``strategy``'s candidates (all three for ``"auto"``)."""
+    if work.rows.shape[0] < world_size:
+        raise InputError(f"the sequence of {block_mask.seq_lengths[0]} positions has {work.rows.shape[0]} units of "
+                         f"{work.unit}, fewer than world_size={world_size}; build the BlockMask with a smaller "
                          f"BLOCK_SIZE (at most {block_mask.seq_lengths[0] // world_size}) or use fewer ranks")
-    candidates = [_build(work, unit, block_mask, world_size, s) for s in (STRATEGIES if strategy == "auto" else
+    candidates = [_build(work, block_mask, world_size, s) for s in (STRATEGIES if strategy == "auto" else
                                                                            (strategy,))]
     best = min(p.balance for p in candidates)
-    plan = min((p for p in candidates if p.balance <= best + BALANCE_SLACK),
+    return min((p for p in candidates if p.balance <= best + BALANCE_SLACK),
                key=lambda p: sum(p.received_positions(r) for r in range(world_size)))
-    _plans[block_mask][key] = (classes, plan)
-    return plan
 
 
 def plan_for_units(block_mask: BlockMask, plan: ContextParallelPlan) -> ContextParallelPlan:
@@ -230,13 +248,16 @@ def plan_for_units(block_mask: BlockMask, plan: ContextParallelPlan) -> ContextP
                              f"blocks of {plan.block_size}; plan with plan_context_parallel(this_block_mask, "
                              f"world_size) and shard the inputs with that plan")
     classes = block_mask.visited_tiles().tile_classes()
-    entries = _plans.setdefault(block_mask, {})
-    if any(cached is plan and seen is classes for seen, cached in entries.values()):
+    if any(cached is plan and seen is classes for seen, cached in _plans.get(block_mask, {}).values()):
         return plan
-    key = ("units", plan.units, plan.strategy)
+    return _cached(block_mask, ("units", plan.units, plan.strategy), classes,
+                   lambda: _build(UnitWork.of(block_mask), block_mask, plan.world_size, plan.strategy, owners=plan.units))
+
+
+def _cached(block_mask: BlockMask, key, classes, make):
+    """``make()``, kept with ``block_mask`` under ``key`` until its tile classes change."""
+    entries = _plans.setdefault(block_mask, {})
     cached = entries.get(key)
     if cached is None or cached[0] is not classes:
-        work, unit = unit_work(block_mask)
-        cached = entries[key] = (classes, _build(work, unit, block_mask, plan.world_size, plan.strategy,
-                                                 owners=plan.units))
+        cached = entries[key] = (classes, make())
     return cached[1]
