@@ -41,10 +41,15 @@ def wait_or_fail(work, timeout: datetime.timedelta, rank: int, step: str) -> Non
 
 def all_gather_rows(row: torch.Tensor, group, timeout: datetime.timedelta, rank: int, world: int,
                     step: str) -> torch.Tensor:
-    """(world, n) of every rank's 1-D int64 ``row`` (the cheap agreement check before any exchange)."""
+    """(world, n) of every rank's 1-D int64 ``row`` (the cheap agreement check before any exchange).
+
+    On an NCCL group the row travels on this rank's current GPU (NCCL moves device memory only).
+    """
+    if dist.get_backend(group) == "nccl":
+        row = row.to(torch.device("cuda", torch.cuda.current_device()))
     rows = [torch.empty_like(row) for _ in range(world)]
     wait_or_fail(dist.all_gather(rows, row, group=group, async_op=True), timeout, rank, step)
-    return torch.stack(rows)
+    return torch.stack(rows).cpu()
 
 
 def all_reduce_sum(tensor: torch.Tensor, group, timeout: datetime.timedelta, rank: int, step: str) -> torch.Tensor:

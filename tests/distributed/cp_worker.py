@@ -59,7 +59,7 @@ CASES = {
     "gqa": (160, causal, None, 4, 2, 1),
     "everywhere": (96, None, None, 2, 2, 1),
 }
-FOUR_RANK_CASES = ("causal_uneven", "documents_causal_uneven", "bias_table", "gqa")
+FOUR_RANK_CASES = ("causal_uneven", "documents_causal_uneven", "bias_table")
 
 
 def _rel(a, b) -> float:

@@ -92,7 +92,7 @@ def test_plans_partition_the_sequence_and_receive_what_rows_attend(lengths, wind
     plans = {s: plan_context_parallel(bm, world, strategy=s) for s in ("auto", "contiguous", "zigzag", "lpt")}
     for plan in plans.values():
         _check_plan(plan, bm, world)
-    assert plans["auto"].balance <= min(p.balance for p in plans.values()) + 0.02 + 1e-9
+    assert plans["auto"].balance <= min(p.balance for p in plans.values()) + 0.05 + 1e-9
 
 
 def test_uneven_block_sizes_use_the_larger_as_unit():
