@@ -19,6 +19,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from flexattn.api import AuxRequest, flex_attention
 from flexattn.block_mask import BlockMask
@@ -188,6 +189,7 @@ class _ContextParallel(torch.autograd.Function):
         return out.detach(), lse.detach()
 
     @staticmethod
+    @once_differentiable  # the inner backward builds no graph: a second derivative raises, never silently 0
     def backward(ctx, grad_out, grad_lse):
         call = ctx.call
         out, lse, (q, k, v), remote = ctx.inner
