@@ -45,3 +45,8 @@ class PagedCacheError(FlexAttnError, ValueError):
     """A paged KV cache was asked for something it cannot do (pool full, slot or
     position out of range, page size not a multiple of the block size). The
     cache is left unchanged."""
+
+
+class DistributedError(FlexAttnError, RuntimeError):
+    """Context parallel attention could not proceed across ranks: ranks disagree on shapes, lengths
+    or the layout, or a peer did not answer within the timeout (the message names the rank and step)."""
