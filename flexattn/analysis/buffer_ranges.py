@@ -3,17 +3,22 @@
 A buffer of shape (..., n) is summarised row by row along its last dimension: a load
 whose leading indices are single values in a box (``doc[b, q_idx]``, ``bias[h, kv_idx]``:
 b and h are single values in every box) reads one row, and its range over an index range
-of that row is exact in O(1). Where a leading index spans several values the summary is
-the whole buffer's min/max (sound, only less precise).
+of that row is exact in O(1); one whose leading indices span a few rows (a block table
+``table[q_idx // 64, kv_idx // 64]`` over a tile) combines those rows. Where they span more,
+the summary is the whole buffer's min/max (sound, only less precise).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import numpy as np
 
 from flexattn.analysis.intervals import Range
 
 SUMMARY_LIMIT = 1 << 24  # entries: larger buffers keep only their min/max (the summary's memory is bounded)
+MAX_ROWS = 8  # a read whose leading indices span more rows is summarised by the buffer's min/max
 TABLE_ENTRIES = 1 << 24  # per side of a sparse table: levels beyond it are not built, and reads wider
 # than the widest level built get the buffer's min/max
 
@@ -45,23 +50,31 @@ class _Rows:
             self.maxs.append(np.maximum(self.maxs[-1][:-width], self.maxs[-1][width:]))
             width *= 2
 
-    def row_base(self, leading: list[Range]):
-        """Flat index of the row the leading indices select (they clamp, as loads do), or None
-        where one of them spans several values."""
+    def row_bases(self, leading: list[Range]):
+        """Flat indices of the rows the leading index ranges read (they clamp, as loads do): one
+        array per combination, a box reading fewer rows repeating its last one; None where they
+        read more than ``MAX_ROWS`` rows."""
         if self.values is None or len(leading) != len(self.shape) - 1:
             return None
-        if any(not np.array_equal(r.lo, r.hi) for r in leading):
+        clipped = [(np.clip(r.lo, 0, size - 1), np.clip(r.hi, 0, size - 1)) for r, size in zip(leading, self.shape)]
+        spans = [int(np.max(hi - lo, initial=0)) + 1 for lo, hi in clipped]
+        if math.prod(spans) > MAX_ROWS:
             return None
-        base = np.int64(0)
-        for r, size in zip(leading, self.shape[:-1]):
-            base = base * size + np.clip(r.lo, 0, size - 1)
-        return base * self.n
+        bases = [np.int64(0)]
+        for (lo, hi), size, span in zip(clipped, self.shape, spans):
+            bases = [base * size + np.minimum(lo + j, hi) for base in bases for j in range(span)]
+        return [base * self.n for base in bases]
 
     def range(self, ranges: list[Range]) -> Range:
-        base = self.row_base(ranges[:-1]) if ranges else None
-        if base is None:
+        bases = self.row_bases(ranges[:-1]) if ranges else None
+        if bases is None:
             return Range(np.int64(self.extremes[0]), np.int64(self.extremes[1]))
-        lo, hi = (base + np.clip(r, 0, self.n - 1) for r in (ranges[-1].lo, ranges[-1].hi))
+        per_row = [self._row_range(base, ranges[-1]) for base in bases]
+        return Range(functools.reduce(np.minimum, [r.lo for r in per_row]),
+                     functools.reduce(np.maximum, [r.hi for r in per_row]))
+
+    def _row_range(self, base, index: Range) -> Range:
+        lo, hi = (base + np.clip(r, 0, self.n - 1) for r in (index.lo, index.hi))
         if self.sorted:
             return Range(self.values[lo], self.values[hi])
         lo, hi = np.broadcast_arrays(lo, hi)
@@ -77,13 +90,19 @@ class _Rows:
         return Range(out_lo, out_hi)
 
     def first_change(self, leading: list[Range], lo: np.ndarray, hi: np.ndarray):
-        base = self.row_base(leading)
-        if base is None:
+        """The first index in (lo, hi] where one of the rows read changes value (-1: none does)."""
+        bases = self.row_bases(leading)
+        if bases is None:
             return None
-        lo, hi, base = np.broadcast_arrays(lo, hi, base)
-        # Loads clamp indices, so below 0 the value is row[0] and past the end row[n - 1].
-        change = self.next_change[base + np.clip(lo, 0, self.n - 1)] - base
-        return np.where((change > lo) & (change <= hi) & (change < self.n), change, -1)
+        first = None
+        for base in bases:
+            row_lo, row_hi, base = np.broadcast_arrays(lo, hi, base)
+            # Loads clamp indices, so below 0 the value is row[0] and past the end row[n - 1].
+            change = self.next_change[base + np.clip(row_lo, 0, self.n - 1)] - base
+            change = np.where((change > row_lo) & (change <= row_hi) & (change < self.n), change, -1)
+            first = change if first is None else np.where(
+                (first < 0) | ((change >= 0) & (change < first)), change, first)
+        return first
 
 
 class BufferRanges:

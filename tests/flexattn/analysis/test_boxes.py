@@ -104,8 +104,10 @@ def test_rows_of_a_buffer_are_summarised_exactly_when_the_leading_index_is_one_v
     assert int(summary.lo[0]) == min(at) and int(summary.hi[0]) == max(at)
     got = int(BufferRanges([buf]).first_change(0, np.array([lo]), np.array([hi]), [point])[0])
     assert got == next((lo + i for i in range(1, len(at)) if at[i] != at[i - 1]), -1)
+    # Two rows read at once: their values combined, exactly.
     spread = BufferRanges([buf])(0, [Range(np.array([0]), np.array([1])), Range(np.array([lo]), np.array([hi]))])
-    assert int(spread.lo) <= min(at) and int(spread.hi) >= max(at)  # several rows: sound, the buffer's extremes
+    both = [int(buf[min(r, len(rows) - 1), min(max(i, 0), buf.shape[1] - 1)]) for r in (0, 1) for i in range(lo, hi + 1)]
+    assert int(spread.lo[0]) == min(both) and int(spread.hi[0]) == max(both)
 
 
 def test_per_batch_document_ids_decide_tiles_without_positions():
@@ -114,3 +116,11 @@ def test_per_batch_document_ids_decide_tiles_without_positions():
     assert block_mask.stats["refined"] == 0  # decided from the rows' ranges and cuts, none position by position
     dense = doc[:, :, None] == doc[:, None, :]
     torch.testing.assert_close(block_mask.to_dense()[:, 0].bool(), dense.view(2, 4, 128, 4, 128).any(-1).any(2))
+
+
+def test_block_tables_read_over_a_tile_decide_it_without_positions():
+    table = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) < 0.3  # 64-position blocks, as BigBird's
+    block_mask = flexattn.create_block_mask(lambda b, h, q, kv: table[q // 64, kv // 64], 1, 1, 512, 512)
+    assert block_mask.stats["refined"] == 0  # tiles mixing blocks are cut at the blocks, never evaluated
+    dense = table.repeat_interleave(64, 0).repeat_interleave(64, 1)
+    torch.testing.assert_close(block_mask.to_dense()[0, 0].bool(), dense.view(4, 128, 4, 128).any(-1).any(1))
