@@ -19,11 +19,20 @@ import triton.testing
 from torch.nn.attention import flex_attention as torch_flex
 
 from codegen import reference
-from codegen.triton import attention as triton_attention
+from flexattn import dispatch
 from flexattn.analysis import create_block_mask
 from flexattn.trace import trace_mask_mod, trace_score_mod
 
 B, H, WINDOW, N_DOCS = 4, 16, 256, 8
+
+
+def _run(backend: str, q, k, v, **kw):
+    """(out, lse, max_scores) of ``backend`` on traced graphs (``flexattn.dispatch``)."""
+    return dispatch.run(backend, dispatch.call_of(q, k, v, **kw))
+
+
+def triton_attention(q, k, v, **kw):
+    return _run("triton", q, k, v, **kw)
 
 
 def mods(S: int, device):
@@ -90,7 +99,7 @@ def check(device="cuda"):
                       mask_graph=mask.graph, mask_buffers=list(mask.buffers), block_mask=bm, scale=None,
                       enable_gqa=False, kernel_options={})
             out = triton_attention(q, k, v, **kw)[0]
-            ref = reference.attention(q.float(), k.float(), v.float(), **kw)[0]
+            ref = _run("reference", q.float(), k.float(), v.float(), **kw)[0]
             grad = torch.randn_like(out)
             got = torch.autograd.grad(out, (q, k, v), grad)
             want = torch.autograd.grad(ref, (q, k, v), grad.float())
@@ -114,7 +123,7 @@ def check_decode(device="cuda"):
             kw = dict(score_graph=None, score_buffers=[], mask_graph=mask.graph, mask_buffers=list(mask.buffers),
                       block_mask=bm, scale=None, enable_gqa=True, kernel_options={})
             out = triton_attention(q, k, v, **kw)[0]
-            ref = reference.attention(q.float(), k.float(), v.float(), **kw)[0]
+            ref = _run("reference", q.float(), k.float(), v.float(), **kw)[0]
             print(f"check decode {str(dtype):15s} {name:17s} rel err out: "
                   f"{((out.float() - ref).norm() / ref.norm()).item():.1e}")
 

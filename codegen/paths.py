@@ -45,12 +45,14 @@ class Choice:
     skipped: tuple[tuple[str, str], ...]
     forced: bool = False
     facts: tuple[str, ...] = ()
+    table: tuple[str, ...] = ()  # every path of the back end, in order
 
     def __str__(self) -> str:
         how = "forced by kernel_options['PATH']" if self.forced else "the first that serves the call"
         lines = [f"backend {self.backend}: path {self.path.name} ({how})", f"  {self.path.summary}"]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
-        lines += [f"  {line}" for line in self.facts]
+        lines.append(f"  table: {' > '.join(self.table)}")
+        lines += [f"  facts: {line}" for line in self.facts]
         return "\n".join(lines)
 
 
@@ -67,7 +69,7 @@ def choose(backend: str, paths: tuple[Path, ...], call: Call) -> Choice:
         >>> choice.path.name, choice.skipped[0]
         ('generated_loop', ('decode_batch_in_place', 'Q_LEN=512 > 16: not a decoding shape'))
     """
-    facts = tuple(call.facts.lines())
+    facts, table = tuple(call.facts.lines()), tuple(path.name for path in paths)
     forced = call.options.get("PATH")
     if forced is not None:
         named = {path.name: path for path in paths}
@@ -78,12 +80,12 @@ def choose(backend: str, paths: tuple[Path, ...], call: Call) -> Choice:
         if reason is not None:
             raise InputError(f"kernel_options['PATH']={forced!r} cannot serve this call: {reason}; drop PATH to "
                              "let flexattn choose (flexattn.explain_call shows the choice)")
-        return Choice(backend, named[forced], (), True, facts)
+        return Choice(backend, named[forced], (), True, facts, table)
     skipped = []
     for path in paths:
         reason = path.why_not(call)
         if reason is None:
-            return Choice(backend, path, tuple(skipped), False, facts)
+            return Choice(backend, path, tuple(skipped), False, facts, table)
         skipped.append((path.name, reason))
     raise LoweringError(f"no path of the {backend} back end serves this call: "
                         + "; ".join(f"{name}: {reason}" for name, reason in skipped))

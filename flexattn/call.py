@@ -12,13 +12,14 @@ call (``Call.block_size``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
-from flexattn.block_mask import DEFAULT_BLOCK_SIZE, BlockMask
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, pair
 from flexattn.errors import InputError
 from flexattn.ir import Graph
 
@@ -67,7 +68,7 @@ class Facts:
 
     def lines(self) -> list[str]:
         """The facts as lines of text (for ``flexattn.explain_call``)."""
-        reads = lambda names: ", ".join(sorted(names)) or "nothing"  # noqa: E731
+        reads = lambda names: ", ".join(sorted(names)) or "no input"  # noqa: E731
         bias = "none" if self.bias is None else (f"{len(self.bias.products)} row x column product(s), "
                                                  f"{len(self.bias.terms) - len(self.bias.products)} row term(s)")
         segments = "none" if self.segments is None else f"packed documents ({'causal' if self.segments.causal else 'full'})"
@@ -81,7 +82,7 @@ class Call:
 
     query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev): validated, one float dtype.
     ``score_graph``/``mask_graph`` (or None) with the tensors their buffers stand for;
-    ``block_mask`` None attends everywhere; ``scale`` is resolved (1/sqrt(E) by default);
+    ``block_mask`` None attends everywhere; ``scale`` None means 1/sqrt(E) (resolved here);
     ``options`` the normalised ``kernel_options``; ``max_scores``: whether the caller wants
     max_scores (a back end may return None otherwise). Raises ``InputError`` for head counts
     that do not fit (see ``check_heads``).
@@ -98,15 +99,17 @@ class Call:
     mask_graph: Graph | None = None
     mask_buffers: tuple = ()
     block_mask: BlockMask | None = None
-    scale: float = 1.0
+    scale: float | None = None
     enable_gqa: bool = False
-    options: Mapping = MappingProxyType({})
-    facts: Facts = Facts()
+    options: Mapping = field(default_factory=dict)
+    facts: Facts = field(default_factory=Facts)
     max_scores: bool = False
     _derived: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         check_heads(self.query.shape[1], self.key.shape[1], self.enable_gqa)
+        scale = 1.0 / math.sqrt(self.query.shape[-1]) if self.scale is None else float(self.scale)
+        object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "score_buffers", tuple(self.score_buffers))
         object.__setattr__(self, "mask_buffers", tuple(self.mask_buffers))
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -127,8 +130,7 @@ class Call:
         """(q, kv) tile size: the BlockMask's, else ``options["BLOCK_SIZE"]``, else ``DEFAULT_BLOCK_SIZE``."""
         if self.block_mask is not None:
             return tuple(self.block_mask.BLOCK_SIZE)
-        size = self.options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
-        return (int(size[0]), int(size[-1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        return pair(self.options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
 
     @property
     def compute_dtype(self) -> torch.dtype:

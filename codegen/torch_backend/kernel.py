@@ -31,11 +31,10 @@ import torch
 
 from codegen.autograd import differentiable
 from codegen.cache import KERNELS, kernel_key
-from codegen.torch_backend.printer import constants_of
 from codegen.torch_backend.template import kernel_source
 from codegen.torch_backend.tiles import plan_rows
 from flexattn.call import Call, compute_dtype
-from flexattn.ir import Graph
+from flexattn.ir import Graph, constants_of
 
 DEFAULT_MAX_TILES = 16
 # Kernels written by another version of the generator are stale (rebuilt, never used).
