@@ -31,9 +31,13 @@ def backend_module(backend: str):
 
     Raises ``InputError`` for a name not in ``BACKENDS``.
     """
+    _check_name(backend)
+    return importlib.import_module(BACKENDS[backend])
+
+
+def _check_name(backend: str) -> None:
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
-    return importlib.import_module(BACKENDS[backend])
 
 
 def default_backend(device_type: str) -> str:
@@ -47,7 +51,7 @@ def pick_backend(backend: str, device_type: str) -> str:
     """``backend``, or for "auto" the default of ``device_type``; ``InputError`` for an unknown name."""
     if backend == "auto":
         return default_backend(device_type)
-    backend_module(backend)
+    _check_name(backend)  # the module is imported when the call runs (Triton's when a Triton call does)
     return backend
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from codegen.torch_backend import fused_plan
-from codegen.torch_backend.fused_plan import Unit, chunks, evaluate_on_tiles, tile_env
+from codegen.torch_backend.fused_plan import PlanUnit, chunks, evaluate_on_tiles, tile_env
 from codegen.torch_backend.lse import merge
 
 NEG_INF = float("-inf")
@@ -76,7 +76,7 @@ class Features:
                    default=0.0)
 
 
-class Problem:
+class FusedInputs:
     """The tensors of one call in the compute float, K/V expanded to the query heads (GQA)."""
 
     def __init__(self, q, k, v, block, scale, mask_graph, mask_buffers, features: Features | None = None):
@@ -89,7 +89,7 @@ class Problem:
         self.features = features
         self.L, self.S = q.shape[2], k.shape[2]
 
-    def rectangle(self, unit: Unit, rows: slice, cols: slice):
+    def rectangle(self, unit: PlanUnit, rows: slice, cols: slice):
         """(q, k, v) of a rectangle for the fused kernel, and the shift its lse needs (or None).
 
         With a separable bias, q gains the row factors (divided by the scale, which the
@@ -125,7 +125,7 @@ class Problem:
         return (slice(rect[0] * q_block, min(rect[1] * q_block, self.L)),
                 slice(rect[2] * kv_block, min(rect[3] * kv_block, self.S)))
 
-    def tile_mask(self, unit: Unit, tiles: torch.Tensor, Bu: int) -> torch.Tensor:
+    def tile_mask(self, unit: PlanUnit, tiles: torch.Tensor, Bu: int) -> torch.Tensor:
         """Bool (B_u * P, H_u or 1, q_block, kv_block), laid out like ``_tiles_of``: the mask_mod on
         the tiles, False out of range."""
         env, keep = tile_env(unit.b, unit.h, tiles, self.block, self.L, self.S)
@@ -134,7 +134,7 @@ class Problem:
         keep = keep.expand(Bu, -1, len(tiles), -1, -1)  # (B_u, H_u or 1, P, q_block, kv_block)
         return keep.transpose(1, 2).reshape(Bu * len(tiles), keep.shape[1], *keep.shape[3:])
 
-    def tile_bias(self, unit: Unit, tiles: torch.Tensor, keep: torch.Tensor, dtype) -> torch.Tensor:
+    def tile_bias(self, unit: PlanUnit, tiles: torch.Tensor, keep: torch.Tensor, dtype) -> torch.Tensor:
         """The fused kernel's additive mask for a batch of tiles: -inf where not kept, else the
         score_mod's bias (the score_mod of a zero score), laid out like ``tile_mask``."""
         if self.features is None:
@@ -173,7 +173,7 @@ def _bias(keep: torch.Tensor, dtype) -> torch.Tensor:
     return torch.where(keep, 0.0, NEG_INF).to(dtype)
 
 
-def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, L, D) and lse (B, Hq, L); rows that attend nowhere give 0 and -inf."""
     B, Hq, L, D = p.q.shape
     q_block, kv_block = p.block
@@ -215,7 +215,7 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
     return out[:, :, :L], lse[:, :, :L]
 
 
-def backward(p: Problem, units: list[Unit], out, lse, grad_out):
+def backward(p: FusedInputs, units: list[PlanUnit], out, lse, grad_out):
     """dq (B, Hq, L, D) and dk, dv (B, Hq, S, D) per query head, from the final out and lse."""
     B, Hq, L, D = p.q.shape
     q_block, kv_block = p.block

@@ -16,7 +16,7 @@ import torch
 
 from codegen.autograd import differentiable
 from codegen.torch_backend import fused, fused_plan
-from codegen.torch_backend.fused import MAX_BIAS_SPAN, MAX_BIASED_SQUARE, Features, Problem
+from codegen.torch_backend.fused import MAX_BIAS_SPAN, MAX_BIASED_SQUARE, Features, FusedInputs
 from flexattn.call import Call, needs_grad
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -91,7 +91,7 @@ def _documents(call: Call):
         return None, (f"{len(runs)} documents average {L / len(runs):.0f} < MIN_DOCUMENT ({fused_plan.MIN_DOCUMENT}) "
                       "positions: one call per document would not pay")
     causal = call.facts.segments.causal
-    return [fused_plan.Unit(slice(0, B), slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8),
+    return [fused_plan.PlanUnit(slice(0, B), slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8),
                             segments=[(start, stop, causal) for start, stop in runs])], None
 
 
@@ -129,9 +129,9 @@ class _FusedLaunch:
         self.call, self.units, self.features = call, units, features(call)
         self.compute = call.compute_dtype
 
-    def problem(self, q, k, v) -> Problem:
+    def problem(self, q, k, v) -> FusedInputs:
         c = self.compute
-        return Problem(q.to(c), k.to(c), v.to(c), self.call.block_size, self.call.scale, self.call.mask_graph,
+        return FusedInputs(q.to(c), k.to(c), v.to(c), self.call.block_size, self.call.scale, self.call.mask_graph,
                        self.call.mask_buffers, self.features)
 
     def forward(self, q, k, v, score_buffers):

@@ -17,7 +17,7 @@ MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pa
 MASK_CHUNK = 1 << 24  # mask elements evaluated (and materialised) at once for a batch of tiles
 
 
-def why_not_pays(units: list["Unit"]) -> str | None:
+def why_not_pays(units: list["PlanUnit"]) -> str | None:
     """Why the fused kernel would not beat the generated loop on this plan (None: it would;
     measured, docs/performance.md).
 
@@ -113,7 +113,7 @@ def partial_batches(partial: torch.Tensor) -> list[torch.Tensor]:
     return [tiles[rank == r] for r in range(int(rank.max()) + 1)]
 
 
-class Unit:
+class PlanUnit:
     """A slice of batch rows and query heads that share one tile matrix, and its plan:
     ``squares`` that are exactly causal triangles (``triangle_squares``), ``rectangles`` of
     FULL tiles and ``batches`` of PARTIAL tiles."""
@@ -175,15 +175,15 @@ def triangle_squares(classes: torch.Tensor, shapes, max_side: int | None = None)
     return found
 
 
-def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[Unit]:
+def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[PlanUnit]:
     """Units for a (nb, nh, nq, nkv) tile-class tensor (nb in {1, B}, nh in {1, Hq})."""
     nb, nh = classes.shape[:2]
-    return [Unit(slice(0, B) if nb == 1 else slice(b, b + 1), slice(0, Hq) if nh == 1 else slice(h, h + 1),
+    return [PlanUnit(slice(0, B) if nb == 1 else slice(b, b + 1), slice(0, Hq) if nh == 1 else slice(h, h + 1),
                  classes[b, h]) for b in range(nb) for h in range(nh)]
 
 
 def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, tile_shapes=None,
-         max_square: int | None = None) -> list[Unit]:
+         max_square: int | None = None) -> list[PlanUnit]:
     """The units of this call (``why_not_pays`` says whether they pay).
 
     ``tile_shapes(tiles) -> kinds`` (optional) says which tiles hold exactly a causal
@@ -201,7 +201,7 @@ def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, tile_shapes=No
             rest = classes[0, 0].clone()
             for a, c, side, _ in squares:
                 rest[a:a + side, c:c + side] = EMPTY
-            return [Unit(slice(0, B), slice(0, Hq), rest, squares)]
+            return [PlanUnit(slice(0, B), slice(0, Hq), rest, squares)]
     return plan_units(classes, B, Hq)
 
 
