@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flexattn.call import Call
+from flexattn.call import Call, Facts
 from flexattn.errors import InputError, LoweringError
 
 
@@ -33,6 +33,13 @@ class Path:
         raise NotImplementedError
 
 
+class ServesEveryCall(Path):
+    """A path with no condition: the last entry of a table, so that every call is served."""
+
+    def why_not(self, call: Call) -> str | None:
+        return None
+
+
 @dataclass(frozen=True)
 class Choice:
     """The path chosen for a call: ``path``, and ``skipped`` as (path name, reason) in table order.
@@ -44,7 +51,7 @@ class Choice:
     path: Path
     skipped: tuple[tuple[str, str], ...]
     forced: bool = False
-    facts: tuple[str, ...] = ()
+    facts: Facts = Facts()
     table: tuple[str, ...] = ()  # every path of the back end, in order
 
     def __str__(self) -> str:
@@ -52,7 +59,7 @@ class Choice:
         lines = [f"backend {self.backend}: path {self.path.name} ({how})", f"  {self.path.summary}"]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         lines.append(f"  table: {' > '.join(self.table)}")
-        lines += [f"  facts: {line}" for line in self.facts]
+        lines += [f"  facts: {line}" for line in self.facts.lines()]
         return "\n".join(lines)
 
 
@@ -69,7 +76,7 @@ def choose(backend: str, paths: tuple[Path, ...], call: Call) -> Choice:
         >>> choice.path.name, choice.skipped[0]
         ('generated_loop', ('decode_batch_in_place', 'Q_LEN=512 > 16: not a decoding shape'))
     """
-    facts, table = tuple(call.facts.lines()), tuple(path.name for path in paths)
+    facts, table = call.facts, tuple(path.name for path in paths)
     forced = call.options.get("PATH")
     if forced is not None:
         named = {path.name: path for path in paths}

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from codegen.paths import Path
+from codegen.paths import Path, ServesEveryCall
 from flexattn.block_mask import FULL, PARTIAL
 from flexattn.call import Call, compute_dtype
 from flexattn.ir import Graph
@@ -83,12 +83,9 @@ def block_mask_to_dense(block_mask, mask_graph: Graph | None, mask_buffers, B: i
     return (per_element == FULL) | ((per_element == PARTIAL) & mask)
 
 
-class Dense(Path):
+class Dense(ServesEveryCall):
     name = "dense"
     summary = "the dense reference: every score materialised, the mods evaluated everywhere"
-
-    def why_not(self, call: Call) -> str | None:
-        return None  # serves every call
 
     def run(self, call: Call):
         mask = None

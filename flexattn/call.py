@@ -147,7 +147,11 @@ class Call:
         return self.options.get("PATH") == path
 
     def derived(self, name: str, compute: Callable[[], object]):
-        """``compute()``, computed once per call and kept under ``name``."""
+        """``compute()``, computed once per call and kept under ``name`` until ``release``."""
         if name not in self._derived:
             self._derived[name] = compute()
         return self._derived[name]
+
+    def release(self) -> None:
+        """Drop the derived values (they may refer back to the call: freed now, not by the cyclic GC)."""
+        self._derived.clear()

@@ -84,4 +84,7 @@ def choose(backend: str, call: Call) -> Choice:
 
 def run(backend: str, call: Call):
     """``(out, lse, max_scores)`` of ``call`` on the path ``backend`` chooses for it."""
-    return choose(backend, call).path.run(call)
+    try:
+        return choose(backend, call).path.run(call)
+    finally:
+        call.release()

@@ -42,7 +42,7 @@ import torch
 
 from codegen.torch_backend import fused_plan
 from codegen.torch_backend.fused_plan import PlanUnit, chunks, evaluate_on_tiles, tile_env
-from codegen.torch_backend.lse import merge
+from flexattn.lse import merge
 
 NEG_INF = float("-inf")
 MAX_BIAS_SPAN = 2.0 ** 16  # |row factor| x span of a column factor: beyond, fp32 features lose digits

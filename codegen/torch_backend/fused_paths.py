@@ -78,6 +78,8 @@ def _documents(call: Call):
     B, Hq, _, L, S = call.shape
     if call.score_graph is not None:
         return None, "a score_mod is given: documents run without one"
+    if call.mask_graph is None:
+        return None, "no mask_mod: no documents"
     if not call.facts.exact:
         return None, "the BlockMask is not the exact block reduction of this mask_mod (create_block_mask)"
     if call.facts.segments is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from codegen.torch_backend.evaluate import index_inputs
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 from flexattn.semantics import evaluate
 
@@ -215,12 +216,12 @@ def tile_env(b: slice, h: slice, tiles: torch.Tensor, block, L: int, S: int) -> 
     """The mods' inputs over a batch of tiles (P, 2), shaped (B, H, P, q_block, kv_block) when
     broadcast, indices clamped into the sequences, and where positions are in range."""
     q_block, kv_block = block
-    q_idx = (tiles[:, 0].view(-1, 1) * q_block + torch.arange(q_block)).view(1, 1, -1, q_block, 1)
-    kv_idx = (tiles[:, 1].view(-1, 1) * kv_block + torch.arange(kv_block)).view(1, 1, -1, 1, kv_block)
-    env = {"b": torch.arange(b.start, b.stop).view(-1, 1, 1, 1, 1),
-           "h": torch.arange(h.start, h.stop).view(1, -1, 1, 1, 1),
-           "q_idx": q_idx.clamp(max=L - 1), "kv_idx": kv_idx.clamp(max=S - 1)}
-    return env, (q_idx < L) & (kv_idx < S)
+    q_idx = tiles[:, 0].view(-1, 1) * q_block + torch.arange(q_block)  # (P, q_block)
+    kv_idx = tiles[:, 1].view(-1, 1) * kv_block + torch.arange(kv_block)  # (P, kv_block)
+    env = index_inputs(5, b=(torch.arange(b.start, b.stop), (0,)), h=(torch.arange(h.start, h.stop), (1,)),
+                       q_idx=(q_idx.clamp(max=L - 1), (2, 3)), kv_idx=(kv_idx.clamp(max=S - 1), (2, 4)))
+    in_range = index_inputs(5, q=(q_idx < L, (2, 3)), kv=(kv_idx < S, (2, 4)))
+    return env, in_range["q"] & in_range["kv"]
 
 
 def evaluate_on_tiles(graph, env: dict, buffers) -> torch.Tensor:

@@ -8,7 +8,7 @@ serves every call. Adding a path is one class here and one line in ``PATHS``.
 
 from __future__ import annotations
 
-from codegen.paths import Path
+from codegen.paths import Path, ServesEveryCall
 from codegen.torch_backend import fused_paths
 from codegen.torch_backend.decode import decoding, why_not_split_kv
 from codegen.torch_backend.decode.batch import whole_batch, why_not_copied, why_not_in_place
@@ -94,12 +94,9 @@ class FusedTiles(Path):
         return outside_compiled_graphs(fused_paths.run_fused)(call, units)
 
 
-class GeneratedLoop(Path):
+class GeneratedLoop(ServesEveryCall):
     name = "generated_loop"
     summary = "the generated block-sparse flash loop (forward and backward), cached by the mods' structure"
-
-    def why_not(self, call: Call) -> str | None:
-        return None  # serves every call
 
     def run(self, call: Call):
         return compile_kernel(call.score_graph, call.mask_graph)(call)

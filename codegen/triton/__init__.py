@@ -1,8 +1,8 @@
 """The Triton back end: mods printed into FlashAttention-style Triton templates.
 
-``compile_kernel(score_graph, mask_graph, options) -> Kernel`` generates (and caches in memory,
-keyed by ``codegen.cache.kernel_key``, the graphs' structure without constants or buffer shapes,
-plus the options) a Triton module with a forward kernel, dq / dk,dv backward kernels and
+``compile_kernel(score_graph, mask_graph, options) -> Kernel`` generates (and caches in memory and
+on disk, in ``codegen.cache`` like the torch back end's, keyed by the graphs' structure without
+constants or buffer shapes) a Triton module with a forward kernel, dq / dk,dv backward kernels and
 split-KV decoding kernels (``codegen.triton.decode``). ``PATHS`` is its table of paths: decoding
 shapes (``codegen.decoding``) take the split-KV kernels, every other call the block-sparse
 kernels, with autograd for query, key, value and the score_mod's floating-point buffers.
@@ -10,40 +10,48 @@ kernels, with autograd for query, key, value and the score_mod's floating-point 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import os
 import tempfile
+import pathlib
 
 from codegen.autograd import differentiable
-from codegen.cache import kernel_key
+from codegen.cache import KERNELS, kernel_key
 from codegen.decoding import why_not_decoding
-from codegen.paths import Path
+from codegen.paths import Path, ServesEveryCall
 from codegen.triton.kernel import Kernel
 from codegen.triton.printer import constant_args
 from codegen.triton.source import kernel_source, score_grad_buffers
 from flexattn.call import Call
 from flexattn.ir import Graph
 
-# key -> (source, module); constants are kernel arguments, so they are not in the key.
-_MODULES: dict[str, tuple[str, object]] = {}
-_SOURCE_DIR: list[str] = []  # the directory of generated modules, made on first use
+# Entries written by another version of these files are stale (rebuilt, never used).
+_GENERATOR_FILES = ("templates.py", "printer.py", "source.py", "decode.py")
+GENERATOR_VERSION = hashlib.sha256(b"".join((pathlib.Path(__file__).parent / name).read_bytes()
+                                            for name in _GENERATOR_FILES)).hexdigest()[:16]
+_SCRATCH: list[str] = []  # a directory for modules the disk cache could not hold, made on first use
 
 
-def _load(source: str, name: str):
-    # triton.jit reads a kernel's source from its file, so the module lives on disk.
-    if not _SOURCE_DIR:
-        _SOURCE_DIR.append(tempfile.mkdtemp(prefix="flexattn_triton_"))
-    path = os.path.join(_SOURCE_DIR[0], f"{name}.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"flexattn_triton_{name}", path)
+def _load(source: str, filename: str):
+    """The generated source imported as a module from a file, since triton.jit reads a kernel's
+    source from its file: the cache's entry ``filename`` when it holds this source, else a file in a
+    temporary directory."""
+    path = pathlib.Path(filename)
+    if not (path.suffix == ".py" and path.is_file() and path.read_text().endswith(source)):
+        if not _SCRATCH:
+            _SCRATCH.append(tempfile.mkdtemp(prefix="flexattn_triton_"))
+        path = pathlib.Path(_SCRATCH[0]) / f"{path.stem}.py"
+        path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"flexattn_triton_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.__flexattn_source__ = source  # without the cache's header line
     return module
 
 
 def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None, options: dict | None = None) -> Kernel:
-    """A Triton kernel for these mods (cached), bound to these graphs' constants.
+    """A Triton kernel for these mods (cached in memory and on disk by ``codegen.cache``, keyed by
+    the graphs' structure), bound to these graphs' constants and ``options``.
 
     Options: ``BLOCK_SIZE`` (sparse block when ``block_mask`` is None, default
     128), ``FWD_BLOCK_M``/``FWD_BLOCK_N``/``BWD_BLOCK_M``/``BWD_BLOCK_N`` (tiles),
@@ -55,14 +63,10 @@ def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None, options:
         >>> out, lse, max_scores = kernel(q, k, v, score_buffers=(), mask_buffers=(),
         ...                               block_mask=bm, scale=None, enable_gqa=False)
     """
-    options = dict(options or {})
-    key = kernel_key(score_graph, mask_graph) + repr(sorted(options.items()))
-    if key not in _MODULES:
-        source = kernel_source(score_graph, mask_graph)
-        _MODULES[key] = (source, _load(source, f"k{len(_MODULES)}"))
-    source, module = _MODULES[key]
-    return Kernel(source, module, constant_args(score_graph), constant_args(mask_graph),
-                  score_grad_buffers(score_graph), options)
+    module = KERNELS.get("triton", kernel_key(score_graph, mask_graph), GENERATOR_VERSION,
+                         build=lambda: kernel_source(score_graph, mask_graph), load=_load)
+    return Kernel(module.__flexattn_source__, module, constant_args(score_graph), constant_args(mask_graph),
+                  score_grad_buffers(score_graph), dict(options or {}))
 
 
 def _kernel(call: Call) -> Kernel:
@@ -102,12 +106,9 @@ class SplitKV(Path):
                                     **_mods(call))
 
 
-class BlockSparse(Path):
+class BlockSparse(ServesEveryCall):
     name = "block_sparse"
     summary = "the block-sparse FlashAttention kernels (forward, dq and dk/dv backward)"
-
-    def why_not(self, call: Call) -> str | None:
-        return None  # serves every call
 
     def run(self, call: Call):
         return differentiable(_Launch(_kernel(call), call), call.query, call.key, call.value, call.score_buffers)

@@ -26,7 +26,7 @@ from codegen.torch_backend.decode.cpu_kernels import scores_at, values_at
 from codegen.torch_backend.decode.reads import (keys_major_scores, read_tiles, reads_in_place, reused_buffer,
                                                 row_table, tile_source)
 from codegen.torch_backend.evaluate import index_inputs, kept, modded_scores
-from codegen.torch_backend.lse import normalise, safe_shift
+from flexattn.lse import normalise, safe_shift
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 
 BATCH_SCORES_BUDGET = 1 << 24  # score elements of one batch of long sequences (64 MB in fp32); more: other paths

@@ -15,7 +15,7 @@ import torch
 from codegen.torch_backend.decode import NEG_INF, Decoding
 from codegen.torch_backend.decode.reads import keys_major_scores, read_tiles, tile_source
 from codegen.torch_backend.evaluate import index_inputs, kept, modded_scores
-from codegen.torch_backend.lse import merge, normalise, safe_shift
+from flexattn.lse import merge, normalise, safe_shift
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 
 

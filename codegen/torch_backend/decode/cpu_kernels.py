@@ -57,13 +57,13 @@ def load_kernels() -> None:
         return
     table, rows = torch.zeros(8, 4), torch.zeros(1, 1, dtype=torch.int64)
     positions, reads = torch.arange(8).view(1, 8), torch.tensor([8])
-    values_at(table, rows, positions, scores_at(table, rows, positions, torch.zeros(1, 1, 1, 4), reads,
-                                                            True), reads, True)
+    scores = scores_at(table, rows, positions, torch.zeros(1, 1, 1, 4), reads, True)
+    values_at(table, rows, positions, scores, reads, True)
     _loaded.set()
 
 
 def scores_at(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor,
-                    reads: torch.Tensor, scattered: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+              reads: torch.Tensor, scattered: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """Scores (B, H, M, N) of queries (B, H, M, E), already scaled, against the keys at rows
     ``base[b, h] + positions[b, n]`` of ``table`` (R, E); sequence b reads only its first ``reads[b]``
     positions, and its scores past them are undefined (the caller masks them). ``scattered``:
@@ -90,7 +90,7 @@ def scores_at(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, 
 
 
 def values_at(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
-                    reads: torch.Tensor, scattered: bool) -> torch.Tensor:
+              reads: torch.Tensor, scattered: bool) -> torch.Tensor:
     """Sums (B, H, M, Ev) of the values at rows ``base[b, h] + positions[b, n]`` of ``table`` (R, Ev)
     weighted by ``weights`` (B, H, M, N); sequence b reads only its first ``reads[b]`` positions (the rest
     may hold anything, NaN included). ``scattered`` as for ``scores_at``.

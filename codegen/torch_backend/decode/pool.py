@@ -17,7 +17,7 @@ import torch
 from codegen.torch_backend.decode import NEG_INF, Decoding
 from codegen.torch_backend.decode.reads import keys_major_scores
 from codegen.torch_backend.evaluate import index_inputs, kept, modded_scores
-from codegen.torch_backend.lse import normalise, safe_shift
+from flexattn.lse import normalise, safe_shift
 from flexattn.block_mask import EMPTY, PARTIAL
 
 POOL_MIN_FILL = 0.5  # the pool is read in place when the visited tiles are at least this share of their range
