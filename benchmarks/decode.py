@@ -8,7 +8,7 @@ tokens), as in a serving batch; two masks:
 * ``sliding``: the same, limited to the last WINDOW tokens.
 
 Rows: flexattn (``backend="auto"``, which takes the split-KV decode path,
-``codegen.split_kv``), ``torch.compile(torch flex_attention)``,
+``codegen/torch_backend/decode/``), ``torch.compile(torch flex_attention)``,
 ``scaled_dot_product_attention`` with a dense bool mask, and flexattn on a
 paged cache holding the same data, twice: "paged" as the pool places the
 pages of sequences that grow side by side, page by page in turn (mostly long
@@ -42,7 +42,7 @@ import torch.nn.attention.flex_attention as torch_flex
 import torch.nn.functional as F
 
 import flexattn
-from codegen.cpu_gather import load_kernels
+from codegen.torch_backend.decode.cpu_kernels import load_kernels
 from flexattn.paged import PagedKVCache
 
 B, H_Q, H_KV, HEAD_DIM, WINDOW, PAGE_SIZE = 8, 32, 8, 128, 1024, 128
@@ -196,7 +196,7 @@ def main(kv_lens=(4096, 16384, 32768), reps: int = 10, compile_torch: bool = Tru
     bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} Hq={H_Q} Hkv={H_KV} D={HEAD_DIM} "
           f"Q_LEN=1 fp32, window {WINDOW}, page {PAGE_SIZE}, flexattn backend auto = "
-          f"{flexattn.api.codegen.default_backend('cpu')}")
+          f"{flexattn.dispatch.default_backend('cpu')}")
     print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s\n")
     print("| mask | KV_LEN | implementation | ms | K/V GB/s | % of copy bw | paged / contiguous |")
     print("|---|---|---|---|---|---|---|")

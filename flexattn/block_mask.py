@@ -36,12 +36,13 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _pair(block_size) -> tuple[int, int]:
-    pair = tuple(block_size) if isinstance(block_size, (tuple, list)) else (block_size, block_size)
-    if len(pair) != 2 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in pair):
+def pair(block_size) -> tuple[int, int]:
+    """A BLOCK_SIZE (an int, or a (q, kv) pair) as a (q, kv) pair of ints; ``BlockMaskError`` otherwise."""
+    sizes = tuple(block_size) if isinstance(block_size, (tuple, list)) else (block_size, block_size)
+    if len(sizes) != 2 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in sizes):
         raise BlockMaskError(f"BLOCK_SIZE must be a positive int or a (q, kv) pair of them, got {block_size!r}; "
                              f"pass e.g. BLOCK_SIZE=128 or BLOCK_SIZE=(128, 64)")
-    return int(pair[0]), int(pair[1])
+    return int(sizes[0]), int(sizes[1])
 
 
 class BlockMask:
@@ -86,7 +87,7 @@ class BlockMask:
             raise BlockMaskError("dq_write_order_full was given without dq_write_order; pass both or neither")
         self.dq_write_order, self.dq_write_order_full = dq_write_order, dq_write_order_full
         self.dq_kv_order, self.dq_kv_order_spt = dq_kv_order, dq_kv_order_spt
-        self.BLOCK_SIZE = _pair(BLOCK_SIZE)
+        self.BLOCK_SIZE = pair(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else noop_mask
         self._tiles_mask_mod = self.mask_mod  # the mask_mod the tile classes were made for
         # Set by create_block_mask: the traced mask (so attention need not trace again)
@@ -153,7 +154,7 @@ class BlockMask:
             q_num, q_idx = transpose_ordered(kv_num_blocks, kv_indices)
             if full_kv_num_blocks is not None:
                 full_q_num, full_q_idx = transpose_ordered(full_kv_num_blocks, full_kv_indices)
-        block = _pair(BLOCK_SIZE)
+        block = pair(BLOCK_SIZE)
         if seq_lengths is None:
             seq_lengths = (kv_indices.shape[-2] * block[0], kv_indices.shape[-1] * block[1])
         return cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,

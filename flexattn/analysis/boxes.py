@@ -25,7 +25,7 @@ DENSE_CHUNK = 1 << 22  # positions evaluated at once: bounds memory
 @dataclass
 class Boxes:
     """A batch of boxes; every field is a 1-D int64 numpy array (ranges inclusive). numpy, not torch:
-    its int64 ops, indexing and nonzero on a few thousand boxes run 2-3x faster on CPU."""
+    its int64 ops, indexing and nonzero on a few thousand boxes are faster on CPU (docs/performance.md)."""
 
     b: np.ndarray
     h: np.ndarray

@@ -6,11 +6,10 @@
 See docs/api.md (Context parallelism) and docs/architecture.md.
 """
 
-from flexattn.distributed.attention import merge_partials
 from flexattn.distributed.context_parallel import context_parallel_attention
 from flexattn.distributed.layout import shard, unshard
 from flexattn.distributed.plan import ContextParallelPlan, plan_context_parallel
 from flexattn.errors import DistributedError
 
-__all__ = ["ContextParallelPlan", "DistributedError", "context_parallel_attention", "merge_partials",
-           "plan_context_parallel", "shard", "unshard"]
+__all__ = ["ContextParallelPlan", "DistributedError", "context_parallel_attention", "plan_context_parallel", "shard",
+           "unshard"]

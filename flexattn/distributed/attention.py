@@ -26,6 +26,7 @@ from flexattn.block_mask import BlockMask
 from flexattn.distributed.comm import Exchange, all_reduce_sum
 from flexattn.distributed.plan import ContextParallelPlan
 from flexattn.errors import InputError
+from flexattn.lse import merge_attention
 from flexattn.trace import trace_score_mod
 
 _parts: "weakref.WeakKeyDictionary[BlockMask, dict]" = weakref.WeakKeyDictionary()
@@ -94,21 +95,6 @@ def local_parts(block_mask: BlockMask, plan: ContextParallelPlan, rank: int, dev
     parts = _LocalParts(own, remote, exchange)
     _parts[block_mask][key] = (classes, parts)
     return parts
-
-
-def merge_partials(out_a, lse_a, out_b, lse_b):
-    """The softmax merge of two partial attentions over disjoint keys: (out, lse), differentiable.
-
-    out_* (B, H, L, Ev), lse_* (B, H, L). Rows empty in both stay 0 / -inf, with finite gradients.
-    """
-    top = torch.maximum(lse_a, lse_b)
-    shift = torch.where(torch.isneginf(top), 0.0, top).detach()  # the result does not depend on it
-    wa, wb = torch.exp(lse_a - shift), torch.exp(lse_b - shift)
-    total = wa + wb
-    empty = total == 0
-    safe = torch.where(empty, 1.0, total)
-    out = out_a * (wa / safe).unsqueeze(-1).to(out_a.dtype) + out_b * (wb / safe).unsqueeze(-1).to(out_b.dtype)
-    return out, torch.where(empty, float("-inf"), shift + torch.log(safe))
 
 
 def _grad_buffers(score_mod) -> tuple[torch.Tensor, ...]:
@@ -184,7 +170,7 @@ class _ContextParallel(torch.autograd.Function):
             if received is not None:
                 remote = (_leaf(received[..., :E], k.requires_grad), _leaf(received[..., E:], v.requires_grad))
                 out_r, lse_r = _attend(call, call.parts.remote, q, *remote)
-                out, lse = merge_partials(out, lse, out_r, lse_r)
+                out, lse = merge_attention([out, out_r], [lse, lse_r])
         ctx.inner = (out, lse, (q, k, v), remote)
         return out.detach(), lse.detach()
 

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-import codegen
+from flexattn import dispatch
 from flexattn.analysis import create_block_mask
 from flexattn.api import validate_inputs
 from flexattn.block_mask import BlockMask
@@ -126,8 +126,8 @@ def _plan_and_mask(block_mask, plan, world: int):
 
 
 def _backend(backend: str) -> str:
-    if backend != "auto" and backend not in codegen.BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, codegen.BACKENDS))}")
+    if backend != "auto" and backend not in dispatch.BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, dispatch.BACKENDS))}")
     return backend
 
 
