@@ -7,19 +7,7 @@ cases passing) does not fail the suite.
 
 import pytest
 
-TENSOR_VALUES = "tensor-valued intermediates (a captured tensor indexed partially, then reduced) are not traced yet"
 KNOWN = {
-    "test_conformance_attn_gym.py::test_forward[vsa_topk": TENSOR_VALUES,
-    "test_conformance_attn_gym.py::test_block_mask[vsa_topk": TENSOR_VALUES,
-    "test_conformance_attn_gym.py::test_create_mask[vsa_topk": TENSOR_VALUES,
-    "test_conformance_attn_gym.py::test_gradients[vsa_topk": TENSOR_VALUES,
-    "test_conformance_attn_gym.py::test_forward[mla_rope]": TENSOR_VALUES,
-    "test_conformance_attn_gym.py::test_create_mask[mla_rope]": TENSOR_VALUES,
-    "test_conformance_attn_gym.py::test_gradients[mla_rope]": TENSOR_VALUES,
-    "test_conformance_torch_mods.py::test_forward[reduction_unrolled]": TENSOR_VALUES,
-    "test_conformance_torch_mods.py::test_create_mask[reduction_unrolled]": TENSOR_VALUES,
-    "test_conformance_torch_mods.py::test_gradients[reduction_unrolled]": TENSOR_VALUES,
-    "test_conformance_ops.py::test_op_forward[unsqueeze_any]": TENSOR_VALUES,
     "test_conformance_block_mask_api.py::test_to_string[": "BlockMask.to_string text differs from torch's",
     "test_conformance_block_mask_api.py::test_str": "str(BlockMask) differs from torch's",
     "test_conformance_block_mask_api.py::test_sliced_block_mask_refuses_attention_like_torch":
