@@ -158,10 +158,18 @@ def _logsumexp(x, dim, keepdim=False):
     return _op("log", total) + _finite_max(x, dim, keepdim)
 
 
-def _norm(x, p=2, dim=None, keepdim=False, *, ord=None, dtype=None):
+def _root(total, root):
+    """``root(total)`` with a zero gradient where total is 0, as torch's norm backward gives there."""
+    zero = total == 0
+    return _op("where", zero, 0.0, root(_op("where", zero, 1.0, total)))
+
+
+def _norm(x, p=2, dim=None, keepdim=False, *, ord=None, dtype=None, out=None):
+    if out is not None:
+        _fail("norm(out=...) in a traced mod. Mods must not mutate: use the returned value.")
     p = ord if ord is not None else ("fro" if p is None else p)
     if p in (2, 2.0, "fro"):
-        return _op("sqrt", _sum(x * x, dim, keepdim))
+        return _root(_sum(x * x, dim, keepdim), lambda t: _op("sqrt", t))
     if p == math.inf or p == -math.inf:
         return (_amax if p > 0 else _amin)(_op("abs", x), dim, keepdim)
     if p == 0:
@@ -170,7 +178,7 @@ def _norm(x, p=2, dim=None, keepdim=False, *, ord=None, dtype=None):
         return _sum(_op("abs", x), dim, keepdim)
     if not isinstance(p, (int, float)):
         _fail(f"norm with p={p!r} of a traced tensor; use p=2, 1, 0, inf or a number.")
-    return _sum(_op("abs", x) ** p, dim, keepdim) ** (1.0 / p)
+    return _root(_sum(_op("abs", x) ** p, dim, keepdim), lambda t: t ** (1.0 / p))
 
 
 # ----- products ------------------------------------------------------------------
