@@ -16,7 +16,7 @@ import numbers
 import torch
 from torch.nn.attention import flex_attention as torch_flex
 
-from flexattn.errors import BlockMaskError
+from flexattn.errors import BlockMaskError, SlicedBlockMaskError
 from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
 
 DEFAULT_BLOCK_SIZE = 128
@@ -25,8 +25,10 @@ EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes, as stored in a tile-class tensor
 
 
 def _sliced_mask_mod(b, h, q_idx, kv_idx):
-    raise BlockMaskError("a sliced BlockMask has no usable mask_mod; build the mask for the slice "
-                         "with create_block_mask instead")
+    raise SlicedBlockMaskError(
+        "Cannot use mask_mod from a sliced BlockMask (as torch: slicing resets it, since the slice's "
+        "indices are shifted). Set sliced.mask_mod to a mask_mod for the slice, or build the mask for "
+        "the slice with create_block_mask.")
 
 
 def positive_int(name: str, value) -> int:
@@ -381,11 +383,15 @@ class BlockMask:
 
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ``BlockMaskError`` unless this mask was built for these lengths."""
-        if (q_len, kv_len) != tuple(self.seq_lengths):
-            raise BlockMaskError(
-                f"this BlockMask was built for Q_LEN={self.seq_lengths[0]}, KV_LEN={self.seq_lengths[1]}, "
-                f"but the inputs have Q_LEN={q_len}, KV_LEN={kv_len}. Build it with "
-                f"create_block_mask(mask_mod, B, H, {q_len}, {kv_len}).")
+        built_q, built_kv = self.seq_lengths
+        if (q_len, kv_len) != (built_q, built_kv):
+            # torch's wording (its tests match "block_mask was created for"), then the fix.
+            fix = f"build a new one: create_block_mask(mask_mod, B, H, {q_len}, {kv_len})"
+            if q_len <= built_q and kv_len <= built_kv:
+                fix += (f", or crop this one with block_mask._adjust({q_len}, {kv_len}) (its top-left corner: "
+                        "right for causal-like masks only)")
+            raise BlockMaskError(f"block_mask was created for block_mask.shape={self.shape} but got q_len={q_len} "
+                                 f"and kv_len={kv_len}; {fix}.")
 
     def __repr__(self) -> str:
         return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "

@@ -30,13 +30,20 @@ class TensorValue:
 
 def tensor_valued(value) -> bool:
     """A traced tensor of one or more dimensions, or a captured tensor of one or more dimensions."""
+    if isinstance(value, Proxy):
+        return False
     return isinstance(value, TensorValue) or (isinstance(value, torch.Tensor) and value.dim() > 0)
 
 
-class Proxy:
-    """A traced scalar value. Supports Python operators, torch functions and Tensor methods."""
+class Proxy(torch.Tensor):
+    """A traced scalar value. Supports Python operators, torch functions and Tensor methods.
 
-    __slots__ = ("node", "weak")
+    It is a Tensor subclass without data so that torch's unbound methods (``torch.Tensor.tanh(x)``,
+    whose C descriptors accept only tensors) reach ``__torch_function__`` as its bound methods do."""
+
+    @staticmethod
+    def __new__(cls, node: Node, weak: bool = False):
+        return torch.Tensor._make_wrapper_subclass(cls, (), dtype=TORCH_DTYPES[node.dtype], device="meta")
 
     def __init__(self, node: Node, weak: bool = False):
         self.node = node
@@ -61,6 +68,11 @@ class Proxy:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         return _tracer().call(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Every torch call on a traced value stops at __torch_function__; none reaches the dispatcher.
+        _fail(f"{func} was called on a traced value below torch's function layer, which tracing cannot see.")
 
     def __pos__(self):
         return self
