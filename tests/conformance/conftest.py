@@ -7,10 +7,8 @@ cases passing) does not fail the suite.
 
 import pytest
 
-KNOWN = {
-    "test_conformance_block_mask_api.py::test_to_string[": "BlockMask.to_string text differs from torch's",
-    "test_conformance_block_mask_api.py::test_str": "str(BlockMask) differs from torch's",
-}
+# nodeid prefix -> reason. Empty: every class this suite knows of passes.
+KNOWN: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(items):

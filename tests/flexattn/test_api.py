@@ -81,4 +81,4 @@ def test_mask_combinators():
 
 def test_block_mask_to_string_draws_tiles():
     bm = flexattn.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 64, 64, BLOCK_SIZE=16)
-    assert bm.to_string().splitlines()[1:] == ["░░      ", "██░░    ", "████░░  ", "██████░░"]
+    assert bm.tile_string().splitlines()[1:] == ["░░      ", "██░░    ", "████░░  ", "██████░░"]
