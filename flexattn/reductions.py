@@ -21,7 +21,7 @@ import torch
 from flexattn.capture import _fail
 from flexattn.ir import DType
 from flexattn.ops import BY_NAME
-from flexattn.proxy import Proxy, _cast, _operand, _promote, apply, tensor_valued
+from flexattn.proxy import Proxy, _cast, _operand, _promote, apply, load_proxy, tensor_valued
 from flexattn.vectors import BufferView, Vector, _check_size, broadcast_map, positions, rearranged, to_vector, wrap
 
 MaxResult = collections.namedtuple("max", ["values", "indices"])
@@ -292,10 +292,17 @@ def _sorted_reader(sequence, sorter):
         order = to_vector(sorter)
         if order.shape != sequence.shape:
             _fail("searchsorted: sorter must have the shape of the sorted sequence.")
-        return (lambda i: sequence[order[i]]), sequence.shape[0]
+        return (lambda i: _read(sequence, _read(order, i))), sequence.shape[0]
     if isinstance(sequence, BufferView):
-        return (lambda i: sequence[i]), sequence.shape[0]
+        return (lambda i: _read(sequence, i)), sequence.shape[0]
     return None, sequence.elements
+
+
+def _read(row: Vector, i: Proxy) -> Proxy:
+    """Element ``i`` of a captured row; the search's positions are in range, so no negative-index wrap."""
+    if not isinstance(row, BufferView):
+        _fail("searchsorted: a sorter must be a captured tensor.")
+    return load_proxy(row.buffer, row.indices + (_cast(i, DType.INT64).node,))
 
 
 def _bucketize(values, boundaries, *, out_int32=False, right=False):

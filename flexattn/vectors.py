@@ -214,7 +214,32 @@ def _index_value(item, size: int):
     if not p.node.dtype.is_int:
         _fail(f"a tensor index must be an integer, got {p.node.dtype.value}; "
               "cast it with .long() (bool indices would be a mask, which mods cannot use).")
-    return _cast(p, DType.INT64)
+    p = _cast(p, DType.INT64)
+    if _nonnegative(p.node):
+        return p
+    # torch reads a negative index from the end (bias[q_idx - kv_idx] where kv_idx > q_idx).
+    return apply(BY_NAME["where"], p < 0, p + size, p)
+
+
+_KEEP_SIGN = (Op.ADD, Op.MUL, Op.MIN, Op.WHERE)
+
+
+def _nonnegative(node: Node) -> bool:
+    """Whether an int value is >= 0 by its form alone (an index input, x % k for k > 0, ...)."""
+    if node.op in (Op.INPUT, Op.ABS) or node.dtype is DType.BOOL:
+        return True
+    if node.op is Op.CONST:
+        return node.arg >= 0
+    if node.op is Op.CAST:
+        return _nonnegative(node.inputs[0])
+    if node.op in (Op.MOD, Op.FLOORDIV):
+        divisor = node.inputs[1]
+        positive = divisor.op is Op.CONST and divisor.arg > 0
+        return positive and (node.op is Op.MOD or _nonnegative(node.inputs[0]))
+    if node.op is Op.MAX:
+        return any(_nonnegative(i) for i in node.inputs)
+    inputs = node.inputs[1:] if node.op is Op.WHERE else node.inputs
+    return node.op in _KEEP_SIGN and all(_nonnegative(i) for i in inputs)
 
 
 def _node(index) -> Node:
@@ -247,6 +272,7 @@ def index_vector(value, item):
 def _select(v: Vector, index: list):
     """The element of ``v`` at ``index`` (ints or traced); a traced index past either end reads that end."""
     strides = [math.prod(v.shape[d + 1:]) for d in range(len(index))]
+    index = [i if isinstance(i, int) else _index_value(i, n) for i, n in zip(index, v.shape)]
     flat = sum(i * s for i, s in zip(index, strides))
     if isinstance(flat, int):
         return v.elements[flat]

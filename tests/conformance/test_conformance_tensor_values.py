@@ -5,7 +5,7 @@ kv_idx) under torch's vmap; so are ``unsqueeze``, broadcasting against a capture
 and ``torch.stack`` of traced values. Each case reduces such a value (any, all, sum,
 amax, mean, dot, matmul, einsum, isin, norm, logsumexp, argmax, max over a dim) or searches a
 captured sorted tensor (``searchsorted`` / ``bucketize``: document ids from offsets, per batch
-row too), and gets the four checks of ``conformance_helpers.make_case_tests``.
+row too), reads a captured tensor at a negative traced index (from the end, as torch), and gets the four checks of ``conformance_helpers.make_case_tests``.
 """
 
 import torch
@@ -21,6 +21,7 @@ ROW_OFFSETS = torch.tensor([[0, 30, 60, L, L], [0, 5, 50, 51, L]])  # per batch 
 BOUNDARIES = torch.tensor([8, 16, 32, 64])  # bucketize: log-spaced distance buckets
 ALLOWED = torch.tensor([0, 3, 5])
 SETS = torch.randint(0, 6, (2, L // 16, 4), generator=G)  # per batch and q tile: the kv tiles it sees
+WRAP = torch.randn(L, generator=G)  # read at q_idx - kv_idx: a negative index counts from the end, as in torch
 TOPK = torch.stack([torch.randperm(6, generator=G)[:3] for _ in range(2 * L // 16)]).view(2, L // 16, 3)
 
 
@@ -110,7 +111,13 @@ def broadcast_outer(a, c):
     return score_mod, None
 
 
+def wrapped_bias(table):
+    return (lambda score, b, h, q_idx, kv_idx: score + table[q_idx - kv_idx] + table[h - 1]), None
+
+
 CASES = [
+    Case("negative_index_mask", mask_only(lambda b, h, q_idx, kv_idx: WRAP[q_idx - kv_idx] > 0), L=L, block=16),
+    Case("negative_index_bias", wrapped_bias, (randn(L),), L=L),
     Case("searchsorted_documents", mask_only(document_ids), L=L, block=16),
     Case("searchsorted_jagged_rows", mask_only(jagged_rows), L=L, block=16),
     Case("bucketize_distance", mask_only(bucket_window), L=L, block=16),
