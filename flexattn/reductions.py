@@ -250,6 +250,11 @@ def _isin(elements, test_elements, *, assume_unique=False, invert=False):
     return broadcast_map(member, [elements])
 
 
+# Sequences up to this length are searched by counting (one compare per element, each decided
+# exactly per tile by the interval analysis); longer ones by the unrolled binary search.
+_COUNTED = 32
+
+
 def _searchsorted(sorted_sequence, values, *, out_int32=False, right=False, side=None, sorter=None):
     if side is not None:
         if side not in ("left", "right") or (right and side == "left"):
@@ -265,8 +270,10 @@ def _searchsorted(sorted_sequence, values, *, out_int32=False, right=False, side
             if not (e.node.dtype.is_float or x.node.dtype.is_float):
                 return e <= x if right else e < x
             return ~(e > x) if right else ~(e >= x)
-        if read is None:
-            count = functools.reduce(lambda a, b: a + b, [_cast(advance(e), DType.INT64) for e in n], _operand(0))
+        if read is None or n <= _COUNTED:
+            elements = n if read is None else [read(_operand(j)) for j in range(n)]
+            count = functools.reduce(lambda a, b: a + b, [_cast(advance(e), DType.INT64) for e in elements],
+                                     _operand(0))
             return Proxy(_cast(count, dtype).node)
         pos = _operand(0)
         step = 1 << max(n.bit_length() - 1, 0)

@@ -168,13 +168,25 @@ def rearranged(value, fn):
     return wrap([v.elements[i] for i in moved.reshape(-1).tolist()], moved.shape)
 
 
+def broadcast_shapes(shapes) -> tuple[int, ...]:
+    """torch's broadcast of ``shapes`` (torch's own function imports torch._refs: seconds, once)."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = []
+    for d in range(ndim):
+        sizes = {s[d - ndim + len(s)] for s in shapes if d - ndim + len(s) >= 0} - {1}
+        if len(sizes) > 1:
+            _fail(f"shapes {[list(s) for s in shapes]} do not broadcast (sizes {sorted(sizes)} in one dimension).")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
 def broadcast_map(fn, args):
     """``fn`` applied to each element of ``args`` broadcast together, as torch broadcasts tensors.
 
     A 0-d operand next to a tensor of one or more dimensions promotes as torch's 0-d tensors do
     (by category only), so ``q_idx + int32_table[b]`` is int32 as in torch."""
     vectors = [to_vector(a) for a in args]
-    shape = _torch_call(torch.broadcast_shapes, *(v.shape for v in vectors))
+    shape = broadcast_shapes([v.shape for v in vectors])
     _check_size(shape)
     dimensioned = any(v.ndim for v in vectors)
     where = [positions(v.shape).expand(shape).reshape(-1).tolist() for v in vectors]
@@ -318,7 +330,7 @@ def _index_general(fetch, sub: tuple, items: tuple):
     group = ()
     if advanced:
         shapes = [to_vector(it).shape for it in items if _is_tensor_index(it)]
-        group = tuple(_torch_call(torch.broadcast_shapes, *shapes))
+        group = broadcast_shapes(shapes)
         where = [positions(s).expand(group).reshape(-1).tolist() for s in shapes]
         at = [k for k, a in enumerate(axes) if a[0] == "adv"]
         first = at[0] if at == list(range(at[0], at[0] + len(at))) else 0

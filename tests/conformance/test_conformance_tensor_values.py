@@ -17,6 +17,8 @@ from conformance_helpers import Case, check_block_mask, check_create_mask, make_
 G = torch.Generator().manual_seed(21)
 L = 96
 OFFSETS = torch.tensor([0, 17, 40, 41, 70, L], dtype=torch.int32)
+# More starts than flexattn counts one by one: the unrolled binary search (empty documents too).
+MANY_OFFSETS = torch.cat([torch.tensor([0]), torch.randint(0, L, (40,), generator=G).sort().values, torch.tensor([L])])
 ROW_OFFSETS = torch.tensor([[0, 30, 60, L, L], [0, 5, 50, 51, L]])  # per batch row (jagged)
 BOUNDARIES = torch.tensor([8, 16, 32, 64])  # bucketize: log-spaced distance buckets
 ALLOWED = torch.tensor([0, 3, 5])
@@ -36,6 +38,10 @@ def mask_only(mask_mod):
 def document_ids(b, h, q_idx, kv_idx):
     same = torch.searchsorted(OFFSETS, q_idx, right=True) == torch.searchsorted(OFFSETS, kv_idx, right=True)
     return same & (q_idx >= kv_idx)
+
+
+def many_documents(b, h, q_idx, kv_idx):
+    return torch.bucketize(q_idx, MANY_OFFSETS, right=True) == torch.bucketize(kv_idx, MANY_OFFSETS, right=True)
 
 
 def jagged_rows(b, h, q_idx, kv_idx):
@@ -119,6 +125,7 @@ CASES = [
     Case("negative_index_mask", mask_only(lambda b, h, q_idx, kv_idx: WRAP[q_idx - kv_idx] > 0), L=L, block=16),
     Case("negative_index_bias", wrapped_bias, (randn(L),), L=L),
     Case("searchsorted_documents", mask_only(document_ids), L=L, block=16),
+    Case("searchsorted_many_documents", mask_only(many_documents), L=L, block=16),
     Case("searchsorted_jagged_rows", mask_only(jagged_rows), L=L, block=16),
     Case("bucketize_distance", mask_only(bucket_window), L=L, block=16),
     Case("unsqueeze_any_tile_sets", mask_only(tile_sets), L=L, block=16),
