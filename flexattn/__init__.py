@@ -19,7 +19,8 @@ from flexattn.api import AuxOutput, AuxRequest, InputError, create_mask, flex_at
 
 __all__ = [
     "AuxOutput", "AuxRequest", "BlockMask", "CompiledAttention", "BlockMaskError", "DType", "FlexAttnError", "Graph",
-    "InputError", "LoweringError", "Node", "Op", "PagedAttention", "PagedCacheError", "PagedKVCache", "SlicedBlockMaskError", "TraceError", "TracedMod", "and_masks",
+    "InputError", "LoweringError", "Node", "Op", "PagedAttention", "PagedCacheError", "PagedKVCache",
+    "SlicedBlockMaskError", "TraceError", "TracedMod", "and_masks",
     "compile", "create_block_mask", "create_mask", "flex_attention", "noop_mask", "or_masks", "trace", "trace_mask_mod",
     "trace_score_mod",
 ]

@@ -258,7 +258,8 @@ _COUNTED = 32
 def _searchsorted(sorted_sequence, values, *, out_int32=False, right=False, side=None, sorter=None):
     if side is not None:
         if side not in ("left", "right") or (right and side == "left"):
-            _fail(f"searchsorted(side={side!r}, right={right}); torch takes side 'left' or 'right', agreeing with right.")
+            _fail(f"searchsorted(side={side!r}, right={right}); torch takes side 'left' or 'right', "
+                  "agreeing with right.")
         right = side == "right"
     read, n = _sorted_reader(sorted_sequence, sorter)
     dtype = DType.INT32 if out_int32 else DType.INT64

@@ -86,8 +86,8 @@ def _output(result, kind: str, fn) -> Proxy:
     if isinstance(result, (Proxy, bool, int, float, torch.Tensor, Vector)):
         if isinstance(result, (torch.Tensor, Vector)) and not isinstance(result, Proxy) and result.ndim != 0:
             location, line = _definition_site(fn)
-            raise TraceError(f"{kind} returned a tensor of shape {list(result.shape)}; it must return "
-                             "one value per (b, h, q_idx, kv_idx): reduce it (.sum(-1), .any(-1)) or index it.", location, line)
+            raise TraceError(f"{kind} returned a tensor of shape {list(result.shape)}; it must return one value "
+                             "per (b, h, q_idx, kv_idx): reduce it (.sum(-1), .any(-1)) or index it.", location, line)
         out = _operand(result)
     else:
         location, line = _definition_site(fn)

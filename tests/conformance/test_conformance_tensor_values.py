@@ -5,7 +5,8 @@ kv_idx) under torch's vmap; so are ``unsqueeze``, broadcasting against a capture
 and ``torch.stack`` of traced values. Each case reduces such a value (any, all, sum,
 amax, mean, dot, matmul, einsum, isin, norm, logsumexp, argmax, max over a dim) or searches a
 captured sorted tensor (``searchsorted`` / ``bucketize``: document ids from offsets, per batch
-row too), reads a captured tensor at a negative traced index (from the end, as torch), and gets the four checks of ``conformance_helpers.make_case_tests``.
+row too), or reads a captured tensor at a negative traced index (from the end, as torch);
+each gets the four checks of ``conformance_helpers.make_case_tests``.
 """
 
 import torch
