@@ -238,7 +238,9 @@ _KEEP_SIGN = (Op.ADD, Op.MUL, Op.MIN, Op.WHERE)
 
 def _nonnegative(node: Node) -> bool:
     """Whether an int value is >= 0 by its form alone (an index input, x % k for k > 0, ...)."""
-    if node.op in (Op.INPUT, Op.ABS) or node.dtype is DType.BOOL:
+    if node.op is Op.INPUT:
+        return node.arg != "score"  # b, h, q_idx and kv_idx count from 0
+    if node.op is Op.ABS or node.dtype is DType.BOOL:
         return True
     if node.op is Op.CONST:
         return node.arg >= 0
