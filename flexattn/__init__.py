@@ -6,7 +6,8 @@ Write a ``score_mod(score, b, h, q_idx, kv_idx)`` and/or a
 derives the block mask symbolically and runs a generated kernel.
 """
 
-from flexattn.errors import BlockMaskError, FlexAttnError, LoweringError, PagedCacheError, TraceError
+from flexattn.errors import (BlockMaskError, FlexAttnError, LoweringError, PagedCacheError, SlicedBlockMaskError,
+                             TraceError)
 from flexattn.ir import DType, Graph, Node, Op
 from flexattn.masks import and_masks, noop_mask, or_masks
 from flexattn.block_mask import BlockMask
@@ -19,7 +20,8 @@ from flexattn.api import AuxOutput, AuxRequest, InputError, create_mask, explain
 
 __all__ = [
     "AuxOutput", "AuxRequest", "BlockMask", "CompiledAttention", "BlockMaskError", "DType", "FlexAttnError", "Graph",
-    "InputError", "LoweringError", "Node", "Op", "PagedAttention", "PagedCacheError", "PagedKVCache", "TraceError", "TracedMod", "and_masks",
-    "compile", "create_block_mask", "create_mask", "explain_call", "flex_attention", "merge_attention", "noop_mask", "or_masks", "trace", "trace_mask_mod",
+    "InputError", "LoweringError", "Node", "Op", "PagedAttention", "PagedCacheError", "PagedKVCache",
+    "SlicedBlockMaskError", "TraceError", "TracedMod", "and_masks", "compile", "create_block_mask", "create_mask",
+    "explain_call", "flex_attention", "merge_attention", "noop_mask", "or_masks", "trace", "trace_mask_mod",
     "trace_score_mod",
 ]

@@ -46,7 +46,7 @@ def demo(size: int) -> None:
     start = time.perf_counter()
     block_mask = flexattn.create_block_mask(_causal, None, None, size, size)
     mask_ms = (time.perf_counter() - start) * 1e3
-    print(f"{block_mask}\n{block_mask.to_string()}\n{block_mask.explain()}\n")
+    print(f"{block_mask!r}\n{block_mask.tile_string()}\n{block_mask.explain()}\n")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, size, 64, generator=g) for _ in range(3))
     start = time.perf_counter()
@@ -92,7 +92,7 @@ def inspect_mod(args) -> None:
     if kind == "mask_mod":
         block_mask = flexattn.create_block_mask(mod, args.batch, args.heads, args.q_len, args.kv_len,
                                                 BLOCK_SIZE=args.block_size)
-        print(f"== tiles\n{block_mask.explain()}\n\n== block mask\n{block_mask.to_string()}\n")
+        print(f"== tiles\n{block_mask.explain()}\n\n== block mask\n{block_mask.tile_string()}\n")
         if args.png:
             block_mask.plot(args.png)
             print(f"wrote {args.png}\n")

@@ -37,6 +37,10 @@ class BlockMaskError(FlexAttnError, ValueError):
     """A BlockMask was built from, or used with, inconsistent sizes."""
 
 
+class SlicedBlockMaskError(BlockMaskError, RuntimeError):
+    """Attention with a sliced BlockMask whose mask_mod was not set again (a RuntimeError, as torch's)."""
+
+
 class LoweringError(FlexAttnError, NotImplementedError):
     """A back end cannot lower an IR construct (names the op and the back end)."""
 
