@@ -7,7 +7,10 @@ the score_mod) runs as ``torch.compile``d C++ (``source``, ``loop``), or None
 while that kernel is still compiling in the background, when compilation
 failed (a one-time warning says why) or when ``kernel_options["COMPILED"]``
 is False: the caller then runs the eager kernel. Matmuls stay on BLAS.
-``kernel_options["COMPILED"]``: ``"auto"`` (default) tiered as above;
+``kernel_options["COMPILED"]``: ``"auto"`` (default) tiered as above, the compilation
+requested from a signature's ``tier.COMPILE_AFTER_CALLS``-th call on (a mod called a few times,
+a test or a one-off script, never starts the compiler, which competes with the calls it serves
+for the CPU and the GIL);
 ``True`` waits for the compiled kernel (benchmarks, tests); ``False`` never
 compiles. The environment variable ``FLEXATTN_COMPILED=0`` makes the default
 ``"auto"`` behave as False (the test suite sets it: tests of this path ask
@@ -20,71 +23,64 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
-
+from codegen.cache import kernel_key
 from codegen.torch_backend.compiled import tier
 from codegen.torch_backend.compiled.tier import STATS
-from codegen.torch_backend.kernel import DEFAULT_MAX_TILES, Kernel, check_heads
-from codegen.torch_backend.printer import constants_of
+from codegen.torch_backend.kernel import DEFAULT_MAX_TILES, Kernel
 from codegen.torch_backend.tiles import plan_rows
-from flexattn.block_mask import DEFAULT_BLOCK_SIZE, _pair
+from flexattn.call import Call
 from flexattn.errors import LoweringError
+from flexattn.ir import constants_of
 
 
-def kernel_for(score_graph, mask_graph, kernel_options: dict, kernel_key, query, key, value, *, score_buffers,
-               mask_buffers, block_mask, scale: float, enable_gqa: bool) -> Kernel | None:
-    """The compiled kernel for this call, or None where the eager kernel serves (see the module docstring).
-
-    ``kernel_key(score_graph, mask_graph, options)`` is the eager kernel's cache key; ``kernel_options``
-    without the dispatch-only keys are the kernel's options. Shapes as ``kernel.Kernel``. Raises
-    ``LoweringError`` for head counts that do not fit (as the eager kernel does); an op the printer
-    cannot lower returns None (the eager kernel raises it).
+def kernel_for(call: Call) -> Kernel | str:
+    """The compiled kernel for ``call``, or the reason the eager loop serves it instead (see the
+    module docstring): a ``Kernel`` called as ``kernel(call) -> (out, lse, max_scores)``.
 
     Example::
 
-        >>> kernel = kernel_for(graph, None, {"COMPILED": True}, kernel_key, q, k, v, score_buffers=(),
-        ...                     mask_buffers=(), block_mask=bm, scale=0.125, enable_gqa=False)
-        >>> out, lse, max_scores = kernel(q, k, v, score_buffers=(), mask_buffers=(), block_mask=bm, scale=0.125)
+        >>> kernel = kernel_for(call)  # call.options["COMPILED"] True: waits for the compiler
+        >>> out, lse, max_scores = kernel(call)
     """
-    mode = kernel_options.get("COMPILED", "auto")
-    if mode == "auto" and os.environ.get("FLEXATTN_COMPILED", "").lower() in ("0", "false", "no", "off"):
-        return None
+    mode = call.options.get("COMPILED", "auto")
     if mode is False:
-        return None
-    check_heads(query.shape[1], key.shape[1], enable_gqa)
-    options = {name: value for name, value in kernel_options.items()
-               if name in ("BLOCK_SIZE", "max_tiles")}
+        return "kernel_options COMPILED=False"
+    if call.forces("compiled_loop"):
+        mode = True  # forced: wait for the compiler
+    if mode == "auto" and os.environ.get("FLEXATTN_COMPILED", "").lower() in ("0", "false", "no", "off"):
+        return "FLEXATTN_COMPILED=0 in the environment"
     try:
         # The tile source depends on the mods only (tile sizes are run-time values).
-        item = tier.entry(kernel_key(score_graph, mask_graph, {}), score_graph, mask_graph)
-    except LoweringError:
-        return None
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *score_buffers))
-    slots = [i for i, t in enumerate(score_buffers) if t.requires_grad] if needs_grad else None
-    sig = tier.signature(query, score_buffers, mask_buffers, block_mask, slots)
+        item = tier.entry(kernel_key(call.score_graph, call.mask_graph), call.score_graph, call.mask_graph)
+    except LoweringError as error:
+        return f"the tile printer cannot lower this mod ({error})"
+    slots = [i for i, t in enumerate(call.score_buffers) if t.requires_grad] if call.needs_grad else None
+    sig = tier.signature(call.query, call.score_buffers, call.mask_buffers, call.block_mask, slots)
     state = tier.state(item, sig)
+    if state is None and mode == "auto":
+        calls = tier.count_call(item, sig)
+        if calls < tier.COMPILE_AFTER_CALLS:
+            return (f"call {calls} of this mod and signature; its kernel is compiled from call "
+                    f"{tier.COMPILE_AFTER_CALLS} on (the eager loop serves until then)")
     if state is None:
-        consts = (constants_of(score_graph), constants_of(mask_graph))
-        tier.request(item, sig, functools.partial(
-            _compile, item, query, key, value, block_mask, options, scale, tuple(score_buffers),
-            tuple(mask_buffers), consts, slots))
+        tier.request(item, sig, functools.partial(_compile, item, call, slots))
     if mode is True and state != tier.READY:
         state = tier.wait(item, sig)
     if state == tier.FAILED:
         tier.warn_once(item, sig)
+        return f"compiling its kernel failed ({tier.error_of(item, sig)}); the eager loop serves it"
     if state != tier.READY:
-        return None
-    STATS["served"] += 1
-    return Kernel(item.namespace_for(), options, constants_of(score_graph), constants_of(mask_graph),
-                  has_score_mod=score_graph is not None)
+        return "its compiled kernel is being built in the background; the eager loop serves meanwhile"
+    return Kernel(item.namespace_for(), constants_of(call.score_graph), constants_of(call.mask_graph))
 
 
-def _compile(item, query, key, value, block_mask, options, scale, score_buffers, mask_buffers, consts, slots):
+def _compile(item, call: Call, slots):
     """The background job: plan the call's rows as ``Kernel.run`` does, then ``tier.warm_up``."""
-    block = block_mask.BLOCK_SIZE if block_mask is not None else _pair(options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
-    rows = plan_rows(block_mask, query.shape[2], key.shape[2], block, int(options.get("max_tiles", DEFAULT_MAX_TILES)))
-    tier.warm_up(item, query, key, value, rows, block[1], scale, score_buffers, consts[0], mask_buffers, consts[1],
-                 slots)
+    _, _, _, L, S = call.shape
+    rows = plan_rows(call.block_mask, L, S, call.block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
+    tier.warm_up(item, call.query, call.key, call.value, rows, call.block_size[1], call.scale,
+                 tuple(call.score_buffers), constants_of(call.score_graph), tuple(call.mask_buffers),
+                 constants_of(call.mask_graph), slots)
 
 
 def wait_all() -> None:

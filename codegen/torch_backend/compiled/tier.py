@@ -42,6 +42,7 @@ GENERATOR_VERSION = hashlib.sha256(
     b"".join(path.read_bytes() for path in _FILES) + torch.__version__.encode()).hexdigest()[:16]
 STATS = {"graphs": 0, "served": 0, "failures": 0}
 READY, FAILED, PENDING = "ready", "failed", "pending"
+COMPILE_AFTER_CALLS = 8  # "auto" compiles a signature from its 8th call on: hot code only
 
 _lock = threading.Lock()
 _jobs: queue.Queue = queue.Queue()
@@ -71,6 +72,7 @@ class Entry:
         self.compiled: dict | None = None
         self.bound: dict | None = None
         self.states: dict = {}
+        self.calls: dict = {}
         self.errors: dict = {}
         self.warned = False
         self.done = threading.Condition(_lock)
@@ -134,6 +136,13 @@ def signature(query, score_buffers, mask_buffers, block_mask, slots) -> tuple:
             tuple(map(_pattern, mask_buffers)), tuple(slots) if slots is not None else None)
 
 
+def count_call(item: Entry, sig: tuple) -> int:
+    """One more call of ``sig`` of ``item``; returns how many there have been."""
+    with _lock:
+        item.calls[sig] = item.calls.get(sig, 0) + 1
+        return item.calls[sig]
+
+
 def state(item: Entry, sig: tuple) -> str | None:
     """``READY``, ``FAILED``, ``PENDING`` or None (never requested) for ``sig`` of ``item``."""
     with _lock:
@@ -157,6 +166,12 @@ def wait(item: Entry, sig: tuple) -> str:
     with _lock:
         item.done.wait_for(lambda: item.states.get(sig) != PENDING)
         return item.states[sig]
+
+
+def error_of(item: Entry, sig: tuple) -> str:
+    """Why compiling ``sig`` of ``item`` failed."""
+    with _lock:
+        return item.errors.get(sig, "unknown error")
 
 
 def warn_once(item: Entry, sig: tuple) -> None:
