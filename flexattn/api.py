@@ -15,6 +15,7 @@ import torch
 
 import codegen
 from flexattn.block_mask import BlockMask
+from flexattn import custom_op
 from flexattn import kernel_options as options
 from flexattn.errors import InputError
 from flexattn.semantics import evaluate, index_grid
@@ -138,6 +139,11 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         >>> flex_attention(q, k, v, block_mask=bm).shape
         torch.Size([1, 2, 256, 16])
     """
+    if torch.compiler.is_compiling() and kernel_options is None and custom_op.routable(score_mod, block_mask) \
+            and not (return_aux is not None and return_aux.max_scores):
+        validate_inputs(query, key, value, enable_gqa, None if block_mask is None else block_mask.kv_num_blocks.shape[0])
+        out, lse = custom_op.compiled_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, backend)
+        return _results(out.to(query.dtype), lse, None, return_lse, return_aux)
     if block_mask is not None and not isinstance(block_mask, BlockMask):
         block_mask = BlockMask.from_torch(block_mask)
     out_dtype = query.dtype
@@ -166,7 +172,10 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         mask_graph=mask.graph if mask else None, mask_buffers=mask.buffers if mask else (),
         block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
     )
-    out = out.to(out_dtype)
+    return _results(out.to(out_dtype), lse, max_scores, return_lse, return_aux)
+
+
+def _results(out, lse, max_scores, return_lse: bool, return_aux: AuxRequest | None):
     if return_aux is not None:
         return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
     if return_lse:
