@@ -117,11 +117,11 @@ def test_block_masks_are_reused_for_equal_values_and_rebuilt_for_changed_ones():
     again = flexattn.create_block_mask(_padded(padding.clone()), 2, None, 256, 256)
     assert again.kv_num_blocks is first.kv_num_blocks  # reused
     assert again.mask_mod is not first.mask_mod  # with this call's mask_mod (and so its tensors)
+    q = torch.randn(2, 1, 256, 8)
+    torch.testing.assert_close(flexattn.flex_attention(q, q, q, block_mask=again),
+                               flexattn.flex_attention(q, q, q, block_mask=first))
     padding[0, :] = True
     changed = flexattn.create_block_mask(_padded(padding), 2, None, 256, 256)
     fresh = flexattn.create_block_mask(lambda b, h, q, kv: q >= kv, 2, None, 256, 256)
     assert torch.equal(changed.to_dense(), fresh.to_dense().expand_as(changed.to_dense()))
     assert not torch.equal(changed.to_dense(), first.to_dense())
-    q = torch.randn(2, 1, 256, 8)
-    torch.testing.assert_close(flexattn.flex_attention(q, q, q, block_mask=again),
-                               flexattn.flex_attention(q, q, q, block_mask=first))
