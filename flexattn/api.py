@@ -15,7 +15,6 @@ import torch
 
 import codegen
 from flexattn.block_mask import BlockMask
-from flexattn import custom_op
 from flexattn import kernel_options as options
 from flexattn.errors import InputError
 from flexattn.semantics import evaluate, index_grid
@@ -139,8 +138,9 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         >>> flex_attention(q, k, v, block_mask=bm).shape
         torch.Size([1, 2, 256, 16])
     """
-    if torch.compiler.is_compiling() and kernel_options is None and custom_op.routable(score_mod, block_mask) \
+    if torch.compiler.is_compiling() and kernel_options is None and _compile_path().routable(score_mod, block_mask) \
             and not (return_aux is not None and return_aux.max_scores):
+        custom_op = _compile_path()
         validate_inputs(query, key, value, enable_gqa, None if block_mask is None else block_mask.kv_num_blocks.shape[0])
         out, lse = custom_op.compiled_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, backend)
         return _results(out.to(query.dtype), lse, None, return_lse, return_aux)
@@ -173,6 +173,13 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
     )
     return _results(out.to(out_dtype), lse, max_scores, return_lse, return_aux)
+
+
+def _compile_path():
+    """flexattn.custom_op, imported on first use under torch.compile (it needs torch._dynamo loaded)."""
+    from flexattn import custom_op
+
+    return custom_op
 
 
 def _results(out, lse, max_scores, return_lse: bool, return_aux: AuxRequest | None):
