@@ -68,6 +68,20 @@ def tile_classes_of(allowed: torch.Tensor, block: tuple[int, int]) -> torch.Tens
     return torch.where(counts == sizes, FULL, torch.where(counts > 0, PARTIAL, EMPTY)).to(torch.int8)
 
 
+def _lists(classes: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's ordered lists of the tiles of class ``code`` per row: (count, indices: those tiles first, ascending)."""
+    hit = classes == code
+    order = torch.sort((~hit).to(torch.int8), dim=-1, stable=True).indices
+    return hit.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+
+def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod) -> BlockMask:
+    """``BlockMask.from_tile_classes`` by four sorts (the lists are torch's layout), for small tile grids."""
+    columns = classes.transpose(-1, -2)
+    return BlockMask(seq_lengths, *_lists(classes, PARTIAL), *_lists(classes, FULL), *_lists(columns, PARTIAL),
+                     *_lists(columns, FULL), block, mask_mod)
+
+
 def _dense_classes(traced, B: int, q_len: int, kv_len: int, block) -> torch.Tensor:
     nb = B if "b" in passes.depends_on(traced.graph) else 1
     buffers = [t.detach().to("cpu") for t in traced.buffers]
@@ -103,7 +117,7 @@ def build_block_mask(mask_function, batch_size: int, q_length: int, kv_length: i
             start = int(kv_off)
             keys = padding.to("cpu", torch.bool)[:, start:start + kv_length]
             classes = torch.minimum(classes, tile_classes_of(keys[:, None, None, :], (1, block[1])))
-    block_mask = BlockMask.from_tile_classes(classes, block, (q_length, kv_length), mask_mod)
+    block_mask = block_mask_of_classes(classes, block, (q_length, kv_length), mask_mod)
     block_mask.traced_mask = traced
     return block_mask if torch.device(device).type == "cpu" else block_mask.to(device)
 
