@@ -99,7 +99,9 @@ def fingerprint(fn) -> tuple | None:
         hash(key)
     except (_Uncacheable, TypeError):
         return None
-    return key, tensors
+    # Which tensors are one buffer to the tracer (the same object or view) is part of the program.
+    views = [(t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors]
+    return (key, tuple(views.index(v) for v in views)), tensors
 
 
 def _caller():

@@ -125,3 +125,20 @@ def test_block_masks_are_reused_for_equal_values_and_rebuilt_for_changed_ones():
     fresh = flexattn.create_block_mask(lambda b, h, q, kv: q >= kv, 2, None, 256, 256)
     assert torch.equal(changed.to_dense(), fresh.to_dense().expand_as(changed.to_dense()))
     assert not torch.equal(changed.to_dense(), first.to_dense())
+
+
+def _two(first, second):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + first[q_idx, kv_idx] - second[q_idx, kv_idx]
+
+    return score_mod
+
+
+def test_one_tensor_in_two_cells_is_not_confused_with_two_tensors():
+    shared, other = torch.randn(8, 8), torch.randn(8, 8)
+    q = torch.randn(1, 1, 8, 4)
+    flexattn.flex_attention(q, q, q, score_mod=_two(shared, shared))  # one buffer in this trace
+    got = flexattn.flex_attention(q, q, q, score_mod=_two(shared, other))
+    want = flexattn.flex_attention(q, q, q, score_mod=_two(shared, other), backend="reference")
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, ((q @ q.transpose(-1, -2)) / 2 + shared - other).softmax(-1) @ q)
