@@ -22,7 +22,7 @@ CASES = ["trace: transformers' mask function (sliding + padding), new closure",
          "create_block_mask: transformers' flex mask at 512, new values each call",
          "flexattn mask interface at 512, same values",
          "flexattn mask interface at 512, new values each call",
-         "flexattn mask interface, decode step (1 x 512)",
+         "flexattn mask interface, decode steps (1 x 512..575)",
          "flex_attention fixed cost (1, 2, 16, 16), new score_mod closure"]
 
 
@@ -60,11 +60,12 @@ def worker() -> dict:
         slope = 0.5
         return lambda score, b, h, q_idx, kv_idx: score + slope * (q_idx - kv_idx)
 
-    def interface(i=0, new=False, q_len=512, offset=0):
-        attention = torch.ones(2, 512, dtype=torch.bool)
+    def interface(i=0, new=False, decode=False):
+        kv_len = 512 + i % 64 if decode else 512  # a decoding step: one query, a cache one longer each step
+        attention = torch.ones(2, kv_len, dtype=torch.bool)
         attention[0, :3 + (i % 50 if new else 0)] = False
-        return block_mask_interface(2, q_len, 512, offset, 0, mu.sliding_window_causal_mask_function(128),
-                                    attention)
+        return block_mask_interface(2, 1 if decode else 512, kv_len, kv_len - 1 if decode else 0, 0,
+                                    mu.sliding_window_causal_mask_function(128), attention)
 
     results = {
         CASES[0]: _time(lambda i=0: flexattn.trace_mask_mod(_hf_mask(mu, torch, 3)[0]), 50),
@@ -77,7 +78,7 @@ def worker() -> dict:
     if block_mask_interface is not None:
         results[CASES[3]] = _time(lambda i=0: interface(i), 50)
         results[CASES[4]] = _time(lambda i=0: interface(i, new=True), 20)
-        results[CASES[5]] = _time(lambda i=0: interface(i, q_len=1, offset=511), 50)
+        results[CASES[5]] = _time(lambda i=0: interface(i, decode=True), 50)
     return results
 
 

@@ -26,6 +26,7 @@ import torch
 from flexattn import passes
 from flexattn.analysis import create_block_mask
 from flexattn.block_mask import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, BlockMask
+from flexattn.mod_cache import cached_block_mask
 from flexattn.semantics import evaluate, index_grid
 from flexattn.trace import trace_mask_mod
 
@@ -82,8 +83,18 @@ def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod) -
                      *_lists(columns, FULL), block, mask_mod)
 
 
+_batch_dependence: dict[int, tuple] = {}  # id(graph) -> (graph, reads b): a decoding step asks every step
+
+
+def _reads_batch(graph) -> bool:
+    entry = _batch_dependence.get(id(graph))
+    if entry is None or entry[0] is not graph:
+        entry = _batch_dependence[id(graph)] = (graph, "b" in passes.depends_on(graph))
+    return entry[1]
+
+
 def _dense_classes(traced, B: int, q_len: int, kv_len: int, block) -> torch.Tensor:
-    nb = B if "b" in passes.depends_on(traced.graph) else 1
+    nb = B if _reads_batch(traced.graph) else 1
     buffers = [t.detach().to("cpu") for t in traced.buffers]
     allowed = evaluate(traced.graph, index_grid(nb, 1, q_len, kv_len), buffers).to(torch.bool)
     return tile_classes_of(allowed.expand(nb, 1, q_len, kv_len), block)
@@ -95,7 +106,8 @@ def build_block_mask(mask_function, batch_size: int, q_length: int, kv_length: i
     """The BlockMask of ``mask_function`` at these offsets, and with a 2-D padding mask (B, >= kv_offset + KV).
 
     ``mask_function(b, h, q_idx, kv_idx)`` sees absolute positions (``q_idx + q_offset``); the
-    BlockMask's mask_mod is the whole mask (offsets and padding in it). Raises ``TraceError`` for
+    BlockMask's mask_mod is the whole mask (offsets and padding in it). The same mask with equal
+    tensor values gives the BlockMask built before (``flexattn.mod_cache.cached_block_mask``). Raises ``TraceError`` for
     a mask function flexattn cannot trace.
 
     Example::
@@ -107,6 +119,11 @@ def build_block_mask(mask_function, batch_size: int, q_length: int, kv_length: i
     q_off, kv_off = cpu(q_offset), cpu(kv_offset)
     base = _shifted(mask_function, q_off, kv_off)
     mask_mod = base if padding is None else _with_padding(base, padding.to("cpu", torch.bool), kv_off)
+    arguments = ("transformers", batch_size, q_length, kv_length, str(device), block)
+    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, base, padding, kv_off, *arguments[1:]))
+
+
+def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, device, block) -> BlockMask:
     traced = trace_mask_mod(mask_mod)
     if batch_size * q_length * kv_length <= DENSE_LIMIT:
         classes = _dense_classes(traced, batch_size, q_length, kv_length, block)
