@@ -32,6 +32,7 @@ from flexattn.trace import trace_mask_mod
 
 # Above this many (b, q, kv) positions the symbolic build is cheaper than evaluating every position.
 DENSE_LIMIT = 1 << 18
+PADDING_BUCKET = 256
 
 
 def _causal(batch_idx, head_idx, q_idx, kv_idx):
@@ -157,8 +158,9 @@ def block_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offse
     padding = None
     if attention_mask is not None and not bool(attention_mask.all()):
         padding = attention_mask.to(torch.bool)
-        short = kv_length + int(kv_offset) - padding.shape[-1]
-        if short > 0:  # a static cache is longer than the mask: its free slots are padding
-            padding = torch.nn.functional.pad(padding, (0, short))
+        # Padded with False to a multiple of PADDING_BUCKET (a static cache's free slots are padding
+        # too): the mask's buffer keeps its shape over decoding steps, so its trace is reused.
+        needed = max(kv_length + int(kv_offset), padding.shape[-1])
+        padding = torch.nn.functional.pad(padding, (0, -(-needed // PADDING_BUCKET) * PADDING_BUCKET - padding.shape[-1]))
     return build_block_mask(mask_function or _causal, batch_size, q_length, kv_length, q_offset, kv_offset,
                             padding, device)
