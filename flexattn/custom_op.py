@@ -54,13 +54,20 @@ pytree.register_pytree_node(BlockMask, _flatten_block_mask, _unflatten_block_mas
 
 
 def routable(score_mod, block_mask) -> bool:
-    """Whether ``flex_attention`` under ``torch.compile`` can take the custom op for these mods."""
+    """Whether ``flex_attention`` under ``torch.compile`` can take the custom op for these mods.
+
+    Example: ``routable(module.score_mod, None)`` is True, ``routable(lambda s, b, h, q, kv: s, None)`` False.
+    """
     method_of_module = isinstance(score_mod, types.MethodType) and isinstance(score_mod.__self__, torch.nn.Module)
     return (score_mod is None or method_of_module) and (block_mask is None or isinstance(block_mask, BlockMask))
 
 
 def plan(score_mod, block_mask: BlockMask | None, backend: str) -> tuple[int, tuple, tuple]:
-    """Trace the mods once into IR; (plan number, score buffers, mask buffers)."""
+    """Trace the mods once into IR; (plan number, score buffers, mask buffers).
+
+    The same IR gets the same number. Raises ``TraceError`` for mods that cannot be traced.
+    Example: ``number, score_buffers, _ = plan(module.score_mod, None, "torch")``.
+    """
     score = trace_score_mod(score_mod) if score_mod is not None else None
     mask = trace_mask_mod(block_mask.mask_mod) if block_mask is not None else None
     layout = (None, None, ()) if block_mask is None else (
@@ -167,7 +174,11 @@ def _planned_attention(query, key, value, module, method: str, block_masks: tupl
 
 
 def compiled_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, backend: str):
-    """``flex_attention`` while dynamo compiles (see the module docstring): (out, lse)."""
+    """``flex_attention`` while dynamo compiles (see the module docstring): (out (B, Hq, L, Ev), lse (B, Hq, L)).
+
+    Example: inside ``torch.compile(fullgraph=True)``, ``flexattn.flex_attention(q, k, v,
+    score_mod=self.score_mod)`` comes here. Raises ``TraceError`` while compiling for untraceable mods.
+    """
     module, method = (score_mod.__self__, score_mod.__func__.__name__) if score_mod is not None else (_NO_MODULE, "")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if backend == "auto":

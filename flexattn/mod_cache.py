@@ -92,7 +92,11 @@ def _walk(value, tensors: list, seen: set):
 
 
 def fingerprint(fn) -> tuple | None:
-    """(key, tensors in walk order) of a mod, or None when it is uncacheable (see the module docstring)."""
+    """(key, tensors in walk order) of a mod, or None when it is uncacheable (see the module docstring).
+
+    Example: ``fingerprint(lambda b, h, q, kv: q >= kv)[0]`` is hashable; ``fingerprint(obj.method)``
+    is None. Raises nothing.
+    """
     tensors: list = []
     try:
         key = _walk(fn, tensors, set())
@@ -138,7 +142,11 @@ def _remember(cache: OrderedDict, key, entry, limit: int) -> None:
 
 
 def cached_trace(fn, kind: str, trace):
-    """``trace(fn)`` (a ``TracedMod``), reused for mods with the same fingerprint (module docstring)."""
+    """``trace(fn)`` (a ``TracedMod``), reused for mods with the same fingerprint (module docstring).
+
+    ``kind`` separates score_mod and mask_mod traces. Raises what ``trace`` raises (``TraceError``);
+    a failed trace is not kept. Example: ``cached_trace(mod, "mask_mod", _trace_mask)``.
+    """
     from flexattn.trace import TracedMod
 
     found = fingerprint(fn)
@@ -171,7 +179,12 @@ def _same_values(tensors: list, stored: tuple) -> bool:
 
 
 def cached_block_mask(mask_mod, arguments: tuple, build):
-    """``build()`` (a BlockMask of ``mask_mod``), reused for the same fingerprint, arguments and tensor values."""
+    """``build()`` (a BlockMask of ``mask_mod``), reused for the same fingerprint, arguments and tensor values.
+
+    ``arguments``: a hashable tuple of everything else the mask depends on (sizes, block, device).
+    The result carries this call's ``mask_mod``. Raises what ``build`` raises. Example:
+    ``cached_block_mask(mask, (B, H, L, S), lambda: build(mask, B, H, L, S))``.
+    """
     found = fingerprint(mask_mod)
     if found is None:
         return build()

@@ -57,6 +57,11 @@ def tile_classes_of(allowed: torch.Tensor, block: tuple[int, int]) -> torch.Tens
     """(B, H, Q, KV) bool -> (B, H, ceil(Q / block[0]), ceil(KV / block[1])) int8 EMPTY/PARTIAL/FULL.
 
     A ragged last tile is FULL when every position inside the lengths attends.
+
+    Example::
+
+        >>> tile_classes_of(torch.ones(1, 1, 3, 3, dtype=torch.bool).tril(), (2, 2))[0, 0].tolist()
+        [[1, 0], [2, 2]]
     """
     nb, nh, Q, KV = allowed.shape
     (bq, bk), nq, nkv = block, math.ceil(Q / block[0]), math.ceil(KV / block[1])
@@ -78,7 +83,11 @@ def _lists(classes: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod) -> BlockMask:
-    """``BlockMask.from_tile_classes`` by four sorts (the lists are torch's layout), for small tile grids."""
+    """``BlockMask.from_tile_classes`` by four sorts (the lists are torch's layout), for small tile grids.
+
+    ``classes``: (B, H, Q_BLOCKS, KV_BLOCKS) EMPTY/PARTIAL/FULL codes. Example:
+    ``block_mask_of_classes(torch.full((1, 1, 2, 2), FULL, dtype=torch.int8), (128, 128), (256, 256), None)``.
+    """
     columns = classes.transpose(-1, -2)
     return BlockMask(seq_lengths, *_lists(classes, PARTIAL), *_lists(classes, FULL), *_lists(columns, PARTIAL),
                      *_lists(columns, FULL), block, mask_mod)

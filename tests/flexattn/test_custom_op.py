@@ -1,12 +1,23 @@
-"""flex_attention inside torch.compile(fullgraph=True): one custom op, same values and gradients as eager."""
+"""flex_attention inside torch.compile(fullgraph=True): one custom op, same values and gradients as eager.
+
+torch._dynamo (and so flexattn.custom_op) is imported inside the tests: importing it imports Triton,
+which must come after the Triton tests' modules set TRITON_INTERPRET=1 at collection.
+"""
+
+import importlib
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
-from torch._dynamo.utils import counters
 
 import flexattn
-from flexattn import custom_op
+
+
+def _dynamo():
+    return importlib.import_module("torch._dynamo.testing"), importlib.import_module("torch._dynamo.utils")
+
+
+def _custom_op():
+    return importlib.import_module("flexattn.custom_op")
 
 
 class SlopedAttention(torch.nn.Module):
@@ -32,9 +43,11 @@ def _grads(module, fn, *inputs, **kw):
 
 
 def test_compiled_module_matches_eager_without_graph_breaks_or_recompiles():
+    testing, utils = _dynamo()
+    custom_op = _custom_op()
     torch._dynamo.reset()
-    counters.clear()
-    module, backend = SlopedAttention(4), CompileCounterWithBackend("aot_eager")
+    utils.counters.clear()
+    module, backend = SlopedAttention(4), testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(module, backend=backend, fullgraph=True, dynamic=True)
     plans = []
     for length in (24, 40, 72):
@@ -46,11 +59,12 @@ def test_compiled_module_matches_eager_without_graph_breaks_or_recompiles():
         for got, want in zip(grads_c, grads_e):
             torch.testing.assert_close(got, want)
     assert backend.frame_count == 1  # no recompile for new lengths
-    assert not counters["graph_break"]
+    assert not utils.counters["graph_break"]
     assert plans[0] == plans[1] == plans[2]  # the mods were traced while compiling, by flexattn, not per call
 
 
 def test_compiled_with_a_block_mask_and_gqa():
+    _dynamo()
     torch._dynamo.reset()
     module = SlopedAttention(4)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
@@ -71,6 +85,7 @@ def test_compiled_with_a_block_mask_and_gqa():
 
 
 def test_routable_mods():
+    custom_op = _custom_op()
     module = SlopedAttention(2)
     assert custom_op.routable(module.score_mod, None)
     assert custom_op.routable(None, None)
@@ -79,6 +94,7 @@ def test_routable_mods():
 
 @pytest.mark.parametrize("aux", [True, False])
 def test_lse_under_compile(aux):
+    _dynamo()
     torch._dynamo.reset()
     module = SlopedAttention(2)
 
