@@ -24,6 +24,7 @@ def masks(n: int):
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(64, 4096, (n // 64 + 1,), generator=g)
     doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[:n]
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     side = int(n ** 0.5)
 
     def causal(b, h, q_idx, kv_idx):
@@ -35,13 +36,18 @@ def masks(n: int):
     def documents(b, h, q_idx, kv_idx):
         return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
+    def documents_searchsorted(b, h, q_idx, kv_idx):
+        """The documents mask written with the starts (a binary search, or counting for few documents)."""
+        same = torch.searchsorted(starts, q_idx, right=True) == torch.searchsorted(starts, kv_idx, right=True)
+        return same & (q_idx >= kv_idx)
+
     def prefix_lm(b, h, q_idx, kv_idx):
         return (kv_idx < n // 4) | (q_idx >= kv_idx)
 
     def natten(b, h, q_idx, kv_idx):
         return (torch.abs(q_idx // side - kv_idx // side) <= 3) & (torch.abs(q_idx % side - kv_idx % side) <= 3)
 
-    return [causal, sliding_window, documents, prefix_lm, natten]
+    return [causal, sliding_window, documents, documents_searchsorted, prefix_lm, natten]
 
 
 def best_of(fn, repeats: int) -> float:

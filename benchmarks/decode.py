@@ -8,7 +8,7 @@ tokens), as in a serving batch; two masks:
 * ``sliding``: the same, limited to the last WINDOW tokens.
 
 Rows: flexattn (``backend="auto"``, which takes the split-KV decode path,
-``codegen.split_kv``), ``torch.compile(torch flex_attention)``,
+``codegen/torch_backend/decode/``), ``torch.compile(torch flex_attention)``,
 ``scaled_dot_product_attention`` with a dense bool mask, and flexattn on a
 paged cache holding the same data, twice: "paged" as the pool places the
 pages of sequences that grow side by side, page by page in turn (mostly long
@@ -42,7 +42,7 @@ import torch.nn.attention.flex_attention as torch_flex
 import torch.nn.functional as F
 
 import flexattn
-from codegen.cpu_gather import load_kernels
+from codegen.torch_backend.decode.cpu_kernels import load_kernels
 from flexattn.paged import PagedKVCache
 
 B, H_Q, H_KV, HEAD_DIM, WINDOW, PAGE_SIZE = 8, 32, 8, 128, 1024, 128
@@ -109,18 +109,19 @@ def masks(lengths: torch.Tensor):
     return {"causal": causal, "sliding": sliding}
 
 
-def paged_copy(k: torch.Tensor, v: torch.Tensor, lengths: list[int]):
-    """A PagedKVCache holding the same K/V, its pages placed by the pool as the sequences grow page by
-    page in turn, in a pool that just fits them."""
-    n_pages = sum(-(-n // PAGE_SIZE) for n in lengths)
-    cache = PagedKVCache(n_pages, PAGE_SIZE, len(lengths))
-    k_cache = torch.zeros(1, H_KV, cache.n_positions, HEAD_DIM)
-    v_cache = torch.zeros_like(k_cache)
-    for pages in range(1, max(lengths) // PAGE_SIZE + 2):
+def paged_copy(k: torch.Tensor, v: torch.Tensor, lengths: list[int], page_size: int = PAGE_SIZE):
+    """A PagedKVCache (on k's device, caches in k's dtype) holding the same K/V, its pages placed by the
+    pool as the sequences grow page by page in turn, in a pool that just fits them."""
+    n_pages = sum(-(-n // page_size) for n in lengths)
+    cache = PagedKVCache(n_pages, page_size, len(lengths), device=k.device)
+    k_cache = k.new_zeros(1, k.shape[1], cache.n_positions, k.shape[3])
+    v_cache = v.new_zeros(1, v.shape[1], cache.n_positions, v.shape[3])
+    for pages in range(1, max(lengths) // page_size + 2):
         for b, n in enumerate(lengths):
-            cache.reserve(b, min(n, pages * PAGE_SIZE))
+            cache.reserve(b, min(n, pages * page_size))
     for b, n in enumerate(lengths):
-        cache.assign(torch.tensor([b]), torch.arange(n)[None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], k_cache, v_cache)
+        cache.assign(torch.tensor([b], device=k.device), torch.arange(n, device=k.device)[None],
+                     k[b:b + 1, :, :n], v[b:b + 1, :, :n], k_cache, v_cache)
     return cache, k_cache, v_cache
 
 
@@ -195,7 +196,7 @@ def main(kv_lens=(4096, 16384, 32768), reps: int = 10, compile_torch: bool = Tru
     bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} Hq={H_Q} Hkv={H_KV} D={HEAD_DIM} "
           f"Q_LEN=1 fp32, window {WINDOW}, page {PAGE_SIZE}, flexattn backend auto = "
-          f"{flexattn.api.codegen.default_backend('cpu')}")
+          f"{flexattn.dispatch.default_backend('cpu')}")
     print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s\n")
     print("| mask | KV_LEN | implementation | ms | K/V GB/s | % of copy bw | paged / contiguous |")
     print("|---|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """The kernel cache shared by back ends: in memory, and on disk as generated source.
 
-An entry is the generated source of one kernel, keyed by a string the back
-end builds (IR structural hash + dtypes + options). On disk it lives at
+An entry is the generated source of one kernel, keyed by ``kernel_key`` (the
+structure of both mods) under its back end's name. On disk it lives at
 ``$FLEXATTN_CACHE_DIR/<backend>/<key>.py`` (default ``~/.cache/flexattn``)
 and starts with a header line::
 
@@ -23,6 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from flexattn.ir import Graph
+
 FORMAT = 1
 HEADER_PREFIX = "# flexattn-kernel "
 
@@ -33,6 +35,14 @@ def cache_dir() -> Path:
     """``$FLEXATTN_CACHE_DIR`` if set, else ``~/.cache/flexattn`` (read at every use)."""
     configured = os.environ.get("FLEXATTN_CACHE_DIR")
     return Path(configured) if configured else Path.home() / ".cache" / "flexattn"
+
+
+def kernel_key(score_graph: Graph | None, mask_graph: Graph | None) -> str:
+    """The cache key of a kernel: the structure of both mods, without constants or buffer shapes
+    (those are run-time arguments, so one kernel serves every window size or bias table)."""
+    parts = [graph.structural_key(constants=False, shapes=False) if graph is not None else "-"
+             for graph in (score_graph, mask_graph)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
 def _header(generator: str, body: str) -> str:

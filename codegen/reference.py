@@ -11,6 +11,9 @@ import math
 
 import torch
 
+from codegen.paths import Path, ServesEveryCall
+from flexattn.block_mask import FULL, PARTIAL
+from flexattn.call import Call, compute_dtype
 from flexattn.ir import Graph
 from flexattn.semantics import evaluate, index_grid
 
@@ -37,7 +40,7 @@ def dense_attention(query, key, value, *, score_graph: Graph | None = None, scor
     """
     B, Hq, L, E = query.shape
     Hkv, S = key.shape[1], key.shape[2]
-    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(query.dtype)
     q, k, v = query.to(compute), key.to(compute), value.to(compute)
     if enable_gqa and Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -61,8 +64,7 @@ def dense_attention(query, key, value, *, score_graph: Graph | None = None, scor
     safe_denom = torch.where(empty, 1.0, denom)
     lse = torch.where(empty, float("-inf"), safe_max + torch.log(safe_denom))
     out = (weights @ v) / safe_denom.unsqueeze(-1)
-    lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
-    return out.to(query.dtype), lse.to(lse_dtype), max_scores.to(lse_dtype)
+    return out.to(query.dtype), lse.to(compute), max_scores.to(compute)
 
 
 def block_mask_to_dense(block_mask, mask_graph: Graph | None, mask_buffers, B: int, H: int,
@@ -72,8 +74,6 @@ def block_mask_to_dense(block_mask, mask_graph: Graph | None, mask_buffers, B: i
     ``block_mask`` is any object with torch's BlockMask fields (``tile_classes()``,
     ``BLOCK_SIZE``, ``seq_lengths``). Returns (B, H, Q_LEN, KV_LEN) bool.
     """
-    from flexattn.block_mask import FULL, PARTIAL  # tile codes: analysis results
-
     Q_LEN, KV_LEN = block_mask.seq_lengths
     q_block, kv_block = block_mask.BLOCK_SIZE
     classes = block_mask.tile_classes().to(device)
@@ -83,12 +83,18 @@ def block_mask_to_dense(block_mask, mask_graph: Graph | None, mask_buffers, B: i
     return (per_element == FULL) | ((per_element == PARTIAL) & mask)
 
 
-def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask_buffers, block_mask,
-              scale, enable_gqa, kernel_options):
-    """Back-end entry point (see ``codegen.BACKENDS``): dense reference attention."""
-    mask = None
-    if block_mask is not None:
-        B, H = query.shape[0], query.shape[1]
-        mask = block_mask_to_dense(block_mask, mask_graph, mask_buffers, B, H, query.device)
-    return dense_attention(query, key, value, score_graph=score_graph, score_buffers=score_buffers,
-                           mask=mask, scale=scale, enable_gqa=enable_gqa)
+class Dense(ServesEveryCall):
+    name = "dense"
+    summary = "the dense reference: every score materialised, the mods evaluated everywhere"
+
+    def run(self, call: Call):
+        mask = None
+        if call.block_mask is not None:
+            B, H = call.query.shape[0], call.query.shape[1]
+            mask = block_mask_to_dense(call.block_mask, call.mask_graph, call.mask_buffers, B, H, call.query.device)
+        return dense_attention(call.query, call.key, call.value, score_graph=call.score_graph,
+                               score_buffers=call.score_buffers, mask=mask, scale=call.scale,
+                               enable_gqa=call.enable_gqa)
+
+
+PATHS: tuple[Path, ...] = (Dense(),)  # the reference has one path

@@ -6,16 +6,17 @@ the IR (plus the BlockMask the analysis built) to a back end in ``codegen``.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import NamedTuple
 
 import torch
 
-import codegen
-from flexattn.block_mask import BlockMask
+from codegen.paths import Choice
+from flexattn import dispatch
 from flexattn import kernel_options as options
+from flexattn.block_mask import BlockMask
+from flexattn.call import Call, check_heads
 from flexattn.errors import InputError
 from flexattn.semantics import evaluate, index_grid
 from flexattn.trace import TracedMod, trace, trace_mask_mod, trace_score_mod
@@ -72,24 +73,11 @@ def validate_inputs(query, key, value, enable_gqa: bool, block_mask_batch: int |
         raise InputError(f"query and key head dims differ: {E} vs {key.shape[3]}")
     if L == 0 or key.shape[2] == 0:
         raise InputError(f"empty sequence: Q_LEN={L}, KV_LEN={key.shape[2]}; both must be positive")
-    Hkv = key.shape[1]
-    if enable_gqa:
-        if Hq % Hkv != 0:
-            raise InputError(f"with enable_gqa=True the query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})")
-    elif Hq != Hkv:
-        raise InputError(f"query has {Hq} heads but key/value have {Hkv}; pass enable_gqa=True for grouped-query attention")
+    check_heads(Hq, key.shape[1], enable_gqa)
     if not (query.dtype == key.dtype == value.dtype):
         common = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
         query, key, value = query.to(common), key.to(common), value.to(common)
     return query, key, value
-
-
-def _pick_backend(backend: str, query: torch.Tensor) -> str:
-    if backend == "auto":
-        return codegen.default_backend(query.device.type)
-    if backend not in codegen.BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, codegen.BACKENDS))}")
-    return backend
 
 
 def mask_of(block_mask: BlockMask) -> TracedMod:
@@ -138,21 +126,64 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         >>> flex_attention(q, k, v, block_mask=bm).shape
         torch.Size([1, 2, 256, 16])
     """
-    if torch.compiler.is_compiling() and kernel_options is None and _compile_path().routable(score_mod, block_mask) \
-            and not (return_aux is not None and return_aux.max_scores):
-        custom_op = _compile_path()
-        validate_inputs(query, key, value, enable_gqa, None if block_mask is None else block_mask.kv_num_blocks.shape[0])
-        out, lse = custom_op.compiled_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, backend)
-        return _results(out.to(query.dtype), lse, None, return_lse, return_aux)
-    if block_mask is not None and not isinstance(block_mask, BlockMask):
-        block_mask = BlockMask.from_torch(block_mask)
-    out_dtype = query.dtype
-    query, key, value = validate_inputs(query, key, value, enable_gqa,
-                                        block_mask.kv_num_blocks.shape[0] if block_mask is not None else None)
     if return_lse and return_aux is not None:
         raise InputError("pass either return_lse or return_aux, not both (return_lse is deprecated)")
     if return_lse:
         _warn_once("return_lse is deprecated (as in torch); use return_aux=AuxRequest(lse=True) instead")
+    wants_max = return_aux is not None and return_aux.max_scores
+    if torch.compiler.is_compiling() and kernel_options is None and not wants_max \
+            and _compile_path().routable(score_mod, block_mask):
+        # Under torch.compile: one custom op, the mods traced by flexattn (flexattn.custom_op).
+        validate_inputs(query, key, value, enable_gqa, None if block_mask is None else block_mask.kv_num_blocks.shape[0])
+        (out, lse), max_scores = _compile_path().compiled_flex_attention(
+            query, key, value, score_mod, block_mask, scale, enable_gqa, backend), None
+    else:
+        name, call = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
+                              wants_max, backend)
+        out, lse, max_scores = dispatch.run(name, call)
+    out = out.to(query.dtype)
+    if return_aux is not None:
+        return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def explain_call(query, key, value, score_mod=None, block_mask: BlockMask | None = None, scale: float | None = None,
+                 enable_gqa: bool = False, return_lse: bool = False, kernel_options: dict | None = None, *,
+                 return_aux: AuxRequest | None = None, backend: str = "auto", print_it: bool = True) -> Choice:
+    """Which path ``flex_attention`` with these arguments takes, and why each earlier path of the back
+    end's table was skipped; nothing is computed beyond what choosing needs.
+
+    Takes ``flex_attention``'s arguments (same shapes and checks) and returns a
+    ``codegen.paths.Choice``: ``.backend``, ``.path.name``, ``.skipped`` ((path, reason) pairs in
+    table order) and ``.facts``; ``str(choice)`` is the explanation, printed unless ``print_it=False``.
+
+    Raises what ``flex_attention`` raises for these arguments (``InputError`` for a
+    ``kernel_options["PATH"]`` that cannot serve the call, naming the reason).
+
+    Example::
+
+        >>> q = k = v = torch.randn(1, 2, 1, 64)
+        >>> choice = explain_call(q, k, v, print_it=False)
+        >>> choice.path.name, choice.skipped[0][0]
+        ('generated_loop', 'decode_batch_in_place')
+    """
+    name, call = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
+                          return_aux is not None and return_aux.max_scores, backend)
+    choice = dispatch.choose(name, call)
+    if print_it:
+        print(choice)
+    return choice
+
+
+def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, max_scores: bool,
+             backend: str) -> tuple[str, Call]:
+    """Validate, trace and analyse: (back end name, the ``Call`` it runs)."""
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        block_mask = BlockMask.from_torch(block_mask)
+    query, key, value = validate_inputs(query, key, value, enable_gqa,
+                                        block_mask.kv_num_blocks.shape[0] if block_mask is not None else None)
     kernel_options = options.normalize(kernel_options)
     L, S = query.shape[2], key.shape[2]
     score = trace_score_mod(score_mod) if score_mod is not None else None
@@ -162,17 +193,12 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         block_mask = block_mask.visited_tiles()
         mask = mask_of(block_mask)
         _check_block_mask_batch(block_mask, query)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    run = codegen.BACKENDS[_pick_backend(backend, query)]
-    if return_aux is not None and return_aux.max_scores:
-        kernel_options["OUTPUT_MAX_SCORES"] = True  # back ends may skip computing it otherwise
-    out, lse, max_scores = run(
-        query, key, value,
-        score_graph=score.graph if score else None, score_buffers=score.buffers if score else (),
-        mask_graph=mask.graph if mask else None, mask_buffers=mask.buffers if mask else (),
-        block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options,
-    )
-    return _results(out.to(out_dtype), lse, max_scores, return_lse, return_aux)
+    name = dispatch.pick_backend(backend, query.device.type)
+    call = dispatch.call_of(query, key, value, score_graph=score.graph if score else None,
+                            score_buffers=score.buffers if score else (), mask_graph=mask.graph if mask else None,
+                            mask_buffers=mask.buffers if mask else (), block_mask=block_mask, scale=scale,
+                            enable_gqa=enable_gqa, kernel_options=kernel_options, max_scores=max_scores)
+    return name, call
 
 
 def _compile_path():
@@ -180,14 +206,6 @@ def _compile_path():
     from flexattn import custom_op
 
     return custom_op
-
-
-def _results(out, lse, max_scores, return_lse: bool, return_aux: AuxRequest | None):
-    if return_aux is not None:
-        return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
-    if return_lse:
-        return out, lse
-    return out
 
 
 _warned: set[str] = set()

@@ -16,17 +16,19 @@ import numbers
 import torch
 from torch.nn.attention import flex_attention as torch_flex
 
-from flexattn.errors import BlockMaskError
+from flexattn.block_mask_text import EMPTY, FULL, PARTIAL, tile_picture, torch_picture
+from flexattn.errors import BlockMaskError, SlicedBlockMaskError
 from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
 
 DEFAULT_BLOCK_SIZE = 128
 
-EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes, as stored in a tile-class tensor
 
 
 def _sliced_mask_mod(b, h, q_idx, kv_idx):
-    raise BlockMaskError("a sliced BlockMask has no usable mask_mod; build the mask for the slice "
-                         "with create_block_mask instead")
+    raise SlicedBlockMaskError(
+        "Cannot use mask_mod from a sliced BlockMask (as torch: slicing resets it, since the slice's "
+        "indices are shifted). Set sliced.mask_mod to a mask_mod for the slice, or build the mask for "
+        "the slice with create_block_mask.")
 
 
 def positive_int(name: str, value) -> int:
@@ -36,12 +38,13 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _pair(block_size) -> tuple[int, int]:
-    pair = tuple(block_size) if isinstance(block_size, (tuple, list)) else (block_size, block_size)
-    if len(pair) != 2 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in pair):
+def pair(block_size) -> tuple[int, int]:
+    """A BLOCK_SIZE (an int, or a (q, kv) pair) as a (q, kv) pair of ints; ``BlockMaskError`` otherwise."""
+    sizes = tuple(block_size) if isinstance(block_size, (tuple, list)) else (block_size, block_size)
+    if len(sizes) != 2 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in sizes):
         raise BlockMaskError(f"BLOCK_SIZE must be a positive int or a (q, kv) pair of them, got {block_size!r}; "
                              f"pass e.g. BLOCK_SIZE=128 or BLOCK_SIZE=(128, 64)")
-    return int(pair[0]), int(pair[1])
+    return int(sizes[0]), int(sizes[1])
 
 
 class BlockMask:
@@ -86,7 +89,7 @@ class BlockMask:
             raise BlockMaskError("dq_write_order_full was given without dq_write_order; pass both or neither")
         self.dq_write_order, self.dq_write_order_full = dq_write_order, dq_write_order_full
         self.dq_kv_order, self.dq_kv_order_spt = dq_kv_order, dq_kv_order_spt
-        self.BLOCK_SIZE = _pair(BLOCK_SIZE)
+        self.BLOCK_SIZE = pair(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else noop_mask
         self._tiles_mask_mod = self.mask_mod  # the mask_mod the tile classes were made for
         # Set by create_block_mask: the traced mask (so attention need not trace again)
@@ -153,7 +156,7 @@ class BlockMask:
             q_num, q_idx = transpose_ordered(kv_num_blocks, kv_indices)
             if full_kv_num_blocks is not None:
                 full_q_num, full_q_idx = transpose_ordered(full_kv_num_blocks, full_kv_indices)
-        block = _pair(BLOCK_SIZE)
+        block = pair(BLOCK_SIZE)
         if seq_lengths is None:
             seq_lengths = (kv_indices.shape[-2] * block[0], kv_indices.shape[-1] * block[1])
         return cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
@@ -227,34 +230,25 @@ class BlockMask:
         return 100.0 * (1.0 - visited * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / self.numel())
 
     def to_string(self, grid_size: int | tuple[int, int] = (20, 20), limit: int = 4) -> str:
-        """An ASCII picture per (batch, head): ``██`` full, ``░░`` partial, blank empty tiles.
+        """torch's text picture, character for character: per (batch, head) ``(b, h)`` then rows in which
+        each character pair summarises a section of tiles (``██`` all visited, ``░░`` some, blank none).
 
-        Takes torch's arguments: ``grid_size`` (an int, a (rows, cols) pair, or -1 for
-        all tiles) caps the tiles drawn (the top-left corner of larger masks); ``limit``
-        caps the (batch, head) pairs drawn, then a ``...`` line says how to see more.
-
-        Raises ``BlockMaskError`` for a ``grid_size`` or ``limit`` that is not an int (or pair).
+        ``grid_size`` (an int, a (rows, cols) pair, or -1 for every tile) caps the characters drawn;
+        ``limit`` caps the (batch, head) pairs, then a ``...`` line says how to see more.
+        ``tile_string`` tells full tiles from partial ones. Raises ``BlockMaskError`` for a
+        ``grid_size`` or ``limit`` that is not an int (or pair), or a grid_size of 0.
         Example: ``print(create_block_mask(causal, 2, 1, 256, 256).to_string(grid_size=-1, limit=1))``.
         """
-        pair = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-        if len(pair) != 2 or not all(isinstance(x, int) for x in pair) or not isinstance(limit, int):
-            raise BlockMaskError(f"to_string takes grid_size=int, (rows, cols) or -1 and limit=int, got "
-                                 f"grid_size={grid_size!r}, limit={limit!r}")
-        classes = self.tile_classes()
-        *lead, n_q, n_kv = classes.shape
-        rows, cols = (n if m == -1 else m for m, n in zip(pair, (n_q, n_kv)))
-        note = "" if n_q <= rows and n_kv <= cols else f" (first {rows}x{cols} of {n_q}x{n_kv} tiles)"
-        glyph = {EMPTY: "  ", PARTIAL: "░░", FULL: "██"}
-        pictures = []
-        for count, at in enumerate(itertools.product(*(range(n) for n in lead))):
-            if count == limit:
-                pictures.append("...\nTo print out more, set BlockMask.to_string(limit=N); you can also index "
-                                "(BlockMask[batch, head]) to choose a specific batch or head")
-                break
-            name = ", ".join(f"{dim}={i}" for dim, i in zip(("b", "h"), at)) or "tiles"
-            picture = ["".join(glyph[int(c)] for c in row) for row in classes[at][:rows, :cols]]
-            pictures.append(f"{name}{note}\n" + "\n".join(picture))
-        return "\n".join(pictures)
+        return torch_picture(self.to_dense(), grid_size, limit)
+
+    def tile_string(self, grid_size: int | tuple[int, int] = (20, 20), limit: int = 4) -> str:
+        """flexattn's picture per (batch, head): one character pair per tile, ``██`` full, ``░░``
+        partial (mask_mod applied), blank empty; the top-left ``grid_size`` tiles of larger masks.
+
+        Takes ``to_string``'s arguments and raises as it does.
+        Example: ``print(create_block_mask(causal, 1, 1, 256, 256).tile_string())``.
+        """
+        return tile_picture(self.tile_classes(), grid_size, limit)
 
     def __str__(self) -> str:
         """torch's ``str``: shape, sparsity and the picture of ``to_string()``."""
@@ -381,11 +375,15 @@ class BlockMask:
 
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ``BlockMaskError`` unless this mask was built for these lengths."""
-        if (q_len, kv_len) != tuple(self.seq_lengths):
-            raise BlockMaskError(
-                f"this BlockMask was built for Q_LEN={self.seq_lengths[0]}, KV_LEN={self.seq_lengths[1]}, "
-                f"but the inputs have Q_LEN={q_len}, KV_LEN={kv_len}. Build it with "
-                f"create_block_mask(mask_mod, B, H, {q_len}, {kv_len}).")
+        built_q, built_kv = self.seq_lengths
+        if (q_len, kv_len) != (built_q, built_kv):
+            # torch's wording (its tests match "block_mask was created for"), then the fix.
+            fix = f"build a new one: create_block_mask(mask_mod, B, H, {q_len}, {kv_len})"
+            if q_len <= built_q and kv_len <= built_kv:
+                fix += (f", or crop this one with block_mask._adjust({q_len}, {kv_len}) (its top-left corner: "
+                        "right for causal-like masks only)")
+            raise BlockMaskError(f"block_mask was created for block_mask.shape={self.shape} but got q_len={q_len} "
+                                 f"and kv_len={kv_len}; {fix}.")
 
     def __repr__(self) -> str:
         return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "

@@ -2,7 +2,9 @@
 
 ``flexattn demo``: trace a mod, build its block mask, run attention, print what happened.
 ``flexattn inspect FILE.py:NAME``: show what the compiler does with a mod: its IR, what it
-depends on, its symbolic form, the tile classification, the block mask and the kernel source.
+depends on, its symbolic form, the tile classification, the block mask and the kernel source;
+with ``--plan``, which path of the back end a call with that mod takes, and why the earlier
+paths were skipped (``flexattn.explain_call``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def demo(size: int) -> None:
     start = time.perf_counter()
     block_mask = flexattn.create_block_mask(_causal, None, None, size, size)
     mask_ms = (time.perf_counter() - start) * 1e3
-    print(f"{block_mask}\n{block_mask.to_string()}\n{block_mask.explain()}\n")
+    print(f"{block_mask!r}\n{block_mask.tile_string()}\n{block_mask.explain()}\n")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, size, 64, generator=g) for _ in range(3))
     start = time.perf_counter()
@@ -90,13 +92,28 @@ def inspect_mod(args) -> None:
     if kind == "mask_mod":
         block_mask = flexattn.create_block_mask(mod, args.batch, args.heads, args.q_len, args.kv_len,
                                                 BLOCK_SIZE=args.block_size)
-        print(f"== tiles\n{block_mask.explain()}\n\n== block mask\n{block_mask.to_string()}\n")
+        print(f"== tiles\n{block_mask.explain()}\n\n== block mask\n{block_mask.tile_string()}\n")
         if args.png:
             block_mask.plot(args.png)
             print(f"wrote {args.png}\n")
+    if args.plan:
+        _print_plan(mod, kind, block_mask if kind == "mask_mod" else None, args)
+        return
     kernel = flexattn.compile(mod if kind == "score_mod" else None, mod if kind == "mask_mod" else None,
                               backend=args.source)
     print(f"== generated {args.source} source\n{kernel.source}")
+
+
+def _print_plan(mod, kind: str, block_mask, args) -> None:
+    """The path a call with ``mod`` takes on random (batch, heads, length, head dim) inputs."""
+    B, H = args.batch or 1, args.heads or 1
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, args.q_len, args.head_dim, generator=g)
+    k, v = (torch.randn(B, H, args.kv_len, args.head_dim, generator=g) for _ in range(2))
+    options = {"BLOCK_SIZE": args.block_size} if block_mask is None else {}
+    choice = flexattn.explain_call(q, k, v, score_mod=mod if kind == "score_mod" else None, block_mask=block_mask,
+                                   kernel_options=options, backend=args.source, print_it=False)
+    print(f"== plan for query ({B}, {H}, {args.q_len}, {args.head_dim}), key/value length {args.kv_len}\n{choice}")
 
 
 def main(argv=None) -> int:
@@ -115,6 +132,9 @@ def main(argv=None) -> int:
     insp.add_argument("--heads", type=int, default=None)
     insp.add_argument("--png", help="write a picture of the block mask here")
     insp.add_argument("--source", choices=["torch", "triton"], default="torch")
+    insp.add_argument("--plan", action="store_true",
+                      help="instead of the kernel source, show which path a call with this mod takes and why")
+    insp.add_argument("--head-dim", type=int, default=64, help="head dim of the --plan call's inputs")
     insp.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:

@@ -16,9 +16,11 @@ import math
 
 import torch
 
-import codegen
 from flexattn.api import InputError, validate_inputs
-from flexattn.block_mask import DEFAULT_BLOCK_SIZE, PARTIAL, BlockMask, _pair
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, PARTIAL, BlockMask, pair
+from flexattn.call import Call
+from flexattn.dispatch import BACKENDS, backend_module
+from flexattn.errors import LoweringError
 from flexattn.trace import TracedMod, trace_mask_mod, trace_score_mod
 
 
@@ -31,8 +33,13 @@ class CompiledAttention:
 
     def __init__(self, score: TracedMod | None, mask: TracedMod | None, backend: str, options: dict):
         self.score, self.mask, self.backend, self.options = score, mask, backend, options
-        self.kernel = codegen.compile_kernel(backend, score.graph if score else None,
-                                             mask.graph if mask else None, options)
+        if backend not in BACKENDS:
+            raise LoweringError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+        module = backend_module(backend)
+        if not hasattr(module, "compile_kernel"):
+            raise LoweringError(f"backend {backend!r} does not generate kernels")
+        graphs = (score.graph if score else None, mask.graph if mask else None)
+        self.kernel = module.compile_kernel(*graphs) if backend == "torch" else module.compile_kernel(*graphs, options)
 
     @property
     def source(self) -> str:
@@ -58,17 +65,23 @@ class CompiledAttention:
             if self.mask is None and bool(block_mask.kv_num_blocks.any()):
                 raise InputError("this block_mask has partial tiles but no mask_mod was compiled in; "
                                  "use flexattn.compile(..., mask_mod=block_mask.mask_mod)")
-        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-        out, lse, _ = self.kernel(
-            query, key, value, score_buffers=self.score.buffers if self.score else (),
-            mask_buffers=self.mask.buffers if self.mask else (), block_mask=block_mask, scale=scale,
-            enable_gqa=enable_gqa)
+        call = Call(query, key, value, score_graph=self.score.graph if self.score else None,
+                    score_buffers=self.score.buffers if self.score else (),
+                    mask_graph=self.mask.graph if self.mask else None,
+                    mask_buffers=self.mask.buffers if self.mask else (), block_mask=block_mask, scale=scale,
+                    enable_gqa=enable_gqa, options=self.options)
+        if self.backend == "torch":  # the generated loop takes the Call
+            out, lse, _ = self.kernel(call)
+        else:
+            out, lse, _ = self.kernel(query, key, value, score_buffers=call.score_buffers,
+                                      mask_buffers=call.mask_buffers, block_mask=block_mask, scale=call.scale,
+                                      enable_gqa=enable_gqa)
         out = out.to(out_dtype)
         return (out, lse) if return_lse else out
 
 
 def _every_tile_partial(q_len: int, kv_len: int, block_size) -> BlockMask:
-    q_block, kv_block = _pair(block_size)
+    q_block, kv_block = pair(block_size)
     classes = torch.full((1, 1, math.ceil(q_len / q_block), math.ceil(kv_len / kv_block)), PARTIAL,
                          dtype=torch.int8)
     return BlockMask.from_tile_classes(classes, (q_block, kv_block), (q_len, kv_len))

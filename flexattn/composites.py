@@ -221,6 +221,19 @@ def _entr(x):
     return _where(_op("isnan", x), x, _where(x > 0, -(x * _op("log", x)), _where(x == 0, 0.0, -math.inf)))
 
 
+def _gcd(a, b):
+    """Euclid's algorithm unrolled: a bounded number of steps suffices (Fibonacci inputs are the worst case)."""
+    dtype = _promote([a, b])
+    if not dtype.is_int:
+        _fail(f"torch.gcd of {dtype.value} values: torch defines it for integers only; cast with .long().")
+    steps = 46 if dtype is DType.INT32 else 92  # F(47) > 2**31, F(93) > 2**63
+    a, b = _op("abs", _cast(a, dtype)), _op("abs", _cast(b, dtype))
+    for _ in range(steps):
+        done = b == 0
+        a, b = _where(done, a, b), _where(done, 0, a % _where(done, 1, b))
+    return a
+
+
 def _lerp(start, end, weight):
     return _where(_op("abs", weight) < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
 
@@ -247,6 +260,7 @@ COMPOSITES: tuple[Composite, ...] = (
     Composite("torch.positive Tensor.positive", 1, lambda x: x),
     Composite("torch.ldexp Tensor.ldexp", 2, lambda x, e: x * (2.0 ** e)),
     Composite("torch.lerp Tensor.lerp", 3, _lerp),
+    Composite("torch.gcd Tensor.gcd", 2, _gcd),
     Composite("torch.logical_and Tensor.logical_and", 2, _logical("and")),
     Composite("torch.logical_or Tensor.logical_or", 2, _logical("or")),
     Composite("torch.logical_xor Tensor.logical_xor", 2, _logical("xor")),

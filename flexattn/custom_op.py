@@ -29,7 +29,7 @@ import types
 import torch
 import torch.utils._pytree as pytree
 
-import codegen
+from flexattn import dispatch
 from flexattn import kernel_options as options
 from flexattn.block_mask import BlockMask
 from flexattn.trace import trace_mask_mod, trace_score_mod
@@ -85,10 +85,10 @@ def _run(query, key, value, score_buffers, mask_buffers, block_tensors, number, 
         given = iter(block_tensors)
         block_mask = BlockMask(seq_lengths, *(next(given) if there else None for there in present),
                                BLOCK_SIZE=block_size)
-    out, lse, _ = codegen.BACKENDS[backend](
+    out, lse, _ = dispatch.run(backend, dispatch.call_of(
         query, key, value, score_graph=score_graph, score_buffers=tuple(score_buffers), mask_graph=mask_graph,
         mask_buffers=tuple(mask_buffers), block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-        kernel_options=options.normalize(None))
+        kernel_options=options.normalize(None)))
     return out, lse
 
 
@@ -182,6 +182,6 @@ def compiled_flex_attention(query, key, value, score_mod, block_mask, scale, ena
     module, method = (score_mod.__self__, score_mod.__func__.__name__) if score_mod is not None else (_NO_MODULE, "")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
-        backend = codegen.default_backend(query.device.type)
+        backend = dispatch.default_backend(query.device.type)
     block_masks = () if block_mask is None else (block_mask,)
     return _planned_attention(query, key, value, module, method, block_masks, scale, enable_gqa, backend)

@@ -37,6 +37,10 @@ class BlockMaskError(FlexAttnError, ValueError):
     """A BlockMask was built from, or used with, inconsistent sizes."""
 
 
+class SlicedBlockMaskError(BlockMaskError, RuntimeError):
+    """Attention with a sliced BlockMask whose mask_mod was not set again (a RuntimeError, as torch's)."""
+
+
 class LoweringError(FlexAttnError, NotImplementedError):
     """A back end cannot lower an IR construct (names the op and the back end)."""
 
@@ -45,3 +49,8 @@ class PagedCacheError(FlexAttnError, ValueError):
     """A paged KV cache was asked for something it cannot do (pool full, slot or
     position out of range, page size not a multiple of the block size). The
     cache is left unchanged."""
+
+
+class DistributedError(FlexAttnError, RuntimeError):
+    """Context parallel attention could not proceed across ranks: ranks disagree on shapes, lengths
+    or the layout, or a peer did not answer within the timeout (the message names the rank and step)."""

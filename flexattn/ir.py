@@ -178,3 +178,12 @@ def format_graph(graph: Graph) -> str:
         lines.append(f"  {name} = {rhs} : {node.dtype.value}")
     lines.append(f"  return {names[id(graph.output)]}")
     return "\n".join(lines)
+
+
+def constants_of(graph: Graph | None) -> list:
+    """The values of a graph's ``CONST`` nodes in ``graph.nodes`` order: the run-time constant slots
+    the printers number the same way (so a new window size reuses a generated kernel).
+
+    Example: ``constants_of(trace_mask_mod(lambda b, h, q, kv: q - kv < 64).graph) == [64]``.
+    """
+    return [] if graph is None else [node.arg for node in graph.nodes if node.op is Op.CONST]

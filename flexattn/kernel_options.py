@@ -40,6 +40,10 @@ def _flag(value) -> str | None:
     return None if isinstance(value, bool) else "True or False"
 
 
+def _name(value) -> str | None:
+    return None if isinstance(value, str) and value else "a path name (flexattn.explain_call lists them)"
+
+
 def _one_of(*choices):
     return lambda value: None if value in choices else f"one of {', '.join(map(repr, choices))}"
 
@@ -52,6 +56,8 @@ OPTIONS: dict[str, Option] = {
     "BLOCK_SIZE": Option(_block_size, "tile size (q, kv) when no block_mask is given (default 128)"),
     "FUSED": Option(_one_of(True, False, "auto"), "torch back end: force (True) or forbid (False) the fused "
                     "SDPA path for mask-only and separable-bias calls"),
+    "PATH": Option(_name, "force one path of the back end's table (flexattn.explain_call shows the table and the "
+                   "reasons); InputError with the reason when that path cannot serve the call"),
     "SPLIT_KV": Option(_flag, "False: never take the split-KV decoding path"),
     "SPLIT_KV_CHUNK": Option(_positive_int, "keys per split-KV chunk"),
     "max_tiles": Option(_positive_int, "torch back end: KV tiles gathered per piece of the generated loop"),

@@ -2,8 +2,8 @@
 
 Any free page serves any sequence, so the pool never refuses a page while one is
 free. Where the page goes still matters on the CPU: attention reads a sequence's
-pages in physical order, and scattered 64 KB pages are read 10-20% slower than
-one run (docs/performance.md). So pages are placed the way a file system places
+pages in physical order, and scattered pages are read slower than one run
+(docs/performance.md). So pages are placed the way a file system places
 growing files:
 
 * a sequence grows in place: it takes the page right after its last one while

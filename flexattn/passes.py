@@ -1,6 +1,5 @@
 """Passes over the IR: each takes a Graph and returns a Graph (or facts about it).
 
-* ``fold_constants`` -- evaluate nodes whose inputs are all constants.
 * ``simplify``       -- folding, algebraic identities (``x + 0``, ``m & True``,
   ``~~m``, ``where(c, a, a)``), common-subexpression elimination; dead code
   never survives because a graph only holds what its output reaches.
@@ -10,8 +9,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-
-import networkx as nx
 
 from flexattn.ir import DType, Graph, Node, Op
 from flexattn.semantics import apply_op
@@ -96,10 +93,6 @@ def rewrite(graph: Graph, rule) -> Graph:
     return replace(graph, output=new[graph.output])
 
 
-def fold_constants(graph: Graph) -> Graph:
-    return rewrite(graph, _fold)
-
-
 def eliminate_common_subexpressions(graph: Graph) -> Graph:
     table: dict[tuple, Node] = {}
 
@@ -131,14 +124,3 @@ def dependencies(graph: Graph) -> dict[Node, frozenset[str]]:
 def depends_on(graph: Graph) -> frozenset[str]:
     """The inputs the graph's output depends on, e.g. ``{"q_idx", "kv_idx"}``."""
     return dependencies(graph)[graph.output]
-
-
-def to_networkx(graph: Graph) -> nx.DiGraph:
-    """The graph as a networkx DiGraph (node ids are positions in ``graph.nodes``)."""
-    index = {node: i for i, node in enumerate(graph.nodes)}
-    g = nx.DiGraph()
-    for node, i in index.items():
-        g.add_node(i, op=node.op.value, dtype=node.dtype.value, arg=node.arg)
-        for j in node.inputs:
-            g.add_edge(index[j], i)
-    return g

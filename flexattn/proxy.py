@@ -22,10 +22,28 @@ _DEFAULT_OF_CATEGORY = {0: DType.BOOL, 1: DType.INT64, 2: DType.FLOAT32}
 _ORDER = [DType.BOOL, DType.INT32, DType.INT64, DType.FLOAT32]
 
 
-class Proxy:
-    """A traced scalar value. Supports Python operators, torch functions and Tensor methods."""
+class TensorValue:
+    """Base of the tensor-valued traced values (``flexattn.vectors.Vector``): ops broadcast over them."""
 
-    __slots__ = ("node", "weak")
+    __slots__ = ()
+
+
+def tensor_valued(value) -> bool:
+    """A traced tensor of one or more dimensions, or a captured tensor of one or more dimensions."""
+    if isinstance(value, Proxy):
+        return False
+    return isinstance(value, TensorValue) or (isinstance(value, torch.Tensor) and value.dim() > 0)
+
+
+class Proxy(torch.Tensor):
+    """A traced scalar value. Supports Python operators, torch functions and Tensor methods.
+
+    It is a Tensor subclass without data so that torch's unbound methods (``torch.Tensor.tanh(x)``,
+    whose C descriptors accept only tensors) reach ``__torch_function__`` as its bound methods do."""
+
+    @staticmethod
+    def __new__(cls, node: Node, weak: bool = False):
+        return torch.Tensor._make_wrapper_subclass(cls, (), dtype=TORCH_DTYPES[node.dtype], device="meta")
 
     def __init__(self, node: Node, weak: bool = False):
         self.node = node
@@ -50,6 +68,11 @@ class Proxy:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         return _tracer().call(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Every torch call on a traced value stops at __torch_function__; none reaches the dispatcher.
+        _fail(f"{func} was called on a traced value below torch's function layer, which tracing cannot see.")
 
     def __pos__(self):
         return self
@@ -77,8 +100,8 @@ class Proxy:
         _fail("iterating over a traced value: traced values are scalars.")
 
     def __getitem__(self, item):
-        _fail("indexing a traced value: traced values are scalars. Index a captured tensor "
-              "with it instead: bias[q_idx].")
+        from flexattn.vectors import index_vector
+        return index_vector(self, item)
 
     def __setitem__(self, key, value):
         _fail("item assignment on a traced value. Mods must not mutate: return a new value.")
@@ -101,14 +124,11 @@ def _operand(value) -> Proxy:
         return Proxy(Node(Op.CONST, DType.INT64, (), value), weak=True)
     if isinstance(value, float):
         return Proxy(Node(Op.CONST, DType.FLOAT32, (), value), weak=True)
+    if tensor_valued(value):
+        _fail(f"a tensor of shape {list(value.shape)} where one value is needed. Index it down to one element "
+              "(bias[h, q_idx - kv_idx]) or reduce it (.sum(-1), .any(-1), torch.dot).")
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            _fail(f"a captured tensor of shape {list(value.shape)} was used as a value. "
-                  "Index it with the traced indices down to one element, e.g. bias[h, q_idx - kv_idx].")
-        return _load_proxy(_tracer().buffer(value), (), weak=True)
-    if isinstance(value, _BufferView):
-        _fail(f"a captured tensor was indexed with {len(value.indices)} of its "
-              f"{value.ndim} dimensions; index every dimension to read one element.")
+        return load_proxy(_tracer().buffer(value), (), weak=True)
     _fail(f"a value of type {type(value).__name__} cannot be used in a traced mod; "
           "use Python numbers, torch tensors and traced values.")
 
@@ -129,7 +149,11 @@ def _cast(p: Proxy, dtype: DType) -> Proxy:
 
 def apply(spec: OpDef, *args) -> Proxy:
     """The node of table op ``spec`` on ``args`` (traced values, Python numbers, 0-dim tensors),
-    typed by the op's dtype rule (see ``flexattn.ops.OpDef``)."""
+    typed by the op's dtype rule (see ``flexattn.ops.OpDef``). Tensor-valued operands broadcast
+    (``flexattn.vectors.broadcast_map``): the op applies to each element."""
+    if any(tensor_valued(a) for a in args):
+        from flexattn.vectors import broadcast_map
+        return broadcast_map(lambda *xs: apply(spec, *xs), args)
     operands = [_operand(a) for a in args]
     condition = []
     if spec.promote == "select":
@@ -175,48 +199,6 @@ for _name, _method in OPERATORS.items():
     setattr(Proxy, _name, _method)
 
 
-# ----- captured tensors ------------------------------------------------------
-
-class _BufferView:
-    """A captured tensor indexed in some of its dimensions (``table[h]``)."""
-
-    def __init__(self, buffer: Node, indices: tuple[Node, ...], ndim: int):
-        self.buffer, self.indices, self.ndim = buffer, indices, ndim
-
-    def __getitem__(self, item):
-        return _index(self.buffer, self.indices, self.ndim, item)
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        _operand(self)
-
-
-def _load_proxy(buffer: Node, indices: tuple[Node, ...], weak: bool = False) -> Proxy:
+def load_proxy(buffer: Node, indices: tuple[Node, ...], weak: bool = False) -> Proxy:
+    """The traced value ``buffer[indices]`` (a LOAD node)."""
     return Proxy(Node(Op.LOAD, buffer.dtype, (buffer,) + indices), weak)
-
-
-def _index(buffer: Node, done: tuple[Node, ...], ndim: int, item):
-    items = item if isinstance(item, tuple) else (item,)
-    indices = list(done)
-    for it in items:
-        if isinstance(it, (slice, type(Ellipsis))) or it is None:
-            _fail("slicing a captured tensor inside a mod; index every dimension with a "
-                  "traced value or an int: table[h, q_idx].")
-        p = _operand(it)
-        if not p.node.dtype.is_int:
-            _fail(f"a tensor index must be an integer, got {p.node.dtype.value}; "
-                  "cast it with .long() (bool indices would be a mask, which mods cannot use).")
-        indices.append(_cast(p, DType.INT64).node)
-    if len(indices) > ndim:
-        _fail(f"too many indices for a captured tensor of {ndim} dimensions.")
-    if len(indices) < ndim:
-        return _BufferView(buffer, tuple(indices), ndim)
-    return _load_proxy(buffer, tuple(indices))
-
-
-def _getitem(tensor, item):
-    """``tensor[item]`` for a captured tensor and traced (or int) indices."""
-    if not isinstance(tensor, torch.Tensor):
-        _fail(f"indexing a {type(tensor).__name__} with a traced value.")
-    return _index(_tracer().buffer(tensor), (), tensor.dim(), item)

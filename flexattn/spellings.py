@@ -22,8 +22,10 @@ from flexattn.capture import Tracer, _fail
 from flexattn.composites import COMPOSITES, Composite
 from flexattn.ir import DType
 from flexattn.ops import OPS, OpDef
-from flexattn.proxy import OPERATORS, Proxy, _cast, _getitem, _operand, apply
+from flexattn import reductions
+from flexattn.proxy import OPERATORS, Proxy, _cast, _operand, apply, tensor_valued
 from flexattn.semantics import load_dtype
+from flexattn.vectors import broadcast_map, elementwise, getitem, to_vector
 
 _NAMESPACES = {"torch": torch, "torch.special": torch.special, "F": F}
 _CASTABLE = (torch.bool, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -50,6 +52,8 @@ def _composite(composite: Composite):
     def lower(*args, **kwargs):
         if len(args) < composite.arity:
             _fail(f"{composite.spellings[0]} takes {composite.arity} operand(s), got {len(args)}.")
+        if any(tensor_valued(a) for a in args[:composite.arity]):
+            return broadcast_map(lambda *xs: lower(*xs, *args[composite.arity:], **kwargs), args[:composite.arity])
         operands = [_operand(a) for a in args[:composite.arity]]
         return composite.lower(*operands, *args[composite.arity:], **kwargs)
     return lower
@@ -103,13 +107,17 @@ def _dtype_kwarg(kwargs: dict, default: DType | None) -> DType | None:
     return default if dtype is None else _dtype_of(dtype)
 
 
+def _ir_dtype(x) -> DType:
+    return to_vector(x).elements[0].node.dtype
+
+
 def _new(fill):
     """``x.new_zeros(())`` and friends (``x.new_empty(())`` is zeros): x's dtype unless ``dtype=``."""
     def lower(x, *args, **kwargs):
         size = _size(args, kwargs)
         if not _is_scalar_size(size):
             _fail(f"new tensor of size {list(size)} in a traced mod; traced values are scalars: use size ().")
-        return _filled(fill, _dtype_kwarg(kwargs, _operand(x).node.dtype))
+        return _filled(fill, _dtype_kwarg(kwargs, _ir_dtype(x)))
     return lower
 
 
@@ -137,8 +145,17 @@ def _full(size, fill_value, **kwargs):
     return _factory(fill_value, None)(size, **kwargs)
 
 
+def _traced_in(data) -> bool:
+    return isinstance(data, Proxy) or tensor_valued(data) and not isinstance(data, torch.Tensor) or \
+        isinstance(data, (list, tuple)) and any(_traced_in(d) for d in data)
+
+
 def _tensor(data, default: DType | None = None, **kwargs):
-    """``torch.tensor(2.0)``: a constant for a Python number or a traced value, None otherwise."""
+    """``torch.tensor(2.0)``: a constant for a Python number or a traced value, a stack for a list
+    holding traced values, None (torch's own tensor) otherwise."""
+    if isinstance(data, (list, tuple)) and _traced_in(data):
+        stacked = reductions.FUNCTIONS["stack"]([_tensor(d, default, **kwargs) for d in data])
+        return stacked if "dtype" not in kwargs else elementwise(_to)(stacked, kwargs["dtype"])
     if not isinstance(data, (bool, int, float, Proxy)):
         return None
     return _filled(data, _dtype_kwarg(kwargs, default))
@@ -150,28 +167,33 @@ _FACTORIES = {
     torch.scalar_tensor: functools.partial(_tensor, default=DType.FLOAT32),
 }
 
-_TYPE_METHODS = {
+_CASTS = {
     "to": _to, "type": _type, "type_as": lambda x, other: _to(x, other),
     "float": lambda x, **_: _to(x, torch.float32), "double": lambda x, **_: _to(x, torch.float32),
     "half": lambda x, **_: _to(x, torch.float16), "bfloat16": lambda x, **_: _to(x, torch.bfloat16),
     "int": lambda x, **_: _to(x, torch.int32), "long": lambda x, **_: _to(x, torch.int64),
     "bool": lambda x, **_: _to(x, torch.bool),
+}
+_TYPE_METHODS = {
+    **{name: elementwise(lower) for name, lower in _CASTS.items()},
     "new_zeros": _new(0), "new_ones": _new(1), "new_empty": _new(0), "new_full": _new_full,
-    "new_tensor": lambda x, data, **kwargs: _filled(data, _dtype_kwarg(kwargs, _operand(x).node.dtype)),
+    "new_tensor": lambda x, data, **kwargs: _filled(data, _dtype_kwarg(kwargs, _ir_dtype(x))),
     "clone": lambda x, **_: x, "detach": lambda x: x, "contiguous": lambda x, **_: x,
-    "dim": lambda x: 0, "numel": lambda x: 1, "size": lambda x: torch.Size([]),
-    "is_floating_point": lambda x: _operand(x).node.dtype.is_float,
-    "__getitem__": _getitem,
+    "dim": lambda x: x.ndim, "numel": lambda x: x.shape.numel(),
+    "size": lambda x, dim=None: x.shape if dim is None else x.shape[dim],
+    "is_floating_point": lambda x: x.dtype.is_floating_point,
+    "__getitem__": getitem,
     "__setitem__": lambda *_, **__: _fail("assigning into a captured tensor inside a mod. Mods must not "
                                           "mutate tensors: compute a new value and return it."),
 }
 
-_LIKE_FUNCTIONS = {"zeros_like": _like(0), "ones_like": _like(1), "empty_like": _like(0), "full_like": _full_like,
-                   "clone": lambda x, **_: x}
+_LIKE_FUNCTIONS = {"zeros_like": elementwise(_like(0)), "ones_like": elementwise(_like(1)),
+                   "empty_like": elementwise(_like(0)), "full_like": elementwise(_full_like), "clone": lambda x, **_: x}
 
 
 def _tables() -> tuple[dict, dict]:
-    functions, methods = dict(_LIKE_FUNCTIONS), dict(_TYPE_METHODS)
+    functions = {**reductions.FUNCTIONS, **_LIKE_FUNCTIONS}
+    methods = {**reductions.METHODS, **_TYPE_METHODS}
     entries = [(spec.spellings, _primitive(spec)) for spec in OPS]
     entries += [(c.spellings, _composite(c)) for c in COMPOSITES]
     for spellings, lower in entries:

@@ -24,8 +24,9 @@ from flexattn.errors import TraceError
 from flexattn.ir import MASK_MOD_INPUTS, SCORE_MOD_INPUTS, DType, Graph, Node, Op
 from flexattn.capture import _current
 from flexattn.mod_cache import cached_trace
-from flexattn.proxy import Proxy, _BufferView, _cast, _operand
+from flexattn.proxy import Proxy, _cast, _operand
 from flexattn.spellings import _Tracer
+from flexattn.vectors import Vector
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,11 @@ def _trace(fn, kind: str, names: tuple[str, ...]) -> TracedMod:
 
 
 def _output(result, kind: str, fn) -> Proxy:
-    if isinstance(result, (Proxy, bool, int, float, torch.Tensor, _BufferView)):
-        if isinstance(result, torch.Tensor) and result.dim() != 0:
+    if isinstance(result, (Proxy, bool, int, float, torch.Tensor, Vector)):
+        if isinstance(result, (torch.Tensor, Vector)) and not isinstance(result, Proxy) and result.ndim != 0:
             location, line = _definition_site(fn)
-            raise TraceError(f"{kind} returned a tensor of shape {list(result.shape)}; it must return "
-                             "one value per (b, h, q_idx, kv_idx).", location, line)
+            raise TraceError(f"{kind} returned a tensor of shape {list(result.shape)}; it must return one value "
+                             "per (b, h, q_idx, kv_idx): reduce it (.sum(-1), .any(-1)) or index it.", location, line)
         out = _operand(result)
     else:
         location, line = _definition_site(fn)

@@ -79,3 +79,13 @@ def test_inspect_errors_are_one_clear_line_with_exit_code_2(tmp_path):
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     debug = _inspect(tmp_path, "MODS:bad", "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_inspect_plan_prints_the_chosen_path_and_the_reasons(tmp_path):
+    result = _inspect(tmp_path, "MODS:softcap", "--plan", "--q-len", "64", "--kv-len", "64", "--head-dim", "16")
+    assert result.returncode == 0, result.stderr
+    plan = result.stdout.split("== plan for query (1, 1, 64, 16), key/value length 64", 1)[1]
+    assert "backend torch: path generated_loop" in plan
+    assert "skipped decode_chunks: Q_LEN=64 > 16: not a decoding shape" in plan
+    assert "skipped fused_tiles: the score_mod is not a separable bias" in plan
+    assert "== generated torch source" not in result.stdout

@@ -28,42 +28,32 @@ become extra head-dim features of q and the column factors extra features of
 k (so the kernel's q.k adds the bias), row-only terms shift the lse; in
 PARTIAL tiles the bias goes into the additive mask.
 
-The torch back end takes this path when the score_mod is absent or separable
+The torch back end takes these paths (``fused_documents``, ``fused_tiles`` in
+``codegen.torch_backend.paths``) when the score_mod is absent or separable
 (with no buffer needing a gradient), head dims of q/k/v are equal, max_scores
-is not requested (the fused kernel does not return it) (``fusable``), and the
-plan is one the fused kernel is fast on (``fused_plan.pays``: tall
-rectangles, few PARTIAL tiles).
+is not requested (the fused kernel does not return it) (``fused_paths.why_not_fused``),
+and the plan is one the fused kernel is fast on (``fused_plan.why_not_pays``:
+tall rectangles, few PARTIAL tiles).
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from codegen.torch_backend import fused_plan
-from codegen.torch_backend.fused_plan import (Unit, chunks, document_units, evaluate_on_tiles, plan, tile_env,
-                                              tile_shapes)
+from codegen.torch_backend.fused_plan import PlanUnit, chunks, evaluate_on_tiles, tile_env
+from flexattn.lse import merge
 
 NEG_INF = float("-inf")
 MAX_BIAS_SPAN = 2.0 ** 16  # |row factor| x span of a column factor: beyond, fp32 features lose digits
 # Causal squares with a separable bias, at most this many tiles a side: a square's bias features are
 # relative to one column, but each row's largest weights sit at its own diagonal, so the features there
-# grow with the side (causal ALiBi 4k, rel. error vs float64: 7.8e-7 at 2 tiles, 1.5e-6 at 4, 1.2e-5
-# uncapped; 1.8e-7 with no biased squares, 1.7e-7 for the generated loop).
+# grow with the side, and with them the rounding error (measured in docs/performance.md).
 MAX_BIASED_SQUARE = 2
 FEATURE_ALIGN = 8  # extra head-dim features are padded to a multiple of this
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def fusable(query, key, value, score_graph, bias, kernel_options) -> bool:
-    """Whether the fused path computes this call exactly (see the module docstring): no score_mod,
-    or one whose bias is separable (``bias``, from ``flexattn.analysis.separable``)."""
-    return ((score_graph is None or bias is not None) and kernel_options.get("FUSED", "auto") is not False
-            and not kernel_options.get("OUTPUT_MAX_SCORES", False)
-            and query.shape[-1] == key.shape[-1] == value.shape[-1] and query.device.type == "cpu")
 
 
 class Features:
@@ -86,7 +76,7 @@ class Features:
                    default=0.0)
 
 
-class Problem:
+class FusedInputs:
     """The tensors of one call in the compute float, K/V expanded to the query heads (GQA)."""
 
     def __init__(self, q, k, v, block, scale, mask_graph, mask_buffers, features: Features | None = None):
@@ -99,7 +89,7 @@ class Problem:
         self.features = features
         self.L, self.S = q.shape[2], k.shape[2]
 
-    def rectangle(self, unit: Unit, rows: slice, cols: slice):
+    def rectangle(self, unit: PlanUnit, rows: slice, cols: slice):
         """(q, k, v) of a rectangle for the fused kernel, and the shift its lse needs (or None).
 
         With a separable bias, q gains the row factors (divided by the scale, which the
@@ -135,7 +125,7 @@ class Problem:
         return (slice(rect[0] * q_block, min(rect[1] * q_block, self.L)),
                 slice(rect[2] * kv_block, min(rect[3] * kv_block, self.S)))
 
-    def tile_mask(self, unit: Unit, tiles: torch.Tensor, Bu: int) -> torch.Tensor:
+    def tile_mask(self, unit: PlanUnit, tiles: torch.Tensor, Bu: int) -> torch.Tensor:
         """Bool (B_u * P, H_u or 1, q_block, kv_block), laid out like ``_tiles_of``: the mask_mod on
         the tiles, False out of range."""
         env, keep = tile_env(unit.b, unit.h, tiles, self.block, self.L, self.S)
@@ -144,7 +134,7 @@ class Problem:
         keep = keep.expand(Bu, -1, len(tiles), -1, -1)  # (B_u, H_u or 1, P, q_block, kv_block)
         return keep.transpose(1, 2).reshape(Bu * len(tiles), keep.shape[1], *keep.shape[3:])
 
-    def tile_bias(self, unit: Unit, tiles: torch.Tensor, keep: torch.Tensor, dtype) -> torch.Tensor:
+    def tile_bias(self, unit: PlanUnit, tiles: torch.Tensor, keep: torch.Tensor, dtype) -> torch.Tensor:
         """The fused kernel's additive mask for a batch of tiles: -inf where not kept, else the
         score_mod's bias (the score_mod of a zero score), laid out like ``tile_mask``."""
         if self.features is None:
@@ -183,24 +173,7 @@ def _bias(keep: torch.Tensor, dtype) -> torch.Tensor:
     return torch.where(keep, 0.0, NEG_INF).to(dtype)
 
 
-def _merge(out, lse, rows, o, l, first: bool = False) -> None:
-    """out[..., rows, :], lse[..., rows] <- the softmax merge of themselves with (o, l).
-
-    Both are normalised, so the merge weighs each by exp(its lse - the new lse).
-    ``first``: nothing was written to these rows yet (a plain copy).
-    """
-    if first:
-        out[:, :, rows], lse[:, :, rows] = o, l
-        return
-    a = lse[:, :, rows]
-    new = torch.logaddexp(a, l)
-    shift = torch.where(new == NEG_INF, 0.0, new)  # rows with nothing so far and nothing now stay 0 / -inf
-    target = out[:, :, rows]
-    target.mul_(torch.exp(a - shift).unsqueeze(-1)).addcmul_(o, torch.exp(l - shift).unsqueeze(-1))
-    lse[:, :, rows] = new
-
-
-def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, L, D) and lse (B, Hq, L); rows that attend nowhere give 0 and -inf."""
     B, Hq, L, D = p.q.shape
     q_block, kv_block = p.block
@@ -223,7 +196,7 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
             o, l = _forward(flip(q_r), flip(k_r), flip(v_r), is_causal=kind is not None, scale=p.scale)
             o, l = flip(o), flip(l.unsqueeze(-1)).squeeze(-1)
             o, l = (o, l) if shift is None else (o[..., :D].contiguous(), l + shift)
-            _merge(out_u, lse_u, rows, o, l, first=not bool(written[rect[0]:rect[1]].any()))
+            merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(written[rect[0]:rect[1]].any()))
             written[rect[0]:rect[1]] = True
         Bu, Hu = q.shape[:2]
         for batch in unit.batches:
@@ -236,13 +209,13 @@ def forward(p: Problem, units: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
                 o, l = _from_tiles(o, Bu), _from_tiles(torch.where(keep.any(-1), l, NEG_INF), Bu)
                 out_t, lse_t = out_u.unflatten(2, (-1, q_block)), lse_u.unflatten(2, (-1, q_block))
                 picked_o, picked_l = out_t[:, :, tiles[:, 0]], lse_t[:, :, tiles[:, 0]]
-                _merge(picked_o, picked_l, slice(None), o, l, first=not bool(written[tiles[:, 0]].any()))
+                merge(picked_o, picked_l, o, l, first=not bool(written[tiles[:, 0]].any()))
                 written[tiles[:, 0]] = True
                 out_t[:, :, tiles[:, 0]], lse_t[:, :, tiles[:, 0]] = picked_o, picked_l
     return out[:, :, :L], lse[:, :, :L]
 
 
-def backward(p: Problem, units: list[Unit], out, lse, grad_out):
+def backward(p: FusedInputs, units: list[PlanUnit], out, lse, grad_out):
     """dq (B, Hq, L, D) and dk, dv (B, Hq, S, D) per query head, from the final out and lse."""
     B, Hq, L, D = p.q.shape
     q_block, kv_block = p.block
@@ -290,33 +263,7 @@ def backward(p: Problem, units: list[Unit], out, lse, grad_out):
     return dq[:, :, :L], dk[:, :, :p.S], dv[:, :, :p.S]
 
 
-# Plans by BlockMask: a training or serving loop calls attention with one BlockMask many times,
-# and planning (the causal squares' tile checks evaluate the mask_mod) cost ~6% of a sliding-window
-# call at 16k. Entries go with their BlockMask; the key holds every input's in-place version.
-_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _cached_units(block_mask, mask_graph, mask_buffers, B, Hq, L, S, block_size, force, biased):
-    """``plan``'s units for this call (or None: the plan would not pay), from the cache when it can."""
-    tensors = [t for t in (getattr(block_mask, name, None) for name in
-                           ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"))
-               if t is not None] + list(mask_buffers)
-    key = (B, Hq, L, S, block_size, force, biased, mask_graph.structural_key() if mask_graph is not None else None,
-           tuple((t.data_ptr(), t._version) for t in tensors))
-    cache = _PLANS.setdefault(block_mask, {}) if block_mask is not None else {}
-    if key not in cache:
-        units = document_units(block_mask, mask_graph, mask_buffers, B, Hq, L, S) if not biased else None
-        if units is None:
-            shapes = None
-            if mask_graph is not None and block_size[0] == block_size[1]:
-                shapes = tile_shapes(mask_graph, mask_buffers, B, Hq, L, S, block_size[0])
-            units = plan(block_mask, B, Hq, L, S, block_size, force, shapes, MAX_BIASED_SQUARE if biased else None)
-        cache.clear()  # one plan per BlockMask: the shapes of the latest call
-        cache[key] = units
-    return cache[key]
-
-
-def _with_lse_column(q, k, v, out, grad_out, grad_lse, lse):
+def with_lse_column(q, k, v, out, grad_out, grad_lse, lse):
     """q, k, v, out, grad_out with one more head-dim column that carries the lse's gradient.
 
     The fused backward takes dS = P * (dO V^T - rowsum(dO * O)); the lse adds P * dLSE. A zero
@@ -328,61 +275,3 @@ def _with_lse_column(q, k, v, out, grad_out, grad_lse, lse):
     out = torch.cat([out, torch.ones_like(out[..., :1])], -1)
     grad_out = torch.cat([grad_out, -lse_grad.unsqueeze(-1)], -1)
     return zero(q), zero(k), zero(v), out, grad_out
-
-
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, setup, units, q, k, v):
-        p = setup(q, k, v)
-        out, lse = forward(p, units)
-        ctx.setup, ctx.units = setup, units
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype)
-        if grad_lse is not None:
-            q, k, v, out, grad_out = _with_lse_column(q, k, v, out, grad_out, grad_lse, lse)
-        p = ctx.setup(q, k, v)
-        dq, dk, dv = backward(p, ctx.units, out, lse, grad_out.contiguous())
-        if grad_lse is not None:
-            dq, dk, dv = (x[..., :-1] for x in (dq, dk, dv))
-        if p.group > 1:  # the query heads of one KV head add up
-            dk, dv = (x.unflatten(1, (-1, p.group)).sum(2) for x in (dk, dv))
-        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def attention(query, key, value, *, block_mask, mask_graph, mask_buffers, block_size, scale, force=False,
-              bias=None, score_buffers=()):
-    """(out, lse, None) of block-sparse attention through the fused kernel (see the module docstring),
-    or None when its plan would not pay (``pays``) and ``force`` is False.
-
-    query (B, Hq, L, D), key/value (B, Hkv, S, D) with Hq a multiple of Hkv;
-    out in query's dtype, lse (B, Hq, L) in the compute float (float32, or float64).
-    """
-    B, Hq, L, _ = query.shape
-    features = None
-    if bias is not None:
-        features = Features(bias, [t.detach() for t in score_buffers], B, Hq, L, key.shape[2])
-        if features.span() > MAX_BIAS_SPAN:
-            return None
-    units = _cached_units(block_mask, mask_graph, tuple(mask_buffers), B, Hq, L, key.shape[2], tuple(block_size),
-                          force, features is not None)
-    if units is None:
-        return None
-    q_block, kv_block = block_size
-    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-
-    def setup(q, k, v):
-        return Problem(q.to(compute), k.to(compute), v.to(compute), (q_block, kv_block), scale, mask_graph,
-                       tuple(mask_buffers), features)
-
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        out, lse = _FusedAttention.apply(setup, units, query, key, value)
-    else:
-        out, lse = forward(setup(query, key, value), units)
-    return out.to(query.dtype), lse, None

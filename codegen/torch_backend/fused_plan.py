@@ -1,14 +1,14 @@
 """The plan of the fused path: which rectangles of FULL tiles and which batches of PARTIAL tiles.
 
-See ``fused`` for how the plan runs. ``plan`` returns None where the fused
-kernel would be slower than the generated loop (``pays``).
+See ``fused`` for how the plan runs. ``why_not_pays`` says where the fused
+kernel would be slower than the generated loop.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flexattn.analysis.segments import segment_mask
+from codegen.torch_backend.evaluate import index_inputs
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 from flexattn.semantics import evaluate
 
@@ -18,8 +18,9 @@ MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pa
 MASK_CHUNK = 1 << 24  # mask elements evaluated (and materialised) at once for a batch of tiles
 
 
-def pays(units: list["Unit"]) -> bool:
-    """Whether the fused kernel beats the generated loop on this plan (measured, docs/performance.md).
+def why_not_pays(units: list["PlanUnit"]) -> str | None:
+    """Why the fused kernel would not beat the generated loop on this plan (None: it would;
+    measured, docs/performance.md).
 
     The fused kernel is fast on tall rectangles (a causal triangle's squares, no
     mask at all) and slower than batched matmuls on thin strips and on batches
@@ -29,10 +30,15 @@ def pays(units: list["Unit"]) -> bool:
                                                          for u in units for a, c, n, _ in u.squares]
     full_tiles = sum((r[1] - r[0]) * (r[3] - r[2]) for r in rects)
     if full_tiles == 0:
-        return False
+        return "the plan has no FULL tiles"
     mean_rows = sum((r[1] - r[0]) ** 2 * (r[3] - r[2]) for r in rects) / full_tiles
+    if mean_rows < MIN_ROWS_OF_TILES:
+        return f"FULL rectangles average {mean_rows:.1f} q tiles tall < MIN_ROWS_OF_TILES ({MIN_ROWS_OF_TILES})"
     partial_tiles = sum(len(batch) for u in units for batch in u.batches)
-    return mean_rows >= MIN_ROWS_OF_TILES and partial_tiles <= MAX_PARTIAL_SHARE * full_tiles
+    if partial_tiles > MAX_PARTIAL_SHARE * full_tiles:
+        return (f"{partial_tiles} PARTIAL tiles are more than MAX_PARTIAL_SHARE ({MAX_PARTIAL_SHARE}) of the "
+                f"{full_tiles} FULL ones")
+    return None
 
 
 def full_rectangles(full: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -108,7 +114,7 @@ def partial_batches(partial: torch.Tensor) -> list[torch.Tensor]:
     return [tiles[rank == r] for r in range(int(rank.max()) + 1)]
 
 
-class Unit:
+class PlanUnit:
     """A slice of batch rows and query heads that share one tile matrix, and its plan:
     ``squares`` that are exactly causal triangles (``triangle_squares``), ``rectangles`` of
     FULL tiles and ``batches`` of PARTIAL tiles."""
@@ -170,16 +176,16 @@ def triangle_squares(classes: torch.Tensor, shapes, max_side: int | None = None)
     return found
 
 
-def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[Unit]:
+def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[PlanUnit]:
     """Units for a (nb, nh, nq, nkv) tile-class tensor (nb in {1, B}, nh in {1, Hq})."""
     nb, nh = classes.shape[:2]
-    return [Unit(slice(0, B) if nb == 1 else slice(b, b + 1), slice(0, Hq) if nh == 1 else slice(h, h + 1),
+    return [PlanUnit(slice(0, B) if nb == 1 else slice(b, b + 1), slice(0, Hq) if nh == 1 else slice(h, h + 1),
                  classes[b, h]) for b in range(nb) for h in range(nh)]
 
 
-def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool,
-         tile_shapes=None, max_square: int | None = None) -> list[Unit] | None:
-    """The units of this call, or None when the fused kernel would not pay (unless ``force``).
+def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, tile_shapes=None,
+         max_square: int | None = None) -> list[PlanUnit]:
+    """The units of this call (``why_not_pays`` says whether they pay).
 
     ``tile_shapes(tiles) -> kinds`` (optional) says which tiles hold exactly a causal
     triangle (see ``triangle_squares``); aligned squares of them run as one causal call
@@ -196,23 +202,8 @@ def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, force: bool,
             rest = classes[0, 0].clone()
             for a, c, side, _ in squares:
                 rest[a:a + side, c:c + side] = EMPTY
-            units = [Unit(slice(0, B), slice(0, Hq), rest, squares)]
-            return units if force or pays(units) else None
-    units = plan_units(classes, B, Hq)
-    return units if force or pays(units) else None
-
-
-def document_units(block_mask, mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int) -> list[Unit] | None:
-    """One call per document when the mask is exactly a segment mask (``flexattn.analysis.segments``)
-    and the BlockMask is its exact block reduction (built by create_block_mask from this mask)."""
-    exact = (block_mask is not None and block_mask.traced_mask is not None
-             and block_mask.traced_mask.graph is mask_graph and block_mask.stats.get("left_partial") == 0)
-    form = segment_mask(mask_graph) if exact and L == S else None
-    runs = form.segments(mask_buffers, L) if form is not None else None
-    if not runs or L < MIN_DOCUMENT * len(runs):
-        return None
-    return [Unit(slice(0, B), slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8),
-                 segments=[(start, stop, form.causal) for start, stop in runs])]
+            return [PlanUnit(slice(0, B), slice(0, Hq), rest, squares)]
+    return plan_units(classes, B, Hq)
 
 
 def chunks(tiles: torch.Tensor, per_tile: int) -> list[torch.Tensor]:
@@ -225,12 +216,12 @@ def tile_env(b: slice, h: slice, tiles: torch.Tensor, block, L: int, S: int) -> 
     """The mods' inputs over a batch of tiles (P, 2), shaped (B, H, P, q_block, kv_block) when
     broadcast, indices clamped into the sequences, and where positions are in range."""
     q_block, kv_block = block
-    q_idx = (tiles[:, 0].view(-1, 1) * q_block + torch.arange(q_block)).view(1, 1, -1, q_block, 1)
-    kv_idx = (tiles[:, 1].view(-1, 1) * kv_block + torch.arange(kv_block)).view(1, 1, -1, 1, kv_block)
-    env = {"b": torch.arange(b.start, b.stop).view(-1, 1, 1, 1, 1),
-           "h": torch.arange(h.start, h.stop).view(1, -1, 1, 1, 1),
-           "q_idx": q_idx.clamp(max=L - 1), "kv_idx": kv_idx.clamp(max=S - 1)}
-    return env, (q_idx < L) & (kv_idx < S)
+    q_idx = tiles[:, 0].view(-1, 1) * q_block + torch.arange(q_block)  # (P, q_block)
+    kv_idx = tiles[:, 1].view(-1, 1) * kv_block + torch.arange(kv_block)  # (P, kv_block)
+    env = index_inputs(5, b=(torch.arange(b.start, b.stop), (0,)), h=(torch.arange(h.start, h.stop), (1,)),
+                       q_idx=(q_idx.clamp(max=L - 1), (2, 3)), kv_idx=(kv_idx.clamp(max=S - 1), (2, 4)))
+    in_range = index_inputs(5, q=(q_idx < L, (2, 3)), kv=(kv_idx < S, (2, 4)))
+    return env, in_range["q"] & in_range["kv"]
 
 
 def evaluate_on_tiles(graph, env: dict, buffers) -> torch.Tensor:

@@ -1,66 +1,84 @@
-"""A compiled torch kernel: the generated module bound to constants, with autograd.
+"""The generated loop: compile (cached) and call, with autograd.
 
-``Kernel.__call__`` plans the block-sparse rows (``tiles.plan_rows``), runs
-the generated ``forward`` and, when gradients are needed, wraps it in an
-``autograd.Function`` whose backward runs the generated ``backward``.
+``compile_kernel(score_graph, mask_graph)`` returns a ``Kernel`` whose ``source`` is the generated
+module (the mods printed as torch expressions over tile index tensors, and the block-sparse
+forward/backward loops of ``template``). Kernels are cached in memory and on disk
+(``codegen.cache``) by the graphs' structural keys *without* constant values or buffer shapes:
+constants and buffers are run-time arguments, so a new window size, document layout or bias
+table reuses the kernel; so do new sequence lengths, batch sizes and options. The kernel does not
+depend on the input dtype (the compute float is chosen at run time).
 
-Inside a user's ``torch.compile``d function the kernel is a graph break
-(``torch.compiler.disable``): it runs eagerly between the compiled graphs,
-and gradients still flow through its autograd.Function. The disabled entry
-is made on first use while ``torch._dynamo`` is loaded (only then can a
-caller be compiling), because importing it costs about a second.
+``Kernel(call)`` plans the block-sparse rows (``tiles.plan_rows``), runs the generated
+``forward`` and, when gradients are needed, records it with ``codegen.autograd`` so that the
+backward runs the generated ``backward``. The generated code runs eagerly, not wrapped in
+``torch.compile``: eager already spends its time in matmul/exp kernels on this code, and
+compiling costs seconds on a first call (docs/performance.md).
+
+Inside a user's ``torch.compile``d function the kernel is a graph break (``torch.compiler.disable``):
+it runs eagerly between the compiled graphs, and gradients still flow through it. The disabled
+entry is made on first use while ``torch._dynamo`` is loaded (only then can a caller be compiling),
+because importing it is slow.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import linecache
 import sys
+from pathlib import Path
 
 import torch
 
+from codegen.autograd import differentiable
+from codegen.cache import KERNELS, kernel_key
+from codegen.torch_backend.template import kernel_source
 from codegen.torch_backend.tiles import plan_rows
-from flexattn.block_mask import DEFAULT_BLOCK_SIZE, _pair
-from flexattn.errors import LoweringError
+from flexattn.call import Call, compute_dtype
+from flexattn.ir import Graph, constants_of
 
 DEFAULT_MAX_TILES = 16
+# Kernels written by another version of the generator are stale (rebuilt, never used).
+_GENERATOR_FILES = ("template.py", "printer.py", "runtime.py", "tiles.py")
 
 
-def check_heads(Hq: int, Hkv: int, enable_gqa: bool) -> None:
-    """Raise ``LoweringError`` unless Hq == Hkv, or GQA is enabled and Hq is a multiple of Hkv."""
-    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
-        raise LoweringError(f"query has {Hq} heads and key/value {Hkv}: grouped-query attention needs "
-                            "enable_gqa=True and a query head count that is a multiple of the KV heads")
+def _generator_version() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in _GENERATOR_FILES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    """out, lse, max_scores of attention; grads of out and lse for q, k, v and floating score
-    buffers (max_scores is not differentiable, as in torch)."""
-
-    @staticmethod
-    def forward(ctx, call, q, k, v, *score_buffers):
-        out, lse, max_scores = call.forward(q, k, v, score_buffers)
-        ctx.call = call
-        ctx.save_for_backward(q, k, v, out, lse, *score_buffers)
-        ctx.mark_non_differentiable(max_scores)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        return out, lse, max_scores
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_lse, _grad_max):
-        q, k, v, out, lse, *score_buffers = ctx.saved_tensors
-        slots = [i for i, buf in enumerate(score_buffers) if ctx.needs_input_grad[4 + i]]
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        grad_q, grad_k, grad_v, grad_buffers = ctx.call.backward(
-            q, k, v, out, lse, grad_out, grad_lse, score_buffers, slots)
-        by_slot = dict(zip(slots, grad_buffers))
-        grads_of_buffers = [by_slot.get(i) for i in range(len(score_buffers))]
-        return (None, grad_q, grad_k, grad_v, *grads_of_buffers)
+GENERATOR_VERSION = _generator_version()
 
 
-class _Call:
-    """Everything one call needs besides the tensors autograd tracks."""
+def _load(source: str, filename: str) -> dict:
+    """Execute generated source as a module namespace (registered so tracebacks show its lines)."""
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict = {"__name__": f"flexattn_kernel_{Path(filename).stem}", "__source__": source}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace
+
+
+def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None) -> "Kernel":
+    """The generated loop for these mods (cached), bound to these graphs' constants.
+
+    Returns a ``Kernel``; call it with a ``flexattn.call.Call`` -> ``(out, lse, max_scores)``.
+    Raises ``LoweringError`` for an op the printer cannot lower.
+
+    Example::
+
+        >>> kernel = compile_kernel(None, trace_mask_mod(causal).graph)
+        >>> out, lse, max_scores = kernel(call)
+    """
+    namespace = KERNELS.get("torch", kernel_key(score_graph, mask_graph), GENERATOR_VERSION,
+                            build=lambda: kernel_source(score_graph, mask_graph), load=_load)
+    return Kernel(namespace, constants_of(score_graph), constants_of(mask_graph))
+
+
+class _Launch:
+    """One run of the generated loop: its rows of pieces, KV tile size, scale, the graphs'
+    constants and the mask buffers (everything besides the tensors autograd tracks)."""
 
     def __init__(self, namespace, rows, kv_block, scale, consts, mask_buffers):
         self.namespace, self.rows, self.kv_block, self.scale = namespace, rows, kv_block, scale
@@ -68,7 +86,7 @@ class _Call:
         self.mask_buffers = mask_buffers
 
     def forward(self, q, k, v, score_buffers):
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(q.dtype)
         out, lse, max_scores = self.namespace["forward"](
             q.to(compute), k.to(compute), v.to(compute), self.rows, self.kv_block, self.scale,
             score_buffers, self.score_consts, self.mask_buffers, self.mask_consts)
@@ -79,61 +97,40 @@ class _Call:
         grad_q, grad_k, grad_v, grad_buffers = self.namespace["backward"](
             q.to(compute), k.to(compute), v.to(compute), out.to(compute), lse, grad_out.to(compute),
             None if grad_lse is None else grad_lse.to(compute), self.rows, self.kv_block, self.scale,
-            score_buffers, slots, self.score_consts,
-            self.mask_buffers, self.mask_consts)
+            score_buffers, slots, self.score_consts, self.mask_buffers, self.mask_consts)
         grad_buffers = [g.to(score_buffers[i].dtype) for i, g in zip(slots, grad_buffers)]
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_buffers
 
 
 class Kernel:
-    """A generated kernel; ``source`` is its Python source.
+    """A generated loop; ``source`` is its Python source.
 
-    Call as ``kernel(query, key, value, *, score_buffers, mask_buffers,
-    block_mask, scale, enable_gqa) -> (out, lse, max_scores)`` with query
-    (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev); out is
-    (B, Hq, L, Ev) in query's dtype, lse/max_scores (B, Hq, L) float32
-    (float64 for float64 inputs). ``block_mask`` None attends everywhere.
-    ``score_constants``/``mask_constants`` override the constants of the
-    graphs the kernel was compiled from (see ``printer.constants_of``).
-
-    Raises ``LoweringError`` when the head counts do not fit (GQA needs Hq a
-    multiple of Hkv and ``enable_gqa=True``).
+    ``kernel(call) -> (out, lse, max_scores)``: out (B, Hq, L, Ev) in query's dtype, lse and
+    max_scores (B, Hq, L) in the compute float (``flexattn.call.compute_dtype``).
+    ``kernel_options``: ``max_tiles`` (KV tiles per gathered piece, default 16); without a
+    BlockMask every tile of ``BLOCK_SIZE`` (default 128) is FULL.
     """
 
-    def __init__(self, namespace: dict, options: dict, score_constants: list, mask_constants: list,
-                 has_score_mod: bool):
+    def __init__(self, namespace: dict, score_constants: list, mask_constants: list):
         self.namespace = namespace
-        self.options = options
-        self.score_constants, self.mask_constants = score_constants, mask_constants
-        self.has_score_mod = has_score_mod
+        self.constants = (score_constants, mask_constants)
 
     @property
     def source(self) -> str:
         return self.namespace["__source__"]
 
-    def __call__(self, query, key, value, **kwargs):
-        return outside_compiled_graphs(Kernel.run)(self, query, key, value, **kwargs)
+    def __call__(self, call: Call):
+        return outside_compiled_graphs(Kernel.run)(self, call)
 
-    def run(self, query, key, value, *, score_buffers=(), mask_buffers=(), block_mask=None, scale=None,
-            enable_gqa=False, score_constants=None, mask_constants=None):
+    def run(self, call: Call):
         """The kernel call (see the class docstring), without the torch.compile guard."""
-        check_heads(query.shape[1], key.shape[1], enable_gqa)
-        L, S = query.shape[2], key.shape[2]
-        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-        if block_mask is not None:
-            block_size = block_mask.BLOCK_SIZE
-        else:
-            block_size = _pair(self.options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE))
-        rows = plan_rows(block_mask, L, S, block_size, int(self.options.get("max_tiles", DEFAULT_MAX_TILES)))
-        consts = (self.score_constants if score_constants is None else list(score_constants),
-                  self.mask_constants if mask_constants is None else list(mask_constants))
-        call = _Call(self.namespace, rows, block_size[1], scale, consts, tuple(mask_buffers))
-        score_buffers = tuple(score_buffers)
-        needs_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (query, key, value, *score_buffers))
-        if not needs_grad:
-            return call.forward(query, key, value, score_buffers)
-        return _BlockSparseAttention.apply(call, query, key, value, *score_buffers)
+        _, _, _, L, S = call.shape
+        block_size = call.block_size
+        rows = plan_rows(call.block_mask, L, S, block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
+        launch = _Launch(self.namespace, rows, block_size[1], call.scale, self.constants, call.mask_buffers)
+        if not call.needs_grad:
+            return launch.forward(call.query, call.key, call.value, call.score_buffers)
+        return differentiable(launch, call.query, call.key, call.value, call.score_buffers)
 
 
 _disabled: dict = {}

@@ -31,16 +31,6 @@ _TORCH_DTYPE = {DType.BOOL: "torch.bool", DType.INT32: "torch.int32", DType.INT6
 _FLOAT_STORAGE = ("torch.float16", "torch.bfloat16")
 
 
-def constants_of(graph: Graph | None) -> list:
-    """The run-time values of a graph's ``CONST`` slots, in the order ``print_mod`` numbers them.
-
-    Example: ``constants_of(trace_mask_mod(lambda b, h, q, kv: q - kv < 64).graph) == [64]``.
-    """
-    if graph is None:
-        return []
-    return [node.arg for node in graph.nodes if node.op is Op.CONST]
-
-
 class TorchPrinter:
     """A visitor over a graph's nodes; ``line(node)`` is the torch code of one node."""
 

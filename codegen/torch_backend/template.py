@@ -172,7 +172,9 @@ RECOMPUTE_WITH_GRAD = '''\
 
 THROUGH_SCORE_MOD = '''\
             wrt = [raw] + [leaves[i] for i in grad_buffer_slots]
-            grads = torch.autograd.grad(s_graph, wrt, grad_s, allow_unused=True)
+            # A score_mod that reads neither the score nor a differentiated buffer leaves no graph.
+            grads = torch.autograd.grad(s_graph, wrt, grad_s, allow_unused=True) if s_graph.requires_grad \
+                else [None] * len(wrt)
             grad_s = grads[0] if grads[0] is not None else torch.zeros_like(grad_s)
             for total, grad in zip(grad_buffers, grads[1:]):
                 if grad is not None:

@@ -1,59 +1,61 @@
 """The Triton back end: mods printed into FlashAttention-style Triton templates.
 
-``compile_kernel(score_graph, mask_graph, options) -> Kernel`` generates (and
-caches in memory, keyed by the graphs' structure without constants or buffer
-shapes) a Triton module with a forward kernel, dq / dk,dv backward kernels
-and split-KV decoding kernels (``codegen.triton.decode``); ``attention(...)``
-is the ``codegen.BACKENDS["triton"]`` entry point, with autograd for query,
-key, value and the score_mod's floating-point buffers. Decoding shapes (Q_LEN
-<= ``split_kv.MAX_Q_LEN``, nothing needing gradients) take the split-KV
-kernels, as in the torch back end.
+``compile_kernel(score_graph, mask_graph, options) -> Kernel`` generates (and caches in memory and
+on disk, in ``codegen.cache`` like the torch back end's, keyed by the graphs' structure without
+constants or buffer shapes) a Triton module with a forward kernel, dq / dk,dv backward kernels and
+split-KV decoding kernels (``codegen.triton.decode``). ``PATHS`` is its table of paths: decoding
+shapes (``codegen.decoding``) take the split-KV kernels, every other call the block-sparse
+kernels, with autograd for query, key, value and the score_mod's floating-point buffers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import os
 import tempfile
+import pathlib
 
-import torch
-
-from flexattn.ir import Graph
-
-from codegen import split_kv
+from codegen.autograd import differentiable
+from codegen.cache import KERNELS, kernel_key
+from codegen.decoding import why_not_decoding
+from codegen.paths import Path, ServesEveryCall
 from codegen.triton.kernel import Kernel
 from codegen.triton.printer import constant_args
 from codegen.triton.source import kernel_source, score_grad_buffers
+from flexattn.call import Call
+from flexattn.ir import Graph
 
-# structural key -> (source, module); constants are kernel arguments, so they are not in the key.
-_MODULES: dict[str, tuple[str, object]] = {}
-_SOURCE_DIR = tempfile.mkdtemp(prefix="flexattn_triton_")
-
-
-def kernel_key(score_graph: Graph | None, mask_graph: Graph | None, options: dict) -> str:
-    """The in-memory cache key: both graphs' structure (no constants, no buffer lengths) and options."""
-    keys = [g.structural_key(constants=False, shapes=False) if g is not None else "none"
-            for g in (score_graph, mask_graph)]
-    return "-".join(keys) + "-" + repr(sorted(options.items()))
+# Entries written by another version of these files are stale (rebuilt, never used).
+_GENERATOR_FILES = ("templates.py", "printer.py", "source.py", "decode.py")
+GENERATOR_VERSION = hashlib.sha256(b"".join((pathlib.Path(__file__).parent / name).read_bytes()
+                                            for name in _GENERATOR_FILES)).hexdigest()[:16]
+_SCRATCH: list[str] = []  # a directory for modules the disk cache could not hold, made on first use
 
 
-def _load(source: str, name: str):
-    # triton.jit reads a kernel's source from its file, so the module lives on disk.
-    path = os.path.join(_SOURCE_DIR, f"{name}.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"flexattn_triton_{name}", path)
+def _load(source: str, filename: str):
+    """The generated source imported as a module from a file, since triton.jit reads a kernel's
+    source from its file: the cache's entry ``filename`` when it holds this source, else a file in a
+    temporary directory."""
+    path = pathlib.Path(filename)
+    if not (path.suffix == ".py" and path.is_file() and path.read_text().endswith(source)):
+        if not _SCRATCH:
+            _SCRATCH.append(tempfile.mkdtemp(prefix="flexattn_triton_"))
+        path = pathlib.Path(_SCRATCH[0]) / f"{path.stem}.py"
+        path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"flexattn_triton_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.__flexattn_source__ = source  # without the cache's header line
     return module
 
 
 def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None, options: dict | None = None) -> Kernel:
-    """A Triton kernel for these mods (cached), bound to these graphs' constants.
+    """A Triton kernel for these mods (cached in memory and on disk by ``codegen.cache``, keyed by
+    the graphs' structure), bound to these graphs' constants and ``options``.
 
     Options: ``BLOCK_SIZE`` (sparse block when ``block_mask`` is None, default
-    128), ``FWD_BLOCK_M``/``FWD_BLOCK_N``/``BWD_BLOCK_M``/``BWD_BLOCK_N`` (tiles).
-    Raises ``LoweringError`` for an op the printer cannot lower.
+    128), ``FWD_BLOCK_M``/``FWD_BLOCK_N``/``BWD_BLOCK_M``/``BWD_BLOCK_N`` (tiles),
+    ``SPLIT_KV_CHUNK`` (decoding). Raises ``LoweringError`` for an op the printer cannot lower.
 
     Example::
 
@@ -61,56 +63,57 @@ def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None, options:
         >>> out, lse, max_scores = kernel(q, k, v, score_buffers=(), mask_buffers=(),
         ...                               block_mask=bm, scale=None, enable_gqa=False)
     """
-    options = dict(options or {})
-    key = kernel_key(score_graph, mask_graph, options)
-    if key not in _MODULES:
-        source = kernel_source(score_graph, mask_graph)
-        _MODULES[key] = (source, _load(source, f"k{len(_MODULES)}"))
-    source, module = _MODULES[key]
-    return Kernel(source, module, constant_args(score_graph), constant_args(mask_graph),
-                  score_grad_buffers(score_graph), options)
+    module = KERNELS.get("triton", kernel_key(score_graph, mask_graph), GENERATOR_VERSION,
+                         build=lambda: kernel_source(score_graph, mask_graph), load=_load)
+    return Kernel(module.__flexattn_source__, module, constant_args(score_graph), constant_args(mask_graph),
+                  score_grad_buffers(score_graph), dict(options or {}))
 
 
-class _Attention(torch.autograd.Function):
-    """Forward with the Triton kernel; backward with the dq and dk/dv kernels, for the gradients
-    of out and lse (max_scores is not differentiable, as in torch)."""
-
-    @staticmethod
-    def forward(ctx, kernel, call, query, key, value, *score_buffers):
-        out, lse, max_scores = kernel(query, key, value, score_buffers=score_buffers, **call)
-        ctx.kernel, ctx.call = kernel, call
-        ctx.save_for_backward(query, key, value, out, lse, *score_buffers)
-        ctx.mark_non_differentiable(max_scores)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        return out, lse, max_scores
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_max):
-        query, key, value, out, lse, *score_buffers = ctx.saved_tensors
-        wants = ctx.needs_input_grad[5:]
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
-        dq, dk, dv, grads = ctx.kernel.backward(query, key, value, out, lse, grad_out, grad_lse=grad_lse,
-                                                score_buffers=score_buffers, buffer_grads=any(wants), **ctx.call)
-        buffer_grads = [g.to(b.dtype) if (g is not None and want) else None
-                        for g, b, want in zip(grads, score_buffers, wants)]
-        return (None, None, dq, dk, dv, *buffer_grads)
+def _kernel(call: Call) -> Kernel:
+    return compile_kernel(call.score_graph, call.mask_graph, dict(call.options))
 
 
-def attention(query, key, value, *, score_graph, score_buffers, mask_graph, mask_buffers, block_mask,
-              scale, enable_gqa, kernel_options):
-    """Back-end entry point (see ``codegen.BACKENDS``): compile (cached) and run, differentiably.
-
-    Decoding shapes take ``Kernel.decode`` (split-KV, forward only) instead of
-    the general forward; ``kernel_options={"SPLIT_KV": False}`` turns that off.
-    """
-    kernel = compile_kernel(score_graph, mask_graph, kernel_options)
-    call = dict(mask_buffers=tuple(mask_buffers), block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
-    # At any KV length (the torch back end needs 8 KV tiles before its per-chunk overhead pays): the
-    # decode kernel reads each K/V tile once per KV head, the general forward once per query head in
-    # tiles padded to BLOCK_M query rows, and the merge is one small launch.
-    if split_kv.applies(query, key, value, score_buffers, kernel_options):
-        return kernel.decode(query, key, value, score_buffers=score_buffers, **call)
-    return _Attention.apply(kernel, call, query, key, value, *score_buffers)
+def _mods(call: Call) -> dict:
+    return dict(mask_buffers=call.mask_buffers, block_mask=call.block_mask, scale=call.scale,
+                enable_gqa=call.enable_gqa)
 
 
-__all__ = ["Kernel", "attention", "compile_kernel", "kernel_key"]
+class _Launch:
+    """The block-sparse kernels as ``codegen.autograd`` runs them."""
+
+    def __init__(self, kernel: Kernel, call: Call):
+        self.kernel, self.mods = kernel, _mods(call)
+
+    def forward(self, q, k, v, score_buffers):
+        return self.kernel(q, k, v, score_buffers=score_buffers, **self.mods)
+
+    def backward(self, q, k, v, out, lse, grad_out, grad_lse, score_buffers, slots):
+        dq, dk, dv, grads = self.kernel.backward(q, k, v, out, lse, grad_out.contiguous(), grad_lse=grad_lse,
+                                                 score_buffers=score_buffers, buffer_grads=bool(slots), **self.mods)
+        return dq, dk, dv, [None if grads[i] is None else grads[i].to(score_buffers[i].dtype) for i in slots]
+
+
+class SplitKV(Path):
+    name = "decode_split_kv"
+    summary = ("split-KV decoding kernels: the query heads of a KV head in one tile, KV splits merged by "
+               "log-sum-exp (at any KV length: each K/V tile is read once per KV head)")
+
+    def why_not(self, call: Call) -> str | None:
+        return why_not_decoding(call)
+
+    def run(self, call: Call):
+        return _kernel(call).decode(call.query, call.key, call.value, score_buffers=call.score_buffers,
+                                    **_mods(call))
+
+
+class BlockSparse(ServesEveryCall):
+    name = "block_sparse"
+    summary = "the block-sparse FlashAttention kernels (forward, dq and dk/dv backward)"
+
+    def run(self, call: Call):
+        return differentiable(_Launch(_kernel(call), call), call.query, call.key, call.value, call.score_buffers)
+
+
+PATHS: tuple[Path, ...] = (SplitKV(), BlockSparse())
+
+__all__ = ["Kernel", "PATHS", "compile_kernel"]

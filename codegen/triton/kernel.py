@@ -6,14 +6,15 @@ import math
 
 import torch
 
-from codegen.split_kv import MAX_Q_LEN
+from codegen.decoding import MAX_Q_LEN
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE
+from flexattn.call import check_heads
 from flexattn.errors import LoweringError
 
 # Tile sizes (rows of Q x rows of K/V) when kernel_options name none; each must divide the
 # BlockMask's BLOCK_SIZE. 128 x 64 is FlashAttention-2's forward tile on H100-class GPUs.
 FORWARD_TILE = (128, 64)
 BACKWARD_TILE = (64, 64)
-DEFAULT_BLOCK_SIZE = 128
 # Split-KV decoding on a GPU: enough (unit, split) programs to fill every SM about twice.
 PROGRAMS_PER_SM = 2
 
@@ -63,7 +64,8 @@ class Kernel:
     query's dtype, lse and max_scores float32 (B, Hq, L); a fully masked row
     gives out 0 and lse -inf. ``kernel.decode`` (same call) is the split-KV
     path for Q_LEN <= 16. ``kernel.source`` is the generated Triton code.
-    Raises ``LoweringError`` for float64 inputs, mismatched heads or tiles.
+    Raises ``LoweringError`` for float64 inputs or tiles that do not divide the BlockMask's, and
+    ``InputError`` for mismatched heads.
     """
 
     def __init__(self, source: str, module, score_constants: list, mask_constants: list,
@@ -77,8 +79,7 @@ class Kernel:
             raise LoweringError("the triton back end computes in float32; float64 inputs need backend='torch'")
         B, Hq, L, E = query.shape
         Hkv, S, Ev = key.shape[1], key.shape[2], value.shape[3]
-        if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
-            raise LoweringError(f"query has {Hq} heads and key {Hkv}: pass enable_gqa=True with Hq % Hkv == 0")
+        check_heads(Hq, Hkv, enable_gqa)
         if block_mask is None:
             size = self.options.get("BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
             sparse = (size, size)

@@ -18,7 +18,7 @@ captured buffer's gradient).
 from __future__ import annotations
 
 from flexattn.errors import LoweringError
-from flexattn.ir import SPECS, DType, Graph, Node, Op
+from flexattn.ir import SPECS, DType, Graph, Node, Op, constants_of
 from flexattn.ops import variant
 
 TL_DTYPE = {DType.BOOL: "tl.int1", DType.INT32: "tl.int32", DType.INT64: "tl.int64", DType.FLOAT32: "tl.float32"}
@@ -26,13 +26,8 @@ _FLOAT_STORAGE = ("torch.float16", "torch.bfloat16", "torch.float32", "torch.flo
 
 
 def constant_args(graph: Graph | None) -> list:
-    """The run-time values of a graph's CONST slots (bools as ints), in ``graph.nodes`` order.
-
-    Example: ``constant_args(trace_mask_mod(lambda b, h, q, kv: q - kv < 64).graph) == [64]``.
-    """
-    if graph is None:
-        return []
-    return [int(n.arg) if isinstance(n.arg, bool) else n.arg for n in graph.nodes if n.op is Op.CONST]
+    """``flexattn.ir.constants_of`` as Triton kernel arguments (bools as ints)."""
+    return [int(value) if isinstance(value, bool) else value for value in constants_of(graph)]
 
 
 class ModPrinter:

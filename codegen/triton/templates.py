@@ -132,21 +132,9 @@ def attention_forward(Q, K, V, Out, LSE, MAX, scale, L, S, HQ, GROUP,
                       BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
                       DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head)."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // HQ).to(tl.int64)
-    h = (bh % HQ).to(tl.int64)
-    h_kv = h // GROUP  # GQA: query heads share a KV head
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
+{QUERY_PROGRAM}
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-    K_base = K + b * stride_kb + h_kv * stride_kh
-    V_base = V + b * stride_vb + h_kv * stride_vh
-    sparse_m = start_m * BLOCK_M // SPARSE_M
-    row = b * bm_sb + h * bm_sh + sparse_m * bm_sm
-    idx_row = b * bi_sb + h * bi_sh + sparse_m * bi_sm
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
@@ -194,14 +182,7 @@ def attention_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, L, S, HQ, GROUP,
                           BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
                           DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: dQ for BLOCK_M query rows of one (batch, query head); DQ is laid out like Q."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // HQ).to(tl.int64)
-    h = (bh % HQ).to(tl.int64)
-    h_kv = h // GROUP
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
+{QUERY_PROGRAM}
     in_m = offs_m < L
     q_offsets = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(Q + q_offsets, mask=in_m[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -210,11 +191,6 @@ def attention_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, L, S, HQ, GROUP,
     lse = tl.load(LSE + bh * L + offs_m, mask=in_m, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row: p = 0
     delta = tl.load(DELTA + bh * L + offs_m, mask=in_m, other=0.0)
-    K_base = K + b * stride_kb + h_kv * stride_kh
-    V_base = V + b * stride_vb + h_kv * stride_vh
-    sparse_m = start_m * BLOCK_M // SPARSE_M
-    row = b * bm_sb + h * bm_sh + sparse_m * bm_sm
-    idx_row = b * bi_sb + h * bi_sh + sparse_m * bi_sm
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     dq = _dq_tiles(q, do, lse, delta, dq, b, h, offs_m, K_base, V_base, tl.load(full_num + row),
                    full_idx + idx_row, bi_sn, stride_kn, stride_vn, S, L, scale, {MOD_ARGS}
@@ -305,5 +281,20 @@ def attention_backward_dkdv(Q, K, V, DO, LSE, DELTA, DKEY, DVALUE, scale, L, S, 
     tl.store(DVALUE + v_offsets, dv.to(DVALUE.dtype.element_ty), mask=in_n & (offs_dv[None, :] < DV))
 '''
 
-FORWARD = FORWARD.replace("{KV_TILES}\n", KV_TILES)
-BACKWARD_DQ = BACKWARD_DQ.replace("{KV_TILES}\n", KV_TILES)
+# The start of a program over BLOCK_M query rows of one (batch, query head): the forward's and dQ's.
+QUERY_PROGRAM = '''    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = (bh % HQ).to(tl.int64)
+    h_kv = h // GROUP  # GQA: query heads share a KV head
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    K_base = K + b * stride_kb + h_kv * stride_kh
+    V_base = V + b * stride_vb + h_kv * stride_vh
+    sparse_m = start_m * BLOCK_M // SPARSE_M
+    row = b * bm_sb + h * bm_sh + sparse_m * bm_sm
+    idx_row = b * bi_sb + h * bi_sh + sparse_m * bi_sm'''
+
+FORWARD = FORWARD.replace("{KV_TILES}\n", KV_TILES).replace("{QUERY_PROGRAM}", QUERY_PROGRAM)
+BACKWARD_DQ = BACKWARD_DQ.replace("{KV_TILES}\n", KV_TILES).replace("{QUERY_PROGRAM}", QUERY_PROGRAM)

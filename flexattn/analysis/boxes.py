@@ -25,7 +25,7 @@ DENSE_CHUNK = 1 << 22  # positions evaluated at once: bounds memory
 @dataclass
 class Boxes:
     """A batch of boxes; every field is a 1-D int64 numpy array (ranges inclusive). numpy, not torch:
-    its int64 ops, indexing and nonzero on a few thousand boxes run 2-3x faster on CPU."""
+    its int64 ops, indexing and nonzero on a few thousand boxes are faster on CPU (docs/performance.md)."""
 
     b: np.ndarray
     h: np.ndarray
@@ -153,11 +153,14 @@ def evaluate_positions(graph, buffers, boxes: Boxes) -> tuple[np.ndarray, np.nda
         b, h, q_lo, q_hi, kv_lo, kv_hi = (torch.from_numpy(getattr(chunk, f)).view(-1, 1, 1)
                                           for f in Boxes.__dataclass_fields__)
         q, kv = q_lo + dq, kv_lo + dkv
-        inside = (q <= q_hi) & (kv <= kv_hi)
-        env = {"b": b, "h": h, "q_idx": torch.minimum(q, q_hi), "kv_idx": torch.minimum(kv, kv_hi)}
-        value = evaluate(graph, env, buffers).to(torch.bool)
-        some_true[start:start + per_chunk] = (value & inside).flatten(1).any(1).numpy()
-        some_false[start:start + per_chunk] = (~value & inside).flatten(1).any(1).numpy()
+        # Boxes of one size (whole tiles) need no bounds: every position evaluated is inside.
+        uniform = bool(((chunk.q_hi - chunk.q_lo + 1 == q_side) & (chunk.kv_hi - chunk.kv_lo + 1 == kv_side)).all())
+        if not uniform:
+            q, kv = torch.minimum(q, q_hi), torch.minimum(kv, kv_hi)  # repeats a position inside: no effect
+        value = evaluate(graph, {"b": b, "h": h, "q_idx": q, "kv_idx": kv}, buffers).to(torch.bool)
+        value = value.expand(len(chunk), q_side, kv_side)
+        some_true[start:start + per_chunk] = value.any(-1).any(-1).numpy()
+        some_false[start:start + per_chunk] = ~value.all(-1).all(-1).numpy()
     return some_true, some_false
 
 
@@ -193,7 +196,18 @@ def refine_tiles(graph, buffers, load_range, tiles: Boxes, ragged: np.ndarray, c
         some_false[owner[false | both]] = True
         settled = some_true & (some_false | ragged)
         go_on = ~small_mask & ~true & ~false & ~both & ~settled[owner]
-        go_on = _indices(go_on)
+        # Ranges pay only while they decide boxes: a tile none of whose boxes this level decided
+        # (a table lookup with no structure at this scale) has its boxes evaluated at every position.
+        # Such a tile is evaluated whole (one box of one size per tile: no bounds to check).
+        informative = np.zeros(len(tiles), dtype=bool)
+        informative[owner[big[true[big] | false[big] | both[big]]]] = True
+        exhaustive = np.unique(owner[go_on & ~informative[owner]])
+        if len(exhaustive):
+            found_true, found_false = evaluate_positions(graph, buffers, tiles.select(exhaustive))
+            some_true[exhaustive[found_true]] = True
+            some_false[exhaustive[found_false]] = True
+            used_positions[exhaustive] = True
+        go_on = _indices(go_on & informative[owner])
         boxes, owner, q_cut, kv_cut = boxes.select(go_on), owner[go_on], q_cut[go_on], kv_cut[go_on]
     classes = np.full(len(tiles), EMPTY, dtype=np.int8)
     classes[some_true] = PARTIAL

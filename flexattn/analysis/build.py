@@ -29,7 +29,7 @@ from torch.nn.attention import flex_attention as torch_flex
 from flexattn import passes
 from flexattn.analysis.boxes import SPLIT, Boxes, decide, refine_tiles
 from flexattn.analysis.buffer_ranges import BufferRanges
-from flexattn.block_mask import DEFAULT_BLOCK_SIZE, FULL, PARTIAL, BlockMask, _pair, positive_int
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, FULL, PARTIAL, BlockMask, pair, positive_int
 from flexattn.errors import BlockMaskError
 from flexattn.index_lists import box_lists
 from flexattn.mod_cache import cached_block_mask
@@ -130,7 +130,7 @@ def index_list_bytes(B: int, H: int, Q_LEN: int, KV_LEN: int, BLOCK_SIZE=DEFAULT
         >>> index_list_bytes(1, 1, 2**20, 2**20)  # 8192 x 8192 tiles, 4 lists: 1 GiB
         1073872896
     """
-    q_block, kv_block = _pair(BLOCK_SIZE)
+    q_block, kv_block = pair(BLOCK_SIZE)
     nq, nkv = math.ceil(Q_LEN / q_block), math.ceil(KV_LEN / kv_block)
     return 4 * B * H * (2 * nq * nkv + nq + nkv) * (2 if separate_full_blocks else 1)
 
@@ -209,7 +209,7 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=DE
     device = (torch.accelerator.current_accelerator() or "cpu") if device is None else device
     B, H, Q_LEN, KV_LEN = (positive_int(name, n) for name, n in (
         ("B", 1 if B is None else B), ("H", 1 if H is None else H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)))
-    q_block, kv_block = _pair(BLOCK_SIZE)
+    q_block, kv_block = pair(BLOCK_SIZE)
     if not isinstance(dq_kv_order, bool):
         raise BlockMaskError(f"dq_kv_order must be a bool in create_block_mask (as torch), got {dq_kv_order!r}; "
                              f"pass a tensor order to BlockMask.from_kv_blocks instead")

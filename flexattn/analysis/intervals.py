@@ -295,9 +295,11 @@ def _evaluate(graph: Graph, grid: TileGrid, load_range) -> Range:
         elif node.dtype is DType.FLOAT32 or any(i.dtype is DType.FLOAT32 for i in node.inputs):
             value = _unknown(node)
         elif op is Op.LOAD:
-            value = load_range(node.inputs[0].arg, [_as_range(v, grid) for v in ins[1:]])
-            if len(ins) == 2:
-                grid.suggest_cut(ins[1], lambda lo, hi, i=node.inputs[0].arg: load_range.first_change(i, lo, hi))
+            index_ranges = [_as_range(v, grid) for v in ins[1:]]
+            value = load_range(node.inputs[0].arg, index_ranges)
+            if index_ranges:  # cut where the last index reaches a new value of the row read
+                grid.suggest_cut(ins[-1], lambda lo, hi, i=node.inputs[0].arg, leading=index_ranges[:-1]:
+                                 load_range.first_change(i, lo, hi, leading))
         elif op is Op.CAST:  # to bool: x != 0; to another int type: the same values
             r = _as_range(ins[0], grid)
             value = r if node.dtype is not DType.BOOL else Range(

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mask_programs import as_mask_mod, mask_expr
 
-import codegen
 import flexattn
-from codegen.torch_backend import fused_plan
+from codegen.torch_backend import fused_paths, fused_plan
+from flexattn import dispatch
 from flexattn.api import mask_of
 
 
@@ -23,14 +23,18 @@ SEPARABLE = {  # score_mods whose bias splits into row x column factors (flexatt
 }
 
 
-def _run(backend, q, k, v, bm, options, score_mod=None):
+def _call(q, k, v, bm, options, score_mod=None):
     mask = mask_of(bm) if bm is not None else None
     score = flexattn.trace_score_mod(score_mod) if score_mod is not None else None
-    return codegen.BACKENDS[backend](
+    return dispatch.call_of(
         q, k, v, score_graph=score.graph if score else None, score_buffers=score.buffers if score else (),
         mask_graph=mask.graph if mask else None,
         mask_buffers=mask.buffers if mask else (), block_mask=bm, scale=None, enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=options)
+
+
+def _run(backend, q, k, v, bm, options, score_mod=None):
+    return dispatch.run(backend, _call(q, k, v, bm, options, score_mod))
 
 
 shapes = dict(L=st.integers(1, 90), S=st.integers(1, 90), batch=st.integers(1, 2), kv_heads=st.integers(1, 2),
@@ -155,8 +159,8 @@ def test_the_fused_kernel_is_chosen_where_it_pays():
     causal = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 4096, 4096)
     band = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < 1024),
                                       None, None, 8192, 8192)
-    assert fused_plan.pays(fused_plan.plan_units(causal.tile_classes(), 1, 1))
-    assert not fused_plan.pays(fused_plan.plan_units(band.tile_classes(), 1, 1))
+    assert fused_plan.why_not_pays(fused_plan.plan_units(causal.tile_classes(), 1, 1)) is None
+    assert "MIN_ROWS_OF_TILES" in fused_plan.why_not_pays(fused_plan.plan_units(band.tile_classes(), 1, 1))
 
 
 def test_max_scores_request_takes_the_generated_loop():
@@ -194,7 +198,9 @@ def test_packed_documents_run_one_call_per_document():
             same = ids[q_idx] == ids[kv_idx]
             return same & (q_idx >= kv_idx) if causal else same
         bm = flexattn.create_block_mask(mask_mod, None, None, 300, 300, BLOCK_SIZE=64)
-        unit, = fused_plan.document_units(bm, bm.traced_mask.graph, bm.traced_mask.buffers, 1, 2, 300, 300)
+        call = _call(q, k, v, bm, {})
+        assert dispatch.choose("torch", call).path.name == "fused_documents"
+        unit, = fused_paths.document_plan(call)[0]
         assert unit.segments == [(0, 100, causal), (100, 137, causal), (137, 300, causal)]
         out = flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch")
         ref = flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference")
@@ -205,10 +211,9 @@ def test_packed_documents_run_one_call_per_document():
 
 
 def test_plans_are_reused_per_block_mask_until_an_input_changes(monkeypatch):
-    from codegen.torch_backend import fused
-
     calls = []
-    monkeypatch.setattr(fused, "plan", lambda *args, **kw: calls.append(args) or fused_plan.plan(*args, **kw))
+    plan = fused_plan.plan
+    monkeypatch.setattr(fused_plan, "plan", lambda *args, **kw: calls.append(args) or plan(*args, **kw))
     doc = torch.tensor([0] * 300 + [1] * 212)
     bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (doc[q_idx] < 5),
                                     None, None, 512, 512, BLOCK_SIZE=64)
@@ -225,23 +230,20 @@ def test_plans_are_reused_per_block_mask_until_an_input_changes(monkeypatch):
     assert len(calls) == 3
 
 
-def test_separable_biases_run_on_causal_and_reversed_causal_squares(monkeypatch):
+def test_separable_biases_run_on_causal_and_reversed_causal_squares():
     """ALiBi on a sliding window: the bias rides as extra q/k features through the kernel's
     causal mode (LOWER squares) and its causal mode on reversed sequences (UPPER squares)."""
-    from codegen.torch_backend import fused
-
-    causal_calls = []
-    kernel = fused._forward
-    monkeypatch.setattr(fused, "_forward",
-                        lambda *a, **kw: causal_calls.append(kw.get("is_causal")) or kernel(*a, **kw))
     n, window = 1024, 256
     bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= window),
                                     None, None, n, n)
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 4, n, 16, generator=g, requires_grad=True) for _ in range(3))
-    out = _run("torch", q, k, v, bm, {"FUSED": True, "SPLIT_KV": False}, SEPARABLE["alibi"])[0]
+    call = _call(q, k, v, bm, {"FUSED": True, "SPLIT_KV": False}, SEPARABLE["alibi"])
+    assert dispatch.choose("torch", call).path.name == "fused_tiles"
+    squares = [square for unit in fused_paths.tile_plan(call, True)[0] for square in unit.squares]
+    assert {kind for *_, kind in squares} == {fused_plan.LOWER, fused_plan.UPPER}
+    out = dispatch.run("torch", call)[0]
     ref = _run("reference", q, k, v, bm, {}, SEPARABLE["alibi"])[0]
-    assert causal_calls.count(True) >= 2
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn(out.shape, generator=g)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import codegen
+from backends import BACKENDS
 import flexattn
-from codegen.reference import attention as reference_attention
 from codegen.torch_backend import compile_kernel
 from flexattn.api import mask_of
+from flexattn.call import Call
 from mods import MODS
 
 B, H, L, S, E, EV, BLOCK = 2, 4, 77, 93, 8, 11, 16
@@ -20,7 +20,7 @@ def _run(backend, mods, q, k, v):
     if mods.mask_mod is not None:
         block_mask = flexattn.create_block_mask(mods.mask_mod, B, H, q.shape[2], k.shape[2], BLOCK_SIZE=BLOCK)
     mask = mask_of(block_mask) if block_mask is not None else None
-    run = codegen.BACKENDS[backend]
+    run = BACKENDS[backend]
     return run(q, k, v, score_graph=score.graph if score else None, score_buffers=score.buffers if score else (),
                mask_graph=mask.graph if mask else None, mask_buffers=mask.buffers if mask else (),
                block_mask=block_mask, scale=None, enable_gqa=q.shape[1] != k.shape[1], kernel_options={})
@@ -71,15 +71,16 @@ def test_gradcheck_float64(name):
     score = flexattn.trace_score_mod(mods.score_mod) if mods.score_mod else None
     bm = flexattn.create_block_mask(mods.mask_mod, 1, heads, tiny_l, tiny_s, BLOCK_SIZE=4) if mods.mask_mod else None
     mask = mask_of(bm) if bm is not None else None
-    kernel = compile_kernel(score.graph if score else None, mask.graph if mask else None, {"max_tiles": 2})
+    kernel = compile_kernel(score.graph if score else None, mask.graph if mask else None)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, heads, tiny_l, 3, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(1, heads, tiny_s, 3, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(1, heads, tiny_s, 2, dtype=torch.float64, generator=g, requires_grad=True)
 
     def attend(q, k, v, *params):
-        return kernel(q, k, v, score_buffers=params if params else (), mask_buffers=mask.buffers if mask else (),
-                      block_mask=bm, scale=None, enable_gqa=False)[0]
+        return kernel(Call(q, k, v, score_graph=score.graph if score else None, score_buffers=params,
+                           mask_graph=mask.graph if mask else None, mask_buffers=mask.buffers if mask else (),
+                           block_mask=bm, options={"max_tiles": 2}))[0]
 
     assert torch.autograd.gradcheck(attend, (q, k, v, *params), eps=1e-6, atol=1e-6)
 
@@ -116,7 +117,7 @@ def test_inside_a_user_torch_compile_gives_the_same_values_and_grads():
 def test_source_is_generated_torch_code_with_constants_as_runtime_slots():
     window = 37
     graph = flexattn.trace_mask_mod(lambda b, h, q_idx, kv_idx: q_idx - kv_idx <= window).graph
-    source = compile_kernel(None, graph, {}).source
+    source = compile_kernel(None, graph).source
     assert "def mask_mod(b, h, q_idx, kv_idx, buffers, consts, cf):" in source
     assert "def forward(" in source and "def backward(" in source
     mask_body = source.split("def mask_mod")[1].split("\ndef ")[0]
@@ -131,15 +132,13 @@ def test_loads_clamp_indices_at_padded_and_masked_positions():
     mods_score = lambda score, b, h, q_idx, kv_idx: score + short[kv_idx - q_idx]  # noqa: E731
     q, k, v = _inputs()
     score = flexattn.trace_score_mod(mods_score)
-    out = compile_kernel(score.graph, None, {})(q, k, v, score_buffers=score.buffers, mask_buffers=(),
-                                               block_mask=None, scale=None, enable_gqa=False)[0]
-    ref = reference_attention(q, k, v, score_graph=score.graph, score_buffers=score.buffers, mask_graph=None,
-                              mask_buffers=(), block_mask=None, scale=None, enable_gqa=False, kernel_options={})[0]
+    out = compile_kernel(score.graph, None)(Call(q, k, v, score_graph=score.graph, score_buffers=score.buffers))[0]
+    ref = BACKENDS["reference"](q, k, v, score_graph=score.graph, score_buffers=score.buffers)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_printer_fuses_score_plus_product_into_one_addcmul():
     mods = next(c for c in MODS if c.name == "alibi").build(L, S, H)
-    source = compile_kernel(flexattn.trace_score_mod(mods.score_mod).graph, None, {}).source
+    source = compile_kernel(flexattn.trace_score_mod(mods.score_mod).graph, None).source
     score_mod = source.split("def score_mod")[1].split("\ndef ")[0]
     assert "torch.addcmul(" in score_mod and "(fused into its user below)" in score_mod

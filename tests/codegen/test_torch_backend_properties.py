@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import codegen
+from backends import BACKENDS
 import flexattn
 from flexattn.api import mask_of
 
@@ -58,8 +58,8 @@ def _both(q, k, v, score_mod, mask_mod, block_size, per_head, max_tiles):
     args = dict(score_graph=score.graph if score else None, score_buffers=score.buffers if score else (),
                 mask_graph=mask.graph if mask else None, mask_buffers=mask.buffers if mask else (),
                 block_mask=bm, scale=None, enable_gqa=q.shape[1] != k.shape[1])
-    ours = codegen.BACKENDS["torch"](q, k, v, kernel_options={"max_tiles": max_tiles, "BLOCK_SIZE": block_size}, **args)
-    theirs = codegen.BACKENDS["reference"](q, k, v, kernel_options={}, **args)
+    ours = BACKENDS["torch"](q, k, v, kernel_options={"max_tiles": max_tiles, "BLOCK_SIZE": block_size}, **args)
+    theirs = BACKENDS["reference"](q, k, v, kernel_options={}, **args)
     return ours, theirs
 
 

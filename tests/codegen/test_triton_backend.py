@@ -12,8 +12,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton back end cannot run")
 
-from codegen import reference  # noqa: E402
-from codegen.triton import attention, compile_kernel  # noqa: E402
+from backends import BACKENDS  # noqa: E402
+from codegen.triton import compile_kernel  # noqa: E402
 from flexattn.analysis import create_block_mask  # noqa: E402
 from flexattn.trace import trace_mask_mod, trace_score_mod  # noqa: E402
 from flexattn import AuxRequest, flex_attention  # noqa: E402
@@ -92,8 +92,8 @@ def test_forward_backward_match_reference_fp32(name):
     q = torch.randn(1, H, L, D, requires_grad=True)
     k, v = (torch.randn(1, H, S, D, requires_grad=True) for _ in range(2))
     inputs = [q, k, v] + ([REL_BIAS] if name == "relative bias" else [])
-    out, lse, _ = _run(attention, score_mod, mask_mod, q, k, v, 32)
-    ref, ref_lse, _ = _run(reference.attention, score_mod, mask_mod, q, k, v, 32)
+    out, lse, _ = _run(BACKENDS["triton"], score_mod, mask_mod, q, k, v, 32)
+    ref, ref_lse, _ = _run(BACKENDS["reference"], score_mod, mask_mod, q, k, v, 32)
     assert _relative(out, ref) < 1e-4
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
@@ -107,7 +107,7 @@ def test_forward_backward_match_reference_fp32(name):
 
 def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():
     q, k, v = (torch.randn(1, H, 64, 16) for _ in range(3))
-    out, lse, _ = _run(attention, None, empty_rows, q, k, v, 32)
+    out, lse, _ = _run(BACKENDS["triton"], None, empty_rows, q, k, v, 32)
     assert torch.all(out[:, :, 3::7] == 0)
     assert torch.all(lse[:, :, 3::7] == float("-inf"))
 
@@ -126,8 +126,8 @@ def test_half_precision_gqa_and_padded_head_dim_match_fp32_reference(name, dtype
     score_mod, mask_mod = CASES[name]
     q = torch.randn(1, 4, 80, 48, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(1, 2, 80, 48, dtype=dtype, requires_grad=True) for _ in range(2))
-    out = _run(attention, score_mod, mask_mod, q, k, v, 32, enable_gqa=True)[0]
-    ref = _run(reference.attention, score_mod, mask_mod, q.float(), k.float(), v.float(), 32, enable_gqa=True)[0]
+    out = _run(BACKENDS["triton"], score_mod, mask_mod, q, k, v, 32, enable_gqa=True)[0]
+    ref = _run(BACKENDS["reference"], score_mod, mask_mod, q.float(), k.float(), v.float(), 32, enable_gqa=True)[0]
     assert out.dtype == dtype and _relative(out, ref) < 1e-2
     grad = torch.randn_like(out)
     inputs = (q, k, v) + ((REL_BIAS,) if name == "relative bias" else ())

@@ -11,8 +11,10 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton back end cannot run")
 
-from codegen import reference  # noqa: E402
-from codegen.triton import attention, compile_kernel  # noqa: E402
+from backends import BACKENDS  # noqa: E402
+from codegen.triton import compile_kernel  # noqa: E402
+from flexattn import dispatch  # noqa: E402
+from flexattn.errors import InputError  # noqa: E402
 from codegen.triton.kernel import Kernel  # noqa: E402
 from flexattn.analysis import create_block_mask  # noqa: E402
 from flexattn.trace import trace_mask_mod, trace_score_mod  # noqa: E402
@@ -102,7 +104,7 @@ def test_decode_matches_reference_and_general_forward(monkeypatch, name, L, Hq, 
     call = {key: args[key] for key in ("mask_buffers", "block_mask", "scale", "enable_gqa")}
     got = kernel.decode(q, k, v, score_buffers=args["score_buffers"], **call)
     assert splits[0] > 1 if chunk else splits[0] == 1
-    _assert_close(got, reference.attention(q, k, v, kernel_options={}, **args))
+    _assert_close(got, BACKENDS["reference"](q, k, v, kernel_options={}, **args))
     _assert_close(got, kernel(q, k, v, score_buffers=args["score_buffers"], **call))
     if name == "empty row":
         assert torch.all(got[0][:, :, 1] == 0) and torch.all(got[1][:, :, 1] == float("-inf"))
@@ -118,24 +120,28 @@ def test_decode_bfloat16_matches_fp32_reference(name, L, Hq, Hkv, S, chunk):
     q, k, v = (t.bfloat16() for t in (q, k, v))
     got = kernel.decode(q, k, v, score_buffers=args["score_buffers"], **call)
     assert got[0].dtype == torch.bfloat16
-    _assert_close(got, reference.attention(q.float(), k.float(), v.float(), kernel_options={}, **args), out_tol=1e-2)
+    _assert_close(got, BACKENDS["reference"](q.float(), k.float(), v.float(), kernel_options={}, **args), out_tol=1e-2)
 
 
-def test_attention_dispatches_decode_shapes_to_the_decode_kernel(monkeypatch):
-    """Q_LEN <= 16 without gradients takes Kernel.decode; SPLIT_KV=False, gradients or long queries do not."""
-    calls = []
-    original = Kernel.decode
-    monkeypatch.setattr(Kernel, "decode", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+def _path(q, k, v, options, args) -> str:
+    return dispatch.choose("triton", dispatch.call_of(q, k, v, kernel_options=options, **args)).path.name
+
+
+def test_decode_shapes_take_the_split_kv_kernels():
+    """Q_LEN <= 16 without gradients takes the split-KV kernels; SPLIT_KV=False, gradients or long
+    queries take the block-sparse kernels; forcing split-KV on a long query names the reason."""
     q, k, v, args = _inputs("causal", 1, 4, 2, 96)
-    got = attention(q, k, v, kernel_options={}, **args)
-    assert calls == [1]
-    _assert_close(got, reference.attention(q, k, v, kernel_options={}, **args))
-    calls.clear()
-    attention(q, k, v, kernel_options={"SPLIT_KV": False}, **args)
-    attention(q.requires_grad_(), k, v, kernel_options={}, **args)
+    assert _path(q, k, v, {}, args) == "decode_split_kv"
+    _assert_close(BACKENDS["triton"](q, k, v, kernel_options={}, **args),
+                  BACKENDS["reference"](q, k, v, kernel_options={}, **args))
+    _assert_close(BACKENDS["triton"](q, k, v, kernel_options={"PATH": "block_sparse"}, **args),
+                  BACKENDS["reference"](q, k, v, kernel_options={}, **args))
+    assert _path(q, k, v, {"SPLIT_KV": False}, args) == "block_sparse"
+    assert _path(q.requires_grad_(), k, v, {}, args) == "block_sparse"
     q17, k, v, args = _inputs("causal", 17, 2, 2, 64)
-    attention(q17, k, v, kernel_options={}, **args)
-    assert calls == []
+    assert _path(q17, k, v, {}, args) == "block_sparse"
+    with pytest.raises(InputError, match="Q_LEN=17 > 16"):
+        BACKENDS["triton"](q17, k, v, kernel_options={"PATH": "decode_split_kv"}, **args)
 
 
 def test_generated_source_has_the_decode_kernels_and_no_torch():

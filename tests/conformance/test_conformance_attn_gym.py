@@ -80,8 +80,9 @@ def edge_bias(table):
     return mods.generate_graphormer_edge_bias(table, types, lengths)
 
 
-def mla_rope(query_rope):
-    key_rope = torch.randn(2, 1, 128, 8, generator=torch.Generator().manual_seed(5))
+def mla_rope(query_rope, key_rope):
+    """DeepSeek's MLA positional term: a dot product of per-position RoPE vectors (both learnable, so
+    the float64 reference gets both in float64, as torch.dot requires one dtype)."""
     return mods.generate_mla_rope_score_mod(query_rope, key_rope, num_heads=2)
 
 
@@ -125,7 +126,8 @@ CASES = [
     Case("sandwich", with_causal(lambda: mods.generate_sandwich_bias(2, 128)), L=128),
     Case("graphormer_spatial", lambda t: (spatial_bias(t), None), (randn(2, 6),), L=96),
     Case("graphormer_edge", lambda t: (edge_bias(t), None), (randn(2, 3, 5),), L=96),
-    Case("mla_rope", lambda r: (mla_rope(r), None), (randn(2, 2, 128, 8, scale=0.3),), L=128),
+    Case("mla_rope", lambda r, k: (mla_rope(r, k), None), (randn(2, 2, 128, 8, scale=0.3), randn(2, 1, 128, 8)),
+         L=128),
     Case("relative_position", lambda t: (relative_position(t), masks.causal_mask), (randn(2, 319),), L=160),
     Case("t5_buckets", lambda t: (t5_buckets(t), None), (randn(2, 16),), L=160),
 ]

@@ -29,6 +29,8 @@ NAMESPACE = {
     "ITAB2": torch.randint(-20, 20, (5, 64), generator=G),
     "BTAB": torch.rand(64, generator=G) < 0.5,
     "FTAB": torch.randn(64, generator=G),
+    "ITAB3": torch.randint(-20, 20, (64, 4), generator=G),  # rows: tensor-valued intermediates
+    "STAB": torch.randint(-10, 120, (12,), generator=G).sort().values,  # sorted: searchsorted's sequence
 }
 PARAM = torch.randn(4, 64, generator=G)  # the learnable table of the gradient fuzz, read as P[h % 4, ...]
 
@@ -67,7 +69,11 @@ def ints(depth):
              st.tuples(sub, sub).map(call("torch.maximum")),
              st.tuples(sub, constant(-10, 0), constant(1, 60)).map(call("torch.clamp")),
              st.tuples(bools(depth - 1), sub, sub).map(call("torch.where"))]
-    lookups = [sub.map("ITAB[({}) % 64]".format), st.tuples(sub, sub).map("ITAB2[({0[0]}) % 5, ({0[1]}) % 64]".format)]
+    lookups = [sub.map("ITAB[({}) % 64]".format), st.tuples(sub, sub).map("ITAB2[({0[0]}) % 5, ({0[1]}) % 64]".format),
+               # tensor-valued intermediates: a row of ITAB3 reduced, a sorted table searched
+               st.tuples(sub, st.sampled_from(["sum()", "amax(0)", "amin(-1)"])).map(
+                   "ITAB3[({0[0]}) % 64].{0[1]}".format),
+               st.tuples(sub, st.booleans()).map("torch.searchsorted(STAB, {0[0]}, right={0[1]})".format)]
     return st.one_of(INDEX_LEAVES, *arithmetic, *calls, *lookups)
 
 

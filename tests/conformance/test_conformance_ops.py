@@ -52,8 +52,9 @@ BINARY = {
     "atan2": torch.atan2, "hypot": torch.hypot, "fmod": torch.fmod, "remainder": torch.remainder,
     "copysign": torch.copysign, "logaddexp": torch.logaddexp, "fmax": torch.fmax, "fmin": torch.fmin,
     "maximum": torch.maximum, "minimum": torch.minimum, "true_divide": torch.true_divide,
-    "xlogy": torch.xlogy, "lerp": lambda a, b: torch.lerp(a, b, 0.3), "addcmul": lambda a, b: torch.addcmul(a, a, b),
-    "pow": torch.pow, "sub_alpha": lambda a, b: torch.sub(a, b, alpha=2), "div_method": torch.Tensor.div,
+    # torch.lerp takes one dtype (the float64 reference's score against a float32 index term); pow a positive base.
+    "xlogy": torch.xlogy, "lerp": lambda a, b: torch.lerp(a, b.to(a.dtype), 0.3),
+    "addcmul": lambda a, b: torch.addcmul(a, a, b), "pow": lambda a, b: torch.pow(torch.abs(a) + 0.1, b), "sub_alpha": lambda a, b: torch.sub(a, b, alpha=2), "div_method": torch.Tensor.div,
 }
 
 # name -> score_mod using the index inputs (methods and integer ops)

@@ -146,20 +146,20 @@ def test_to_moves_every_tensor_and_keeps_the_rest():
     assert_same(ours.to("cpu"), theirs)
 
 
-def test_to_string_takes_torchs_arguments():
+def test_tile_string_takes_to_strings_arguments():
     ours = flexattn.create_block_mask(causal, 3, 2, 256, 256, BLOCK_SIZE=32)
-    first = ours.to_string().split("\n")
+    first = ours.tile_string().split("\n")
     assert first[0] == "b=0, h=0" and first[1:9] == ["░░" + "  " * 7] + [
         "██" * i + "░░" + "  " * (7 - i) for i in range(1, 8)]
-    assert ours.to_string(limit=4).count("b=") == 4 and "to_string(limit=N)" in ours.to_string(limit=4)
-    assert ours.to_string(limit=10).count("b=") == 6 and "..." not in ours.to_string(limit=10)
-    assert ours.to_string(grid_size=(2, 3), limit=1).split("\n")[:3] == [
+    assert ours.tile_string(limit=4).count("b=") == 4 and "to_string(limit=N)" in ours.tile_string(limit=4)
+    assert ours.tile_string(limit=10).count("b=") == 6 and "..." not in ours.tile_string(limit=10)
+    assert ours.tile_string(grid_size=(2, 3), limit=1).split("\n")[:3] == [
         "b=0, h=0 (first 2x3 of 8x8 tiles)", "░░    ", "██░░  "]
-    assert ours.to_string(grid_size=4) == ours.to_string(grid_size=(4, 4))
-    assert ours.to_string(grid_size=-1, limit=1).split("\n")[0] == "b=0, h=0"
-    assert ours.to_string(grid_size=(2, 3)) == ours.to_string((2, 3), 4)  # torch's positional order
+    assert ours.tile_string(grid_size=4) == ours.tile_string(grid_size=(4, 4))
+    assert ours.tile_string(grid_size=-1, limit=1).split("\n")[0] == "b=0, h=0"
+    assert ours.tile_string(grid_size=(2, 3)) == ours.tile_string((2, 3), 4)  # torch's positional order
     with pytest.raises(BlockMaskError, match="grid_size"):
-        ours.to_string(grid_size="big")
+        ours.tile_string(grid_size="big")
 
 
 def test_empty_combinators_keep_everything_or_nothing_like_torch():

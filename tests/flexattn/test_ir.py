@@ -72,11 +72,3 @@ def test_dependencies():
     assert passes.depends_on(mask) == {"q_idx"}
     deps = passes.dependencies(graph)
     assert any(d == {"h"} for n, d in deps.items() if n.op is Op.LOAD)
-
-
-def test_networkx_view_is_a_dag_with_every_node():
-    import networkx as nx
-
-    graph = trace_mask_mod(_window(3)).graph
-    g = passes.to_networkx(graph)
-    assert nx.is_directed_acyclic_graph(g) and g.number_of_nodes() == len(graph.nodes)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sympy.core.function import AppliedUndef
 
-from codegen.torch_backend.printer import constants_of, print_mod
+from codegen.torch_backend.printer import print_mod
+from flexattn.ir import constants_of
 from flexattn.analysis.intervals import RULES, Range, TileGrid, evaluate_ranges
 from flexattn.analysis.symbolic import to_sympy
 from flexattn.composites import COMPOSITES

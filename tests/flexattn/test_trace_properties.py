@@ -108,14 +108,16 @@ def _direct_inputs(with_score: bool):
 
 
 class _Clamped:
-    """A buffer for direct evaluation: tensor indices are clamped into bounds, as IR loads are."""
+    """A buffer for direct evaluation, read as traced mods read one: a negative tensor index counts from
+    the end (as in torch), and an index still out of bounds is clamped into them (as IR loads are)."""
 
     def __init__(self, tensor):
         self.tensor = tensor
 
     def __getitem__(self, item):
         items = item if isinstance(item, tuple) else (item,)
-        return self.tensor[tuple(torch.clamp(torch.as_tensor(i), 0, n - 1) for i, n in zip(items, self.tensor.shape))]
+        wrapped = [torch.where(torch.as_tensor(i) < 0, torch.as_tensor(i) + n, i) for i, n in zip(items, self.tensor.shape)]
+        return self.tensor[tuple(torch.clamp(i, 0, n - 1) for i, n in zip(wrapped, self.tensor.shape))]
 
 
 DIRECT_NAMESPACE = {name: _Clamped(v) if isinstance(v, torch.Tensor) else v for name, v in NAMESPACE.items()}

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mask_programs import as_mask_mod, mask_expr
 
+import flexattn
 from flexattn.analysis.boxes import Boxes, decide, evaluate_positions, refine_tiles
 from flexattn.analysis.buffer_ranges import BufferRanges
 from flexattn.analysis.intervals import Range
@@ -89,3 +90,37 @@ def test_split_partitions_each_box(corners, cut_at):
             cover[int(children.q_lo[j] - boxes.q_lo[i]):int(children.q_hi[j] - boxes.q_lo[i]) + 1,
                   int(children.kv_lo[j] - boxes.kv_lo[i]):int(children.kv_hi[j] - boxes.kv_lo[i]) + 1] += 1
         assert np.all(cover == 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(0, 3), min_size=6, max_size=6), min_size=1, max_size=3),
+       row=st.integers(-1, 4), lo=st.integers(-3, 8), width=st.integers(0, 9), sort=st.booleans())
+def test_rows_of_a_buffer_are_summarised_exactly_when_the_leading_index_is_one_value(rows, row, lo, width, sort):
+    buf = torch.tensor([sorted(r) for r in rows] if sort else rows)
+    hi, point = lo + width, Range(np.array([row]), np.array([row]))
+    read = buf[min(max(row, 0), len(rows) - 1)]
+    at = [int(read[min(max(i, 0), buf.shape[1] - 1)]) for i in range(lo, hi + 1)]
+    summary = BufferRanges([buf])(0, [point, Range(np.array([lo]), np.array([hi]))])
+    assert int(summary.lo[0]) == min(at) and int(summary.hi[0]) == max(at)
+    got = int(BufferRanges([buf]).first_change(0, np.array([lo]), np.array([hi]), [point])[0])
+    assert got == next((lo + i for i in range(1, len(at)) if at[i] != at[i - 1]), -1)
+    # Two rows read at once: their values combined, exactly.
+    spread = BufferRanges([buf])(0, [Range(np.array([0]), np.array([1])), Range(np.array([lo]), np.array([hi]))])
+    both = [int(buf[min(r, len(rows) - 1), min(max(i, 0), buf.shape[1] - 1)]) for r in (0, 1) for i in range(lo, hi + 1)]
+    assert int(spread.lo[0]) == min(both) and int(spread.hi[0]) == max(both)
+
+
+def test_per_batch_document_ids_decide_tiles_without_positions():
+    doc = torch.tensor([[0] * 300 + [1] * 212, [0] * 100 + [1] * 412])
+    block_mask = flexattn.create_block_mask(lambda b, h, q, kv: doc[b, q] == doc[b, kv], 2, 1, 512, 512)
+    assert block_mask.stats["refined"] == 0  # decided from the rows' ranges and cuts, none position by position
+    dense = doc[:, :, None] == doc[:, None, :]
+    torch.testing.assert_close(block_mask.to_dense()[:, 0].bool(), dense.view(2, 4, 128, 4, 128).any(-1).any(2))
+
+
+def test_block_tables_read_over_a_tile_decide_it_without_positions():
+    table = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) < 0.3  # 64-position blocks, as BigBird's
+    block_mask = flexattn.create_block_mask(lambda b, h, q, kv: table[q // 64, kv // 64], 1, 1, 512, 512)
+    assert block_mask.stats["refined"] == 0  # tiles mixing blocks are cut at the blocks, never evaluated
+    dense = table.repeat_interleave(64, 0).repeat_interleave(64, 1)
+    torch.testing.assert_close(block_mask.to_dense()[0, 0].bool(), dense.view(4, 128, 4, 128).any(-1).any(1))

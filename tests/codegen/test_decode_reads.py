@@ -3,8 +3,8 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from codegen.cpu_gather import gathered_scores, gathered_values
-from codegen.split_kv_rows import row_table
+from codegen.torch_backend.decode.cpu_kernels import scores_at, values_at
+from codegen.torch_backend.decode.reads import row_table
 
 
 def _cache(layout: str, B: int, H: int, S: int, D: int, dtype) -> torch.Tensor:
@@ -45,12 +45,12 @@ def test_in_place_reads_equal_gathered_reads(layout, B, H, M, S, N, D, dtype, sc
     gathered = x[torch.arange(B).view(B, 1, 1), torch.arange(H).view(1, H, 1), positions.view(B, 1, N)]  # (B, H, N, D)
 
     q_rows = torch.randn(B, H, M, D, dtype=dtype)
-    scores = gathered_scores(table, base, positions, q_rows, reads, scattered)
+    scores = scores_at(table, base, positions, q_rows, reads, scattered)
     was_read = read.view(B, 1, 1, N).expand(B, H, M, N)
     torch.testing.assert_close(scores[was_read], torch.einsum("bhmd,bhnd->bhmn", q_rows, gathered)[was_read])
     p = torch.rand(B, H, M, N, dtype=dtype)
     want = torch.einsum("bhmn,bhnd->bhmd", p * read.view(B, 1, 1, N), gathered.nan_to_num(nan=0.0))
-    torch.testing.assert_close(gathered_values(table, base, positions, p, reads, scattered), want)
+    torch.testing.assert_close(values_at(table, base, positions, p, reads, scattered), want)
 
 
 def test_kernels_take_tensors_that_require_grad_under_no_grad():
@@ -59,8 +59,8 @@ def test_kernels_take_tensors_that_require_grad_under_no_grad():
     base, positions = torch.zeros(1, 1, dtype=torch.long), torch.arange(10).view(1, 10)
     q = torch.randn(1, 1, 2, 4, requires_grad=True)
     with torch.no_grad():
-        s = gathered_scores(table, base, positions, q, torch.tensor([10]), scattered=False)
-        o = gathered_values(table, base, positions, s.softmax(-1), torch.tensor([10]), scattered=False)
+        s = scores_at(table, base, positions, q, torch.tensor([10]), scattered=False)
+        o = values_at(table, base, positions, s.softmax(-1), torch.tensor([10]), scattered=False)
     torch.testing.assert_close(s, (q @ table.T).detach())
     torch.testing.assert_close(o, (s.softmax(-1) @ table).detach())
 
@@ -75,6 +75,6 @@ def test_kernels_from_several_threads_at_once():
     queries = [torch.randn(1, 2, 4, 32) for _ in range(8)]
     want = [torch.einsum("hmd,hnd->hmn", q[0], table[base.view(2, 1) + positions]).unsqueeze(0) for q in queries]
     with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda q: gathered_scores(table, base, positions, q, torch.tensor([500]), True), queries))
+        got = list(pool.map(lambda q: scores_at(table, base, positions, q, torch.tensor([500]), True), queries))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)

@@ -1,4 +1,4 @@
-"""The numba kernels behind ``codegen.cpu_gather`` (see there); imported on first use only.
+"""The numba kernels behind ``cpu_kernels`` (see there); imported on first use only.
 
 Module-level functions, so that numba's disk cache (``cache=True``) holds
 them: the first process compiles them (several seconds), later ones load them.
@@ -37,9 +37,9 @@ def prefetch(typingctx, table, row, col):
 @numba.njit(cache=True, nogil=True)
 def ask_ahead(table, row):
     """Prefetch a whole row. Pages end every few positions, and the hardware prefetcher follows a
-    stream only after missing on it: asking for the row a few positions ahead made the keys of the
-    decode benchmark's interleaved pages 15% faster. On one long run of rows the hints only cost
-    (2-11% of a decode call): the kernels take them where rows are ``scattered`` only."""
+    stream only after missing on it, so rows are asked for a few positions ahead where positions
+    jump (``scattered``); on one long run of rows the hints only cost instructions
+    (docs/performance.md)."""
     for e in range(0, table.shape[1], max(1, 64 // table.itemsize)):
         prefetch(table, row, e)
 

@@ -1,29 +1,21 @@
 """K/V read where they lie in a cache, on the CPU: two small numba kernels.
 
-A paged pool scatters a row's keys and values over pages, and torch has no
-CPU matmul that reads an operand through an index: a copy of the pages is
-read twice (once to copy, once to multiply), ``torch.sparse.sampled_addmm``
-takes one horizontal sum per (query, key) and is compute-bound at 1.5-2x the
-time of a matmul on a view, and ``embedding_bag`` needs a (query, key)-sized
-index built per call. These kernels walk each (row, KV head)'s positions,
-read each key or value row once and use it for the row's few queries while
-it is in registers, and, where pages interleave, ask for rows a few
-positions ahead. On the 2-core dev machine they read a contiguous cache
-faster than a matmul per row (whose results must then be copied into the
-padded batch), and interleaved pages of 128 at the same speed for windows
-of 1024 positions, 10-22% slower for rows of 16k (docs/performance.md).
+A paged pool scatters a sequence's keys and values over pages, and torch has no CPU matmul that
+reads an operand through an index: a copy of the pages is read twice (once to copy, once to
+multiply). These kernels walk each (sequence, KV head)'s positions, read each key or value row
+once and use it for the sequence's few queries while it is in registers, and, where pages
+interleave, ask for rows a few positions ahead. What else was tried, and the measurements, are in
+docs/performance.md.
 
-* ``gathered_scores``: s[b, h, m, n] = q[b, h, m] . K[base[b, h] + positions[b, n]]
-* ``gathered_values``: o[b, h, m] = sum_n p[b, h, m, n] V[base[b, h] + positions[b, n]]
+* ``scores_at``: s[b, h, m, n] = q[b, h, m] . K[base[b, h] + positions[b, n]]
+* ``values_at``: o[b, h, m] = sum_n p[b, h, m, n] V[base[b, h] + positions[b, n]]
 
-Loading the kernels means importing numba and compiling them (about 5 s on
-the 2-core dev machine, once per machine: numba caches them on disk) or
-reading them from numba's cache (about half a second per process). So that
-a first decode call does not wait for it, ``kernels_ready`` starts loading
-in a background thread the first time it is asked and answers False until
-the float32 kernels are in; callers use their torch path meanwhile.
-``load_kernels`` loads them now (benchmarks, tests). ``import flexattn``
-imports nothing of numba.
+Loading the kernels means importing numba and compiling them (once per machine: numba caches
+them on disk) or reading them from numba's cache (once per process). So that a first decode call
+does not wait for it, ``kernels_ready`` starts loading in a background thread the first time it
+is asked and answers False until the float32 kernels are in; the decode paths that read K/V in
+place say so and another path serves meanwhile. ``load_kernels`` loads them now (benchmarks,
+tests). ``import flexattn`` imports nothing of numba.
 """
 
 from __future__ import annotations
@@ -65,29 +57,29 @@ def load_kernels() -> None:
         return
     table, rows = torch.zeros(8, 4), torch.zeros(1, 1, dtype=torch.int64)
     positions, reads = torch.arange(8).view(1, 8), torch.tensor([8])
-    gathered_values(table, rows, positions, gathered_scores(table, rows, positions, torch.zeros(1, 1, 1, 4), reads,
-                                                            True), reads, True)
+    scores = scores_at(table, rows, positions, torch.zeros(1, 1, 1, 4), reads, True)
+    values_at(table, rows, positions, scores, reads, True)
     _loaded.set()
 
 
-def gathered_scores(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor,
-                    reads: torch.Tensor, scattered: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+def scores_at(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor,
+              reads: torch.Tensor, scattered: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """Scores (B, H, M, N) of queries (B, H, M, E), already scaled, against the keys at rows
-    ``base[b, h] + positions[b, n]`` of ``table`` (R, E); row b reads only its first ``reads[b]``
+    ``base[b, h] + positions[b, n]`` of ``table`` (R, E); sequence b reads only its first ``reads[b]``
     positions, and its scores past them are undefined (the caller masks them). ``scattered``:
-    whether rows' positions jump (a paged pool's pages), where the kernel asks for rows ahead of
+    whether sequences' positions jump (a paged pool's pages), where the kernel asks for rows ahead of
     time; runs of consecutive rows are left to the hardware prefetcher, which does better there.
     ``out``: a contiguous (B, H, M, N) tensor to write into (else a new one).
 
     ``table`` is a CPU float32/float64 tensor with contiguous rows (a
-    ``split_kv_rows.row_table`` view of the cache); base (B, H), positions
+    ``reads.row_table`` view of the cache); base (B, H), positions
     (B, N) and reads (B,) are integer tensors, base + positions in [0, R)
     where read: not checked, the kernel reads without bounds checks.
 
     Example::
 
         >>> table, base = row_table(k_pool)  # a paged pool seen as rows
-        >>> s = gathered_scores(table, base, positions, q_rows * scale, reads, scattered=True)
+        >>> s = scores_at(table, base, positions, q_rows * scale, reads, scattered=True)
     """
     B, H, M, _ = queries.shape
     if out is None:
@@ -97,15 +89,15 @@ def gathered_scores(table: torch.Tensor, base: torch.Tensor, positions: torch.Te
     return out
 
 
-def gathered_values(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
-                    reads: torch.Tensor, scattered: bool) -> torch.Tensor:
+def values_at(table: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
+              reads: torch.Tensor, scattered: bool) -> torch.Tensor:
     """Sums (B, H, M, Ev) of the values at rows ``base[b, h] + positions[b, n]`` of ``table`` (R, Ev)
-    weighted by ``weights`` (B, H, M, N); row b reads only its first ``reads[b]`` positions (the rest
-    may hold anything, NaN included). ``scattered`` as for ``gathered_scores``.
+    weighted by ``weights`` (B, H, M, N); sequence b reads only its first ``reads[b]`` positions (the rest
+    may hold anything, NaN included). ``scattered`` as for ``scores_at``.
 
-    Same conditions as ``gathered_scores``. Example::
+    Same conditions as ``scores_at``. Example::
 
-        >>> o = gathered_values(v_table, base, positions, p, reads, scattered=True)  # p: softmax numerators
+        >>> o = values_at(v_table, base, positions, p, reads, scattered=True)  # p: softmax numerators
     """
     B, H, M, _ = weights.shape
     per_pass = _kernels().QUERIES_PER_PASS  # the kernel's scratch rows round M up to whole passes
@@ -120,9 +112,9 @@ def _indices(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kernels():
-    from codegen import cpu_gather_kernels  # imports numba; the kernels compile on their first call
+    from codegen.torch_backend.decode import cpu_kernels_numba  # imports numba; compiles on first call
 
-    return cpu_gather_kernels
+    return cpu_kernels_numba
 
 
 def _launch_kernel(name: str, *arguments) -> None:

@@ -5,10 +5,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import flexattn
-from codegen import BACKENDS, split_kv, split_kv_rows
-from codegen.cpu_gather import kernels_ready, load_kernels
-from codegen.split_kv import MAX_Q_LEN, decode_attention
-from flexattn.errors import LoweringError
+from codegen.decoding import MAX_Q_LEN
+from codegen.torch_backend.decode import reads
+from codegen.torch_backend.decode.cpu_kernels import kernels_ready, load_kernels
+from flexattn import dispatch
+from flexattn.errors import InputError
 from flexattn.paged import PagedKVCache
 from flexattn.trace import trace_mask_mod, trace_score_mod
 from mods import MODS, ModCase, Mods
@@ -25,12 +26,36 @@ def _stripes(L, S, H):
 DECODE_MODS = MODS + [ModCase("stripes", _stripes)]
 
 
-def _run(fn, q, k, v, score_mod, block_mask, **options):
+DECODE_PATHS = ("decode_batch_in_place", "decode_batch_copied", "decode_pool", "decode_chunks")
+
+
+def _args(q, k, v, score_mod, block_mask, options):
     score = trace_score_mod(score_mod) if score_mod is not None else None
     mask = trace_mask_mod(block_mask.mask_mod) if block_mask is not None else None
-    return fn(q, k, v, score_graph=score.graph if score else None, score_buffers=score.buffers if score else (),
-              mask_graph=mask.graph if mask else None, mask_buffers=mask.buffers if mask else (),
-              block_mask=block_mask, scale=q.shape[-1] ** -0.5, enable_gqa=True, kernel_options=options)
+    return dict(query=q, key=k, value=v, score_graph=score.graph if score else None,
+                score_buffers=score.buffers if score else (), mask_graph=mask.graph if mask else None,
+                mask_buffers=mask.buffers if mask else (), block_mask=block_mask, scale=q.shape[-1] ** -0.5,
+                enable_gqa=True, kernel_options=options)
+
+
+def _run(backend, q, k, v, score_mod, block_mask, **options):
+    return dispatch.run(backend, dispatch.call_of(**_args(q, k, v, score_mod, block_mask, options)))
+
+
+def _choice(q, k, v, score_mod, block_mask, **options):
+    return dispatch.choose("torch", dispatch.call_of(**_args(q, k, v, score_mod, block_mask, options)))
+
+
+def _split_kv_results(q, k, v, score_mod, block_mask, **options):
+    """{path: result} of every decode path that can serve the call, forced by PATH (at least decode_chunks)."""
+    results = {}
+    for path in DECODE_PATHS:
+        try:
+            results[path] = _run("torch", q, k, v, score_mod, block_mask, PATH=path, **options)
+        except InputError as error:
+            assert "cannot serve this call" in str(error)
+    assert "decode_chunks" in results
+    return results
 
 
 def _assert_equal_results(got, want):
@@ -64,9 +89,10 @@ def test_split_kv_matches_reference_and_general_path(case, L, S, kv_heads, group
     if mask_mod is not None:
         block_mask = flexattn.create_block_mask(mask_mod, B, Hq if per_head else None, L, S,
                                                 BLOCK_SIZE=(q_block, kv_block))
-    got = _run(decode_attention, q, k, v, mods.score_mod, block_mask, SPLIT_KV_CHUNK=chunk)
-    _assert_equal_results(got, _run(BACKENDS["reference"], q, k, v, mods.score_mod, block_mask))
-    _assert_equal_results(got, _run(BACKENDS["torch"], q, k, v, mods.score_mod, block_mask))
+    want = _run("reference", q, k, v, mods.score_mod, block_mask)
+    for got in _split_kv_results(q, k, v, mods.score_mod, block_mask, SPLIT_KV_CHUNK=chunk).values():
+        _assert_equal_results(got, want)
+    _assert_equal_results(_run("torch", q, k, v, mods.score_mod, block_mask), want)
 
 
 @pytest.mark.parametrize("B", [1, 2])
@@ -75,20 +101,18 @@ def test_scattered_tiles(B):
     torch.manual_seed(0)
     q, k, v = torch.randn(B, 4, 2, 16), torch.randn(B, 2, 320, 16), torch.randn(B, 2, 320, 16)
     block_mask = flexattn.create_block_mask(_stripes(2, 320, 4).mask_mod, B, None, 2, 320, BLOCK_SIZE=(2, 16))
-    got = _run(decode_attention, q, k, v, None, block_mask, SPLIT_KV_CHUNK=256)
-    _assert_equal_results(got, _run(BACKENDS["reference"], q, k, v, None, block_mask))
+    want = _run("reference", q, k, v, None, block_mask)
+    results = _split_kv_results(q, k, v, None, block_mask, SPLIT_KV_CHUNK=256)
+    assert ("decode_pool" in results) == (B == 1)
+    for got in results.values():
+        _assert_equal_results(got, want)
 
 
-@pytest.mark.parametrize("window, q_len, budget", [(None, 1, 0), (None, 1, None), (40, 1, None), (40, 3, None)])
-def test_paged_cache(window, q_len, budget, monkeypatch):
-    """Scattered pages, all rows as one batch read by the CPU kernels, or (causal rows when the
-    batch's scores would pass the budget) tile-major over the pool in place; the last ``q_len``
-    tokens of each sequence as queries; same result as contiguous attention."""
-    batches, pool_passes = [], []
-    monkeypatch.setattr(split_kv, "batched_rows", _spy(split_kv.batched_rows, batches))
-    monkeypatch.setattr(split_kv, "_pool_major", _spy(split_kv._pool_major, pool_passes))
-    if budget is not None:
-        monkeypatch.setattr(split_kv_rows, "BATCH_SCORES_BUDGET", budget)
+@pytest.mark.parametrize("window, q_len", [(None, 1), (40, 1), (40, 3)])
+def test_paged_cache(window, q_len):
+    """Scattered pages, all rows as one batch read by the CPU kernels (the path chosen), or
+    tile-major over the pool in place, or per-row chunks (forced); the last ``q_len`` tokens of
+    each sequence as queries; same result as contiguous attention."""
     torch.manual_seed(0)
     lengths, Hq, Hkv, D = [300, 77, 160], 8, 2, 16
     cache = PagedKVCache(n_pages=18, page_size=32, max_batch_size=3)
@@ -108,49 +132,47 @@ def test_paged_cache(window, q_len, budget, monkeypatch):
     logical = flexattn.create_block_mask(mask, 3, None, q_len, 300, BLOCK_SIZE=(1, 32))
     q = torch.randn(3, Hq, q_len, D)
     alibi = lambda score, b, h, q_idx, kv_idx: score - 0.1 * h * (last[b] + q_idx - kv_idx)  # noqa: E731
-    want = _run(BACKENDS["reference"], q, k, v, alibi, logical)
+    want = _run("reference", q, k, v, alibi, logical)
     paged = cache.convert_logical_block_mask(logical)
-    got = _run(decode_attention, q, *cache.expand_kv(k_cache, v_cache, 3), cache.get_score_mod(alibi), paged,
-               SPLIT_KV_CHUNK=64)
-    _assert_equal_results(got, want)
-    assert (bool(batches), bool(pool_passes)) == ((False, True) if budget == 0 else (True, False))
+    args = (q, *cache.expand_kv(k_cache, v_cache, 3), cache.get_score_mod(alibi), paged)
+    assert _choice(*args, SPLIT_KV_CHUNK=64).path.name == "decode_batch_in_place"
+    results = _split_kv_results(*args, SPLIT_KV_CHUNK=64)
+    assert {"decode_batch_in_place", "decode_chunks"} <= set(results)
+    assert ("decode_pool" in results) == (window is None)  # a window's pages are one run per row
+    for got in results.values():
+        _assert_equal_results(got, want)
 
 
-def _spy(function, calls: list):
-    def spied(*args, **kwargs):
-        calls.append(args)
-        return function(*args, **kwargs)
-
-    return spied
-
-
-def test_long_queries_and_gradients_are_refused():
+def test_long_queries_and_gradients_are_refused_by_the_split_kv_paths():
     q, k = torch.randn(1, 1, MAX_Q_LEN + 1, 8), torch.randn(1, 1, 32, 8)
-    with pytest.raises(LoweringError, match="Q_LEN <= 16"):
-        _run(decode_attention, q, k, k, None, None)
+    for path in DECODE_PATHS:
+        with pytest.raises(InputError, match="Q_LEN=17 > 16: not a decoding shape"):
+            _run("torch", q, k, k, None, None, PATH=path)
     q = torch.randn(1, 1, 1, 8, requires_grad=True)
-    with pytest.raises(LoweringError, match="forward only"):
-        _run(decode_attention, q, k, k, None, None)
+    with pytest.raises(InputError, match="forward only"):
+        _run("torch", q, k, k, None, None, PATH="decode_chunks")
 
 
-def test_flex_attention_takes_the_split_kv_path_for_decode_shapes(monkeypatch):
-    """backend="torch" dispatches Q_LEN <= 16 without gradients to split-KV, with the same result."""
-    import codegen.split_kv as split_kv_module
-    import flexattn
-
-    calls = []
-    original = split_kv_module.decode_attention
-    monkeypatch.setattr(split_kv_module, "decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+def test_flex_attention_takes_the_split_kv_path_for_decode_shapes():
+    """backend="torch" serves Q_LEN <= 16 without gradients by split-KV, with the same result;
+    short caches and inputs that need gradients take the general paths."""
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 300, 16, generator=g), torch.randn(2, 2, 300, 16, generator=g)
     bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= 250 + q_idx, None, None, 1, 300, BLOCK_SIZE=32)
+    choice = flexattn.explain_call(q, k, v, block_mask=bm, enable_gqa=True, backend="torch", print_it=False)
+    assert choice.path.name in DECODE_PATHS
     out = flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="torch")
     ref = flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="reference")
-    assert calls == [1]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     q.requires_grad_(True)
-    flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="torch")
-    assert calls == [1], "inputs that need gradients take the general path"
+    choice = flexattn.explain_call(q, k, v, block_mask=bm, enable_gqa=True, backend="torch", print_it=False)
+    assert choice.path.name not in DECODE_PATHS, "inputs that need gradients take the general path"
+    assert dict(choice.skipped)["decode_chunks"] == "an input needs gradients and split-KV decoding is forward only"
+    short = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 50, None, None, 1, 64,
+                                       BLOCK_SIZE=32)
+    q = q.detach()
+    choice = flexattn.explain_call(q, k[:, :, :64], v[:, :, :64], block_mask=short, enable_gqa=True, print_it=False)
+    assert "fewer than 8 KV tiles" in dict(choice.skipped)["decode_chunks"]
 
 
 def test_shared_cache_with_a_full_row_and_a_scattered_row():
@@ -161,19 +183,15 @@ def test_shared_cache_with_a_full_row_and_a_scattered_row():
     q = torch.randn(2, 2, 1, 16)
     block_mask = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (b == 0) | ((kv_idx // 40) % 2 == 0), 2, None,
                                             1, 100, BLOCK_SIZE=(1, 16))
-    got = _run(decode_attention, q, k, v, None, block_mask)
-    _assert_equal_results(got, _run(BACKENDS["reference"], q, k.contiguous(), v.contiguous(), None, block_mask))
+    want = _run("reference", q, k.contiguous(), v.contiguous(), None, block_mask)
+    for got in _split_kv_results(q, k, v, None, block_mask).values():
+        _assert_equal_results(got, want)
 
 
-@pytest.mark.parametrize("budget", [0, None])
-def test_paged_pool_with_free_pages_holding_nan(budget, monkeypatch):
+def test_paged_pool_with_free_pages_holding_nan():
     """Free pages between the rows' pages (a finished sequence's, erased) lie in the range the
     tile-major pass reads in place, and page 0, which the batch's padding slots point at, is one
-    of them; whatever they still hold (NaN here) must not reach the result."""
-    pool_passes = []
-    monkeypatch.setattr(split_kv, "_pool_major", _spy(split_kv._pool_major, pool_passes))
-    if budget is not None:  # no room for a batch: the tile-major pass
-        monkeypatch.setattr(split_kv_rows, "BATCH_SCORES_BUDGET", budget)
+    of them; whatever they still hold (NaN here) must not reach the result of any path."""
     torch.manual_seed(0)
     lengths, Hq, Hkv, D = [200, 150], 4, 2, 16
     cache = PagedKVCache(n_pages=16, page_size=32, max_batch_size=3)
@@ -194,23 +212,25 @@ def test_paged_pool_with_free_pages_holding_nan(budget, monkeypatch):
     logical = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= last[b], 2, None, 1, 200,
                                          BLOCK_SIZE=(1, 32))
     q = torch.randn(2, Hq, 1, D)
-    want = _run(BACKENDS["reference"], q, k, v, None, logical)
-    got = _run(decode_attention, q, *cache.expand_kv(k_cache, v_cache, 2), None,
-               cache.convert_logical_block_mask(logical), SPLIT_KV_CHUNK=64)
-    _assert_equal_results(got, want)
-    assert bool(pool_passes) == (budget == 0)
+    want = _run("reference", q, k, v, None, logical)
+    results = _split_kv_results(q, *cache.expand_kv(k_cache, v_cache, 2), None,
+                                cache.convert_logical_block_mask(logical), SPLIT_KV_CHUNK=64)
+    assert "decode_pool" in results
+    for got in results.values():
+        _assert_equal_results(got, want)
 
 
-def test_torch_path_serves_until_the_kernels_are_loaded(monkeypatch):
-    """Before the CPU kernels are in (they load in the background), decode reads K/V by views and
-    copies of tiles, with the same result; once loaded, kernels_ready says so."""
+def test_views_and_copies_serve_until_the_kernels_are_loaded(monkeypatch):
+    """Before the CPU kernels are in (they load in the background), the in-place path says so and
+    decode reads K/V by views and copies of tiles, with the same result; once loaded, kernels_ready
+    says so."""
     assert kernels_ready()
-    monkeypatch.setattr(split_kv_rows, "kernels_ready", lambda: False)
+    monkeypatch.setattr(reads, "kernels_ready", lambda: False)
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
     mask = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= 250 - 40 * b, 2, None, 1, 300,
                                       BLOCK_SIZE=(1, 32))
-    copies = []
-    monkeypatch.setattr(split_kv_rows, "read_tiles", _spy(split_kv_rows.read_tiles, copies))
-    _assert_equal_results(_run(decode_attention, q, k, v, None, mask), _run(BACKENDS["reference"], q, k, v, None, mask))
-    assert copies
+    choice = _choice(q, k, v, None, mask)
+    assert choice.path.name == "decode_batch_copied"
+    assert dict(choice.skipped)["decode_batch_in_place"] == "the CPU kernels are still loading (in a background thread)"
+    _assert_equal_results(_run("torch", q, k, v, None, mask), _run("reference", q, k, v, None, mask))

@@ -1,0 +1,164 @@
+"""What the fused paths ask of a call: whether torch's fused kernel computes it exactly, the plan
+(per document, or causal squares, rectangles of FULL tiles and batches of PARTIAL tiles) and
+whether that plan pays. ``codegen.torch_backend.paths`` turns these into the table's entries.
+
+Plans are kept per BlockMask: a training or serving loop calls attention with one BlockMask many
+times, and planning (the causal squares' tile checks evaluate the mask_mod) is a visible share of
+a call (docs/performance.md). Entries go with their BlockMask; the key holds every input's
+in-place version, so a changed buffer or index list plans again.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from codegen.autograd import differentiable
+from codegen.torch_backend import fused, fused_plan
+from codegen.torch_backend.fused import MAX_BIAS_SPAN, MAX_BIASED_SQUARE, Features, FusedInputs
+from flexattn.call import Call, needs_grad
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def why_not_fused(call: Call) -> str | None:
+    """Why torch's fused CPU kernel cannot compute ``call`` exactly (None: it can)."""
+    if call.options.get("FUSED", "auto") is False:
+        return "kernel_options FUSED=False"
+    if call.query.device.type != "cpu":
+        return f"the tensors are on {call.query.device.type}: the fused kernel is torch's CPU kernel"
+    if call.max_scores:
+        return "max_scores was requested and the fused kernel does not return it"
+    E, Ek, Ev = call.query.shape[-1], call.key.shape[-1], call.value.shape[-1]
+    if not E == Ek == Ev:
+        return f"head dims differ (query {E}, key {Ek}, value {Ev}): the fused kernel needs one head dim"
+    if call.score_graph is not None:
+        if call.facts.bias is None:
+            return "the score_mod is not a separable bias (score + row x column terms)"
+        if needs_grad(*call.score_buffers):
+            return "a score_mod buffer needs a gradient, which the fused kernel does not compute"
+    return None
+
+
+def features(call: Call) -> Features | None:
+    """The separable bias evaluated for this call (None without a score_mod); made once per call."""
+    def make():
+        if call.score_graph is None:
+            return None
+        B, Hq, _, L, S = call.shape
+        return Features(call.facts.bias, [t.detach() for t in call.score_buffers], B, Hq, L, S)
+    return call.derived("fused_features", make)
+
+
+def why_not_bias_span(call: Call) -> str | None:
+    """Why the bias features would lose digits in float32 (None: they do not, or there is no bias)."""
+    f = features(call)
+    if f is not None and f.span() > MAX_BIAS_SPAN:
+        return f"the bias features span {f.span():.3g} > MAX_BIAS_SPAN ({MAX_BIAS_SPAN:g}): float32 would lose digits"
+    return None
+
+
+def document_plan(call: Call):
+    """(units, None) running one fused call per packed document, or (None, why not)."""
+    return call.derived("fused_documents", lambda: _cached(call, "documents", _documents))
+
+
+def tile_plan(call: Call, forced: bool):
+    """(units, None) of causal squares, FULL rectangles and PARTIAL batches, or (None, why not):
+    the plan does not pay (``fused_plan.why_not_pays``) and ``forced`` is False."""
+    def make():
+        units = _cached(call, ("tiles", call.score_graph is not None), _tiles)
+        reason = fused_plan.why_not_pays(units)
+        return (units, None) if reason is None or forced else (None, reason)
+    return call.derived(("fused_tiles", forced), make)
+
+
+def _documents(call: Call):
+    B, Hq, _, L, S = call.shape
+    if call.score_graph is not None:
+        return None, "a score_mod is given: documents run without one"
+    if call.mask_graph is None:
+        return None, "no mask_mod: no documents"
+    if not call.facts.exact:
+        return None, "the BlockMask is not the exact block reduction of this mask_mod (create_block_mask)"
+    if call.facts.segments is None:
+        return None, "the mask_mod is not a packed-documents mask (doc[q] == doc[kv], optionally causal)"
+    if L != S:
+        return None, f"Q_LEN ({L}) != KV_LEN ({S}): documents need one sequence"
+    runs = call.facts.segments.segments([t.cpu() for t in call.mask_buffers], L)
+    if not runs:
+        return None, "a document id comes back after another (documents are not runs)"
+    if L < fused_plan.MIN_DOCUMENT * len(runs):
+        return None, (f"{len(runs)} documents average {L / len(runs):.0f} < MIN_DOCUMENT ({fused_plan.MIN_DOCUMENT}) "
+                      "positions: one call per document would not pay")
+    causal = call.facts.segments.causal
+    return [fused_plan.PlanUnit(slice(0, B), slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8),
+                            segments=[(start, stop, causal) for start, stop in runs])], None
+
+
+def _tiles(call: Call):
+    B, Hq, _, L, S = call.shape
+    block = call.block_size
+    shapes = None
+    if call.mask_graph is not None and block[0] == block[1]:
+        shapes = fused_plan.tile_shapes(call.mask_graph, call.mask_buffers, B, Hq, L, S, block[0])
+    biased = call.score_graph is not None
+    return fused_plan.plan(call.block_mask, B, Hq, L, S, block, shapes, MAX_BIASED_SQUARE if biased else None)
+
+
+def _cached(call: Call, kind, compute):
+    """``compute(call)``, kept per BlockMask and ``kind`` until an input changes (see the module docstring)."""
+    bm = call.block_mask
+    if bm is None:
+        return compute(call)
+    tensors = [t for t in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
+               if t is not None] + list(call.mask_buffers)
+    B, Hq, _, L, S = call.shape
+    key = (B, Hq, L, S, call.block_size,
+           call.mask_graph.structural_key() if call.mask_graph is not None else None,
+           tuple((t.data_ptr(), t._version) for t in tensors))
+    entries = _PLANS.setdefault(bm, {})
+    if kind not in entries or entries[kind][0] != key:  # one plan per kind: the shapes of the latest call
+        entries[kind] = (key, compute(call))
+    return entries[kind][1]
+
+
+class _FusedLaunch:
+    """The fused plan as ``codegen.autograd`` runs it: forward and backward on the same units."""
+
+    def __init__(self, call: Call, units):
+        self.call, self.units, self.features = call, units, features(call)
+        self.compute = call.compute_dtype
+
+    def problem(self, q, k, v) -> FusedInputs:
+        c = self.compute
+        return FusedInputs(q.to(c), k.to(c), v.to(c), self.call.block_size, self.call.scale, self.call.mask_graph,
+                       self.call.mask_buffers, self.features)
+
+    def forward(self, q, k, v, score_buffers):
+        out, lse = fused.forward(self.problem(q, k, v), self.units)
+        return out, lse, None  # out in the compute float: the backward reads it
+
+    def backward(self, q, k, v, out, lse, grad_out, grad_lse, score_buffers, slots):
+        dtypes = q.dtype, k.dtype, v.dtype
+        grad_out = grad_out.to(out.dtype)
+        if grad_lse is not None:
+            q, k, v, out, grad_out = fused.with_lse_column(q, k, v, out, grad_out, grad_lse, lse)
+        p = self.problem(q, k, v)
+        dq, dk, dv = fused.backward(p, self.units, out, lse, grad_out.contiguous())
+        if grad_lse is not None:
+            dq, dk, dv = (x[..., :-1] for x in (dq, dk, dv))
+        if p.group > 1:  # the query heads of one KV head add up
+            dk, dv = (x.unflatten(1, (-1, p.group)).sum(2) for x in (dk, dv))
+        return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), []
+
+
+def run_fused(call: Call, units):
+    """(out, lse, None) of ``units`` on torch's fused kernel, differentiable in q, k and v."""
+    launch = _FusedLaunch(call, units)
+    if needs_grad(call.query, call.key, call.value):
+        out, lse, _ = differentiable(launch, call.query, call.key, call.value)
+    else:
+        out, lse, _ = launch.forward(call.query, call.key, call.value, ())
+    return out.to(call.query.dtype), lse, None
