@@ -130,9 +130,17 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         raise InputError("pass either return_lse or return_aux, not both (return_lse is deprecated)")
     if return_lse:
         _warn_once("return_lse is deprecated (as in torch); use return_aux=AuxRequest(lse=True) instead")
-    name, call = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
-                          return_aux is not None and return_aux.max_scores, backend)
-    out, lse, max_scores = dispatch.run(name, call)
+    wants_max = return_aux is not None and return_aux.max_scores
+    if torch.compiler.is_compiling() and kernel_options is None and not wants_max \
+            and _compile_path().routable(score_mod, block_mask):
+        # Under torch.compile: one custom op, the mods traced by flexattn (flexattn.custom_op).
+        validate_inputs(query, key, value, enable_gqa, None if block_mask is None else block_mask.kv_num_blocks.shape[0])
+        (out, lse), max_scores = _compile_path().compiled_flex_attention(
+            query, key, value, score_mod, block_mask, scale, enable_gqa, backend), None
+    else:
+        name, call = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
+                              wants_max, backend)
+        out, lse, max_scores = dispatch.run(name, call)
     out = out.to(query.dtype)
     if return_aux is not None:
         return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
@@ -191,6 +199,13 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
                             mask_buffers=mask.buffers if mask else (), block_mask=block_mask, scale=scale,
                             enable_gqa=enable_gqa, kernel_options=kernel_options, max_scores=max_scores)
     return name, call
+
+
+def _compile_path():
+    """flexattn.custom_op, imported on first use under torch.compile (it needs torch._dynamo loaded)."""
+    from flexattn import custom_op
+
+    return custom_op
 
 
 _warned: set[str] = set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from flexattn import passes
 from flexattn.errors import TraceError
 from flexattn.ir import MASK_MOD_INPUTS, SCORE_MOD_INPUTS, DType, Graph, Node, Op
 from flexattn.capture import _current
+from flexattn.mod_cache import cached_trace
 from flexattn.proxy import Proxy, _cast, _operand
 from flexattn.spellings import _Tracer
 from flexattn.vectors import Vector
@@ -107,19 +109,20 @@ def trace_score_mod(score_mod) -> TracedMod:
     """Trace ``score_mod(score, b, h, q_idx, kv_idx) -> score`` into IR.
 
     Raises ``TraceError`` (naming the user's file:line) for constructs that
-    cannot be traced.
+    cannot be traced. A mod with the same fingerprint as one traced before (same code and captured
+    values, tensors of the same shapes: ``flexattn.mod_cache``) is not traced again.
 
     Example::
 
         >>> t = trace_score_mod(lambda s, b, h, q, kv: s + (q - kv))
         >>> print(t.graph)  # doctest: +SKIP
     """
-    return _trace(score_mod, "score_mod", SCORE_MOD_INPUTS)
+    return cached_trace(score_mod, "score_mod", functools.partial(_trace, kind="score_mod", names=SCORE_MOD_INPUTS))
 
 
 def trace_mask_mod(mask_mod) -> TracedMod:
     """Trace ``mask_mod(b, h, q_idx, kv_idx) -> bool`` into IR (see ``trace_score_mod``)."""
-    return _trace(mask_mod, "mask_mod", MASK_MOD_INPUTS)
+    return cached_trace(mask_mod, "mask_mod", functools.partial(_trace, kind="mask_mod", names=MASK_MOD_INPUTS))
 
 
 def required_positional_args(fn) -> int:
@@ -128,7 +131,7 @@ def required_positional_args(fn) -> int:
     Parameters with defaults (``w=3``) and those a ``functools.partial`` binds do not count.
     """
     code = getattr(fn, "__code__", None)
-    if code is not None and not isinstance(fn, functools.partial):
+    if code is not None and not isinstance(fn, (functools.partial, types.MethodType)):  # a method's self is bound
         return code.co_argcount - len(getattr(fn, "__defaults__", None) or ())
     try:
         parameters = inspect.signature(fn).parameters.values()

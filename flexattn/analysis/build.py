@@ -32,6 +32,7 @@ from flexattn.analysis.buffer_ranges import BufferRanges
 from flexattn.block_mask import DEFAULT_BLOCK_SIZE, FULL, PARTIAL, BlockMask, pair, positive_int
 from flexattn.errors import BlockMaskError
 from flexattn.index_lists import box_lists
+from flexattn.mod_cache import cached_block_mask
 from flexattn.trace import trace_mask_mod
 
 TOP_BOXES = 64  # boxes per side at the coarsest level (each a power of SPLIT tiles wide)
@@ -187,6 +188,9 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=DE
             deterministic FLASH backward (``dq_kv_order`` True: descending kv order).
         exact: False keeps undecided tiles PARTIAL (flexattn only).
 
+    The same mask (same fingerprint: ``flexattn.mod_cache``), arguments and captured tensor values
+    give the BlockMask built before, with this call's mask_mod.
+
     Returns a ``BlockMask`` with ``kv_num_blocks`` (B, H, ceil(Q_LEN/q_block)),
     ``kv_indices`` (B, H, ceil(Q_LEN/q_block), ceil(KV_LEN/kv_block)) etc. and
     ``stats`` saying how many tiles were decided symbolically and refined.
@@ -210,6 +214,14 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=DE
         raise BlockMaskError(f"dq_kv_order must be a bool in create_block_mask (as torch), got {dq_kv_order!r}; "
                              f"pass a tensor order to BlockMask.from_kv_blocks instead")
     _check_list_memory(B, H, Q_LEN, KV_LEN, (q_block, kv_block), separate_full_blocks, device)
+    arguments = (B, H, Q_LEN, KV_LEN, str(device), (q_block, kv_block), separate_full_blocks, compute_dq_write_order,
+                 dq_kv_order, exact)
+    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, *arguments))
+
+
+def _build(mask_mod, B, H, Q_LEN, KV_LEN, device, block, separate_full_blocks, compute_dq_write_order, dq_kv_order,
+           exact) -> BlockMask:
+    q_block, kv_block = block
     traced = trace_mask_mod(mask_mod)
     deps = passes.depends_on(traced.graph)
     nb, nh = (B if "b" in deps else 1), (H if "h" in deps else 1)

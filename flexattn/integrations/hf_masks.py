@@ -1,0 +1,175 @@
+"""Block masks for transformers' mask functions (its ``AttentionMaskInterface`` entry for flexattn).
+
+A model builds one mask per forward from a mask function (causal, sliding window, chunked, packed
+documents through position_ids, a user's ``or_mask_function``/``and_mask_function``), the query and
+key offsets of its cache, and a 2-D padding mask. Two builds, both exact about which positions
+attend (the mask_mod is applied in every PARTIAL tile):
+
+- small grids (decoding steps, short prompts: ``B * Q_LEN * KV_LEN <= DENSE_LIMIT``): the traced mask
+  is evaluated at every position at once and each tile classified from the counts; one pass of a
+  few vectorised ops, cheaper than any tile analysis at these sizes.
+- larger grids: the mask without padding goes through ``create_block_mask(..., exact=False)``
+  (symbolic, cached for the same mask and lengths), the padding's own tile classes come from the
+  2-D mask by counting, and the two combine tile by tile with ``min``: a tile of an AND of two masks
+  is EMPTY if either factor's is, FULL if both are, else PARTIAL, and EMPTY < PARTIAL < FULL.
+
+The offsets become 0-dim int64 tensors, so every decoding step has the same mask program (one
+trace, reused) and only the tensors' values change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flexattn import passes
+from flexattn.analysis import create_block_mask
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, BlockMask
+from flexattn.mod_cache import cached_block_mask
+from flexattn.semantics import evaluate, index_grid
+from flexattn.trace import trace_mask_mod
+
+# Above this many (b, q, kv) positions the symbolic build is cheaper than evaluating every position.
+DENSE_LIMIT = 1 << 18
+PADDING_BUCKET = 256
+
+
+def _causal(batch_idx, head_idx, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def _shifted(mask_function, q_offset: torch.Tensor, kv_offset: torch.Tensor):
+    def shifted(batch_idx, head_idx, q_idx, kv_idx):
+        return mask_function(batch_idx, head_idx, q_idx + q_offset, kv_idx + kv_offset)
+
+    return shifted
+
+
+def _with_padding(mask_mod, padding: torch.Tensor, kv_offset: torch.Tensor):
+    def padded(batch_idx, head_idx, q_idx, kv_idx):
+        return mask_mod(batch_idx, head_idx, q_idx, kv_idx) & padding[batch_idx, kv_idx + kv_offset]
+
+    return padded
+
+
+def tile_classes_of(allowed: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """(B, H, Q, KV) bool -> (B, H, ceil(Q / block[0]), ceil(KV / block[1])) int8 EMPTY/PARTIAL/FULL.
+
+    A ragged last tile is FULL when every position inside the lengths attends.
+
+    Example::
+
+        >>> tile_classes_of(torch.ones(1, 1, 3, 3, dtype=torch.bool).tril(), (2, 2))[0, 0].tolist()
+        [[1, 0], [2, 2]]
+    """
+    nb, nh, Q, KV = allowed.shape
+    (bq, bk), nq, nkv = block, math.ceil(Q / block[0]), math.ceil(KV / block[1])
+    padded = torch.zeros(nb, nh, nq * bq, nkv * bk, dtype=torch.int32)
+    padded[..., :Q, :KV] = allowed
+    counts = padded.view(nb, nh, nq, bq, nkv, bk).sum((3, 5), dtype=torch.int32)
+    rows = torch.full((nq,), bq, dtype=torch.int32)
+    cols = torch.full((nkv,), bk, dtype=torch.int32)
+    rows[-1], cols[-1] = Q - (nq - 1) * bq, KV - (nkv - 1) * bk
+    sizes = rows[:, None] * cols[None, :]
+    return torch.where(counts == sizes, FULL, torch.where(counts > 0, PARTIAL, EMPTY)).to(torch.int8)
+
+
+def _lists(classes: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's ordered lists of the tiles of class ``code`` per row: (count, indices: those tiles first, ascending)."""
+    hit = classes == code
+    order = torch.sort((~hit).to(torch.int8), dim=-1, stable=True).indices
+    return hit.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+
+def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod) -> BlockMask:
+    """``BlockMask.from_tile_classes`` by four sorts (the lists are torch's layout), for small tile grids.
+
+    ``classes``: (B, H, Q_BLOCKS, KV_BLOCKS) EMPTY/PARTIAL/FULL codes. Example:
+    ``block_mask_of_classes(torch.full((1, 1, 2, 2), FULL, dtype=torch.int8), (128, 128), (256, 256), None)``.
+    """
+    columns = classes.transpose(-1, -2)
+    return BlockMask(seq_lengths, *_lists(classes, PARTIAL), *_lists(classes, FULL), *_lists(columns, PARTIAL),
+                     *_lists(columns, FULL), block, mask_mod)
+
+
+_batch_dependence: dict[int, tuple] = {}  # id(graph) -> (graph, reads b): a decoding step asks every step
+
+
+def _reads_batch(graph) -> bool:
+    entry = _batch_dependence.get(id(graph))
+    if entry is None or entry[0] is not graph:
+        entry = _batch_dependence[id(graph)] = (graph, "b" in passes.depends_on(graph))
+    return entry[1]
+
+
+def _dense_classes(traced, B: int, q_len: int, kv_len: int, block) -> torch.Tensor:
+    nb = B if _reads_batch(traced.graph) else 1
+    buffers = [t.detach().to("cpu") for t in traced.buffers]
+    allowed = evaluate(traced.graph, index_grid(nb, 1, q_len, kv_len), buffers).to(torch.bool)
+    return tile_classes_of(allowed.expand(nb, 1, q_len, kv_len), block)
+
+
+def build_block_mask(mask_function, batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                     padding: torch.Tensor | None = None, device="cpu",
+                     block: tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)) -> BlockMask:
+    """The BlockMask of ``mask_function`` at these offsets, and with a 2-D padding mask (B, >= kv_offset + KV).
+
+    ``mask_function(b, h, q_idx, kv_idx)`` sees absolute positions (``q_idx + q_offset``); the
+    BlockMask's mask_mod is the whole mask (offsets and padding in it). The same mask with equal
+    tensor values gives the BlockMask built before (``flexattn.mod_cache.cached_block_mask``). Raises ``TraceError`` for
+    a mask function flexattn cannot trace.
+
+    Example::
+
+        >>> build_block_mask(lambda b, h, q, kv: kv <= q, 1, 1, 300, q_offset=299).shape
+        (1, 1, 1, 300)
+    """
+    cpu = lambda x: torch.as_tensor(x, dtype=torch.int64).to("cpu")  # noqa: E731
+    q_off, kv_off = cpu(q_offset), cpu(kv_offset)
+    base = _shifted(mask_function, q_off, kv_off)
+    mask_mod = base if padding is None else _with_padding(base, padding.to("cpu", torch.bool), kv_off)
+    arguments = ("transformers", batch_size, q_length, kv_length, str(device), block)
+    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, base, padding, kv_off, *arguments[1:]))
+
+
+def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, device, block) -> BlockMask:
+    traced = trace_mask_mod(mask_mod)
+    if batch_size * q_length * kv_length <= DENSE_LIMIT:
+        classes = _dense_classes(traced, batch_size, q_length, kv_length, block)
+    else:
+        classes = create_block_mask(base, batch_size, None, q_length, kv_length, BLOCK_SIZE=block,
+                                    exact=False).tile_classes()
+        if padding is not None:
+            start = int(kv_off)
+            keys = padding.to("cpu", torch.bool)[:, start:start + kv_length]
+            classes = torch.minimum(classes, tile_classes_of(keys[:, None, None, :], (1, block[1])))
+    block_mask = block_mask_of_classes(classes, block, (q_length, kv_length), mask_mod)
+    block_mask.traced_mask = traced
+    return block_mask if torch.device(device).type == "cpu" else block_mask.to(device)
+
+
+def block_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                         mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu",
+                         **kwargs) -> BlockMask:
+    """transformers' ``AttentionMaskInterface`` signature: the flexattn BlockMask of a model's mask.
+
+    ``attention_mask`` is the 2-D padding mask (B, past + Q_LEN), True/1 where a token is real; the
+    other keyword arguments transformers passes (``config``, ``dtype``, ``use_vmap``,
+    ``allow_is_causal_skip``) do not change a block mask. Returns a BlockMask of shape
+    (B or 1, 1, q_length, kv_length). Raises ``TraceError`` for a mask function flexattn cannot trace.
+
+    Example::
+
+        >>> block_mask_interface(2, 8, 8, attention_mask=torch.tensor([[0] * 3 + [1] * 5, [1] * 8])).shape
+        (2, 1, 8, 8)
+    """
+    padding = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        padding = attention_mask.to(torch.bool)
+        # Padded with False to a multiple of PADDING_BUCKET (a static cache's free slots are padding
+        # too): the mask's buffer keeps its shape over decoding steps, so its trace is reused.
+        needed = max(kv_length + int(kv_offset), padding.shape[-1])
+        padding = torch.nn.functional.pad(padding, (0, -(-needed // PADDING_BUCKET) * PADDING_BUCKET - padding.shape[-1]))
+    return build_block_mask(mask_function or _causal, batch_size, q_length, kv_length, q_offset, kv_offset,
+                            padding, device)

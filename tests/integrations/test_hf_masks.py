@@ -1,0 +1,53 @@
+"""Block masks of transformers-style masks (flexattn.integrations.hf_masks) against dense evaluation."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flexattn
+from flexattn.block_mask import EMPTY, FULL
+from flexattn.integrations import hf_masks
+
+
+def _window(w):
+    def mask(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx > q_idx - w)
+
+    return mask
+
+
+@settings(max_examples=25, deadline=None)
+@given(q_len=st.integers(1, 70), past=st.integers(0, 60), window=st.integers(1, 80), pad=st.integers(0, 40),
+       block=st.sampled_from([8, 16]), dense=st.booleans())
+def test_tiles_are_sound_and_attention_matches_the_dense_mask(q_len, past, window, pad, block, dense):
+    kv_len = past + q_len
+    padding = torch.ones(2, kv_len, dtype=torch.bool)
+    padding[1, :min(pad, kv_len - 1)] = False
+    limit = hf_masks.DENSE_LIMIT
+    hf_masks.DENSE_LIMIT = limit if dense else 0  # both builds: dense evaluation, symbolic + padding tiles
+    try:
+        bm = hf_masks.build_block_mask(_window(window), 2, q_len, kv_len, q_offset=past, padding=padding,
+                                       block=(block, block))
+    finally:
+        hf_masks.DENSE_LIMIT = limit
+    q_idx, kv_idx = torch.arange(q_len)[:, None] + past, torch.arange(kv_len)[None, :]
+    allowed = ((kv_idx <= q_idx) & (kv_idx > q_idx - window))[None, None] & padding[:, None, None, :]
+    exact = hf_masks.tile_classes_of(allowed, (block, block))
+    classes = bm.tile_classes().expand_as(exact)
+    assert torch.all((classes != EMPTY) | (exact == EMPTY)) and torch.all((classes != FULL) | (exact == FULL))
+    if dense:
+        assert torch.equal(classes, exact)
+    assert torch.equal(flexattn.create_mask(bm.mask_mod, 2, 1, q_len, kv_len), allowed)
+    q = torch.randn(2, 2, q_len, 8, dtype=torch.float64)
+    k = torch.randn(2, 2, kv_len, 8, dtype=torch.float64)
+    want = torch.where(allowed, (q @ k.transpose(-1, -2)) / 8 ** 0.5, float("-inf")).softmax(-1).nan_to_num() @ k
+    torch.testing.assert_close(flexattn.flex_attention(q, k, k, block_mask=bm), want)
+
+
+def test_lists_have_torchs_layout():
+    classes = torch.tensor([[[[2, 1, 0, 1], [0, 0, 2, 2]]]], dtype=torch.int8)
+    ours = hf_masks.block_mask_of_classes(classes, (4, 4), (8, 16), None)
+    theirs = flexattn.BlockMask.from_tile_classes(classes, (4, 4), (8, 16))
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    assert torch.equal(ours.tile_classes(), classes)

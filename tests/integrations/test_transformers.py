@@ -1,0 +1,134 @@
+"""attn_implementation="flexattn" in transformers: tiny random models against transformers' eager attention.
+
+Each case builds the same random float32 model twice (eager and flexattn) from a config (no
+downloads), and compares logits at real (non-padding) positions, the loss, every weight's gradient
+and greedily generated tokens.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from flexattn.integrations import transformers as flex_hf  # noqa: E402
+
+flex_hf.register()
+TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
+
+
+def _config(name: str):
+    if name == "llama":
+        return transformers.LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2)
+    if name == "qwen2":
+        return transformers.Qwen2Config(**TINY, num_attention_heads=6, num_key_value_heads=2)
+    if name == "qwen3":
+        return transformers.Qwen3Config(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                        use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    if name == "gemma2":
+        return transformers.Gemma2Config(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                         sliding_window=6, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                         query_pre_attn_scalar=12)
+    if name == "gemma3":
+        return transformers.Gemma3TextConfig(**TINY, num_attention_heads=4, num_key_value_heads=1, head_dim=12,
+                                             sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    if name == "gpt_oss":
+        return transformers.GptOssConfig(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                         num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+                                         layer_types=["sliding_attention", "full_attention"])
+    raise KeyError(name)
+
+
+def _pair(name: str):
+    models = []
+    for impl in ("eager", flex_hf.NAME):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(_config(name), attn_implementation=impl,
+                                                              dtype=torch.float32)
+        if name == "gpt_oss":  # random sinks: zeros would hide a wrong sink formula
+            for layer in model.model.layers:
+                torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
+        models.append(model)
+    assert models[1].config._attn_implementation == flex_hf.NAME
+    return models
+
+
+def _run(model, real: torch.Tensor, **inputs):
+    model.zero_grad()
+    # A label counts where its token and the one predicting it are real: padding rows attend nowhere,
+    # where eager averages every key and flexattn gives 0 (both are ignored by the model's outputs).
+    labels = inputs["input_ids"].masked_fill(~(real & real.roll(1, -1)), -100)
+    out = model(**inputs, labels=labels)
+    out.loss.backward()
+    return out.logits[real], out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+
+
+def _compare(name: str, real: torch.Tensor | None = None, **inputs):
+    eager, flex = _pair(name)
+    real = torch.ones_like(inputs["input_ids"], dtype=torch.bool) if real is None else real
+    (logits_e, loss_e, grads_e), (logits_f, loss_f, grads_f) = (_run(m, real, **inputs) for m in (eager, flex))
+    assert _rel(logits_e, logits_f) < 1e-5
+    assert abs(loss_e.item() - loss_f.item()) < 1e-5 * abs(loss_e.item())
+    assert grads_e.keys() == grads_f.keys() and len(grads_e) > 5
+    worst = max(grads_e, key=lambda n: _rel(grads_e[n], grads_f[n]))
+    assert _rel(grads_e[worst], grads_f[worst]) < 1e-5, worst
+    return eager, flex
+
+
+def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate_same(eager, flex, **inputs):
+    tokens = [m.generate(**inputs, max_new_tokens=6, do_sample=False) for m in (eager, flex)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def _left_padding(batch: int, length: int) -> torch.Tensor:
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :5] = 0
+    return mask
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gemma3", "qwen3", "gpt_oss"])
+def test_left_padding_matches_eager_and_generates_the_same(name):
+    ids, mask = _ids(2, 20), _left_padding(2, 20)
+    eager, flex = _compare(name, real=mask.bool(), input_ids=ids, attention_mask=mask)
+    _generate_same(eager, flex, input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_packed_documents_through_position_ids(name):
+    position_ids = torch.cat([torch.arange(7), torch.arange(9), torch.arange(4)])[None]
+    _compare(name, input_ids=_ids(1, 20), position_ids=position_ids)
+
+
+def test_4d_float_mask():
+    L = 16
+    allowed = torch.ones(L, L).tril().bool() & (torch.rand(L, L, generator=torch.Generator().manual_seed(3)) > 0.3)
+    allowed |= torch.eye(L, dtype=torch.bool)
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None].expand(2, 1, L, L)
+    _compare("llama", input_ids=_ids(2, L), attention_mask=mask)
+
+
+def test_static_cache_generate():
+    eager, flex = _pair("gemma2")
+    ids, mask = _ids(2, 12), _left_padding(2, 12)
+    tokens = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                         cache_implementation="static") for m in (eager, flex)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def test_dropout_is_refused_with_the_fix():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(flex_hf.InputError, match="attention_dropout"):
+        flex_hf.attention_forward(None, q, q, q, None, dropout=0.1)
+
+
+def test_sinks_shape_is_checked():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(flex_hf.InputError, match="one logit per query head"):
+        flex_hf.attention_forward(None, q, q, q, None, s_aux=torch.zeros(3))
