@@ -12,7 +12,8 @@ from codegen.torch_backend.evaluate import index_inputs
 from flexattn.block_mask import EMPTY, FULL, PARTIAL
 from flexattn.semantics import evaluate
 
-MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay
+MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay,
+MIN_TILES_OF_STRIPS = 6  # or this many tiles in all (a wide band: one kernel call still covers many keys)
 MAX_PARTIAL_SHARE = 0.25  # ... and PARTIAL tiles (small batched calls) at most this share of the FULL ones
 MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pay
 MASK_CHUNK = 1 << 24  # mask elements evaluated (and materialised) at once for a batch of tiles
@@ -23,17 +24,21 @@ def why_not_pays(units: list["PlanUnit"]) -> str | None:
     measured, docs/performance.md).
 
     The fused kernel is fast on tall rectangles (a causal triangle's squares, no
-    mask at all) and slower than batched matmuls on thin strips and on batches
-    of single tiles (a sliding window's band, a NATTEN mask).
+    mask at all) and on wide strips (the band of a window of 1024 or more), and
+    slower than batched matmuls on narrow strips and on batches of single tiles
+    (a window of 512 or less, a NATTEN mask).
     """
     rects = [r for u in units for r in u.rectangles] + [(a, a + n, c, c + (n + 1) // 2)
                                                          for u in units for a, c, n, _ in u.squares]
     full_tiles = sum((r[1] - r[0]) * (r[3] - r[2]) for r in rects)
     if full_tiles == 0:
         return "the plan has no FULL tiles"
+    # Averages weighted by area: the rectangles where most of the work is decide.
     mean_rows = sum((r[1] - r[0]) ** 2 * (r[3] - r[2]) for r in rects) / full_tiles
-    if mean_rows < MIN_ROWS_OF_TILES:
-        return f"FULL rectangles average {mean_rows:.1f} q tiles tall < MIN_ROWS_OF_TILES ({MIN_ROWS_OF_TILES})"
+    mean_tiles = sum(((r[1] - r[0]) * (r[3] - r[2])) ** 2 for r in rects) / full_tiles
+    if mean_rows < MIN_ROWS_OF_TILES and mean_tiles < MIN_TILES_OF_STRIPS:
+        return (f"FULL rectangles average {mean_rows:.1f} q tiles tall < MIN_ROWS_OF_TILES ({MIN_ROWS_OF_TILES}) "
+                f"and {mean_tiles:.1f} tiles < MIN_TILES_OF_STRIPS ({MIN_TILES_OF_STRIPS})")
     partial_tiles = sum(len(batch) for u in units for batch in u.batches)
     if partial_tiles > MAX_PARTIAL_SHARE * full_tiles:
         return (f"{partial_tiles} PARTIAL tiles are more than MAX_PARTIAL_SHARE ({MAX_PARTIAL_SHARE}) of the "

@@ -157,10 +157,13 @@ def test_a_sliding_window_is_a_chain_of_causal_and_reversed_causal_squares():
 
 def test_the_fused_kernel_is_chosen_where_it_pays():
     causal = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 4096, 4096)
-    band = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < 1024),
-                                      None, None, 8192, 8192)
+    def band(width):
+        return flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < width),
+                                          None, None, 8192, 8192).tile_classes()
+
     assert fused_plan.why_not_pays(fused_plan.plan_units(causal.tile_classes(), 1, 1)) is None
-    assert "MIN_ROWS_OF_TILES" in fused_plan.why_not_pays(fused_plan.plan_units(band.tile_classes(), 1, 1))
+    assert fused_plan.why_not_pays(fused_plan.plan_units(band(2048), 1, 1)) is None  # a wide band: long strips
+    assert "MIN_TILES_OF_STRIPS" in fused_plan.why_not_pays(fused_plan.plan_units(band(256), 1, 1))
 
 
 def test_max_scores_request_takes_the_generated_loop():
