@@ -95,7 +95,7 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / timed(lambda: dst.copy_(src), 5) / 1e9
 
 
-def masks(lengths: torch.Tensor):
+def masks(lengths: torch.Tensor, window: int = WINDOW):
     """The mask_mods by name, for the per-row lengths (flexattn and torch trace the same functions)."""
     last = lengths - 1
 
@@ -104,7 +104,7 @@ def masks(lengths: torch.Tensor):
 
     def sliding(b, h, q_idx, kv_idx):
         q = last[b] + q_idx
-        return (kv_idx <= q) & (q - kv_idx < WINDOW)
+        return (kv_idx <= q) & (q - kv_idx < window)
 
     return {"causal": causal, "sliding": sliding}
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch.nn.attention import flex_attention as torch_flex
 
 import flexattn
-from decode import paged_copy
+from decode import masks, paged_copy
 
 TRAIN_MODS = ("causal", "causal+alibi", "sliding window", "packed documents", "causal+softcap")
-DECODE_MASKS = ("causal-offset", "sliding window")
+DECODE_MASKS = {"causal-offset": "causal", "sliding window": "sliding"}  # row name -> its decode.masks name
 SOFTCAP = 20.0
 
 
@@ -173,20 +173,6 @@ def train_case(row: Row, sizes: Sizes, device, torch_attention) -> Case:
     return Case(fns, flops, _fp32_errors(ours, lambda q, k, v: ours(q, k, v, "reference"), sliced, row.backward))
 
 
-def decode_masks(name: str, lengths: torch.Tensor, window: int):
-    """Decode mask_mods: the one query is position lengths[b] - 1 of its sequence (causal with an offset)."""
-    last = lengths - 1
-
-    def causal_offset(b, h, q, kv):
-        return kv <= last[b] + q
-
-    def sliding(b, h, q, kv):
-        pos = last[b] + q
-        return (kv <= pos) & (pos - kv < window)
-
-    return {"causal-offset": causal_offset, "sliding window": sliding}[name]
-
-
 def decode_case(row: Row, sizes: Sizes, device, torch_attention) -> Case:
     """A decode row: Q_LEN=1, GQA H:H_KV, a serving batch (row b holds KV_LEN * (1 - b/16) tokens), K/V
     contiguous or in flexattn's PagedKVCache (pages placed as sequences that grow side by side); torch
@@ -194,7 +180,7 @@ def decode_case(row: Row, sizes: Sizes, device, torch_attention) -> Case:
     torch.manual_seed(0)
     B, KV = sizes.B, row.S
     lengths = [KV - b * KV // 16 for b in range(B)]
-    mask_mod = decode_masks(row.mod, torch.tensor(lengths, device=device), sizes.window)
+    mask_mod = masks(torch.tensor(lengths, device=device), sizes.window)[DECODE_MASKS[row.mod]]
     q = torch.randn(B, sizes.H, 1, row.D, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(B, sizes.H_KV, KV, row.D, device=device, dtype=torch.bfloat16) for _ in range(2))
     logical = flexattn.create_block_mask(mask_mod, B, None, 1, KV, device=device, BLOCK_SIZE=(1, sizes.page))

@@ -98,7 +98,7 @@ def context_parallel_attention(query, key, value, score_mod=None, block_mask: Bl
         buffers = _grad_buffers(score_mod)
         parts = local_parts(block_mask, plan, rank, query.device)
         normalize(kernel_options)  # a bad option fails here, on every rank, not inside the exchange
-        kwargs = dict(scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options, backend=_backend(backend))
+        kwargs = dict(scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options, backend=dispatch.pick_backend(backend, query.device.type))
     except FlexAttnError as caught:
         error = caught
     rows = all_gather_rows(_row(0 if error is None else 1, None if error else plan, world, query, key, value,
@@ -123,12 +123,6 @@ def _plan_and_mask(block_mask, plan, world: int):
         raise InputError(f"the plan lays the sequence out over {plan.world_size} ranks but the group has {world}; "
                          f"plan with plan_context_parallel(block_mask, {world})")
     return plan_for_units(block_mask, plan), block_mask
-
-
-def _backend(backend: str) -> str:
-    if backend != "auto" and backend not in dispatch.BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, dispatch.BACKENDS))}")
-    return backend
 
 
 @functools.lru_cache(maxsize=8)

@@ -49,19 +49,20 @@ def kernel_for(call: Call) -> Kernel | str:
         mode = True  # forced: wait for the compiler
     if mode == "auto" and os.environ.get("FLEXATTN_COMPILED", "").lower() in ("0", "false", "no", "off"):
         return "FLEXATTN_COMPILED=0 in the environment"
-    try:
-        # The tile source depends on the mods only (tile sizes are run-time values).
-        item = tier.entry(kernel_key(call.score_graph, call.mask_graph), call.score_graph, call.mask_graph)
-    except LoweringError as error:
-        return f"the tile printer cannot lower this mod ({error})"
+    # The tile source depends on the mods only (tile sizes are run-time values).
+    key = kernel_key(call.score_graph, call.mask_graph)
     slots = [i for i, t in enumerate(call.score_buffers) if t.requires_grad] if call.needs_grad else None
     sig = tier.signature(call.query, call.score_buffers, call.mask_buffers, call.block_mask, slots)
-    state = tier.state(item, sig)
-    if state is None and mode == "auto":
-        calls = tier.count_call(item, sig)
+    if mode == "auto":  # counted before the tile source is printed: a mod called a few times costs nothing
+        calls = tier.count_call(key, sig)
         if calls < tier.COMPILE_AFTER_CALLS:
             return (f"call {calls} of this mod and signature; its kernel is compiled from call "
                     f"{tier.COMPILE_AFTER_CALLS} on (the eager loop serves until then)")
+    try:
+        item = tier.entry(key, call.score_graph, call.mask_graph)
+    except LoweringError as error:
+        return f"the tile printer cannot lower this mod ({error})"
+    state = tier.state(item, sig)
     if state is None:
         tier.request(item, sig, functools.partial(_compile, item, call, slots))
     if mode is True and state != tier.READY:

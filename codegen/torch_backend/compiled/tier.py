@@ -72,7 +72,6 @@ class Entry:
         self.compiled: dict | None = None
         self.bound: dict | None = None
         self.states: dict = {}
-        self.calls: dict = {}
         self.errors: dict = {}
         self.warned = False
         self.done = threading.Condition(_lock)
@@ -94,6 +93,7 @@ class Entry:
 
 
 _entries: dict[str, Entry] = {}
+_calls: dict[tuple, int] = {}  # (kernel key, signature) -> calls so far (COMPILE_AFTER_CALLS)
 
 
 def _load(text: str, filename: str) -> dict:
@@ -136,11 +136,11 @@ def signature(query, score_buffers, mask_buffers, block_mask, slots) -> tuple:
             tuple(map(_pattern, mask_buffers)), tuple(slots) if slots is not None else None)
 
 
-def count_call(item: Entry, sig: tuple) -> int:
-    """One more call of ``sig`` of ``item``; returns how many there have been."""
+def count_call(key: str, sig: tuple) -> int:
+    """One more call of signature ``sig`` of kernel ``key``; returns how many there have been."""
     with _lock:
-        item.calls[sig] = item.calls.get(sig, 0) + 1
-        return item.calls[sig]
+        _calls[key, sig] = _calls.get((key, sig), 0) + 1
+        return _calls[key, sig]
 
 
 def state(item: Entry, sig: tuple) -> str | None:
