@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 from torch.overrides import TorchFunctionMode
 
-from flexattn.capture import _internal
+from flexattn.capture import is_internal_frame
 from flexattn.proxy import Proxy
 
 TRACE_ENTRIES, BLOCK_MASK_ENTRIES = 512, 64
@@ -129,7 +129,7 @@ class _ValueReads(TorchFunctionMode):
         leaves += [x for leaf in leaves if isinstance(leaf, (tuple, list)) for x in leaf]
         real = any(isinstance(x, torch.Tensor) for x in leaves)
         if real and getattr(func, "__name__", "") not in _METADATA and not any(isinstance(x, Proxy) for x in leaves) \
-                and not _internal(_caller().f_code.co_filename):  # the tracer's own calls read no values
+                and not is_internal_frame(_caller().f_code.co_filename):  # the tracer's own calls read no values
             self.read = True
         return func(*args, **kwargs)
 

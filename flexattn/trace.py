@@ -22,9 +22,9 @@ import torch
 from flexattn import passes
 from flexattn.errors import TraceError
 from flexattn.ir import MASK_MOD_INPUTS, SCORE_MOD_INPUTS, DType, Graph, Node, Op
-from flexattn.capture import _current
+from flexattn.capture import trace_stack
 from flexattn.mod_cache import cached_trace
-from flexattn.proxy import Proxy, _cast, _operand
+from flexattn.proxy import Proxy, cast_proxy, as_proxy
 from flexattn.spellings import _Tracer
 from flexattn.vectors import Vector
 
@@ -72,12 +72,12 @@ def _trace(fn, kind: str, names: tuple[str, ...]) -> TracedMod:
     _check_arity(fn, names, kind)
     tracer = _Tracer()
     inputs = [Proxy(Node(Op.INPUT, DType.FLOAT32 if n == "score" else DType.INT64, (), n)) for n in names]
-    _current.append(tracer)
+    trace_stack.append(tracer)
     try:
         result = fn(*inputs)
         out = _output(result, kind, fn)
     finally:
-        _current.pop()
+        trace_stack.pop()
     location, _ = _definition_site(fn)
     origin = f"{location[0]}:{location[1]}" if location else ""
     graph = Graph(kind, out.node, tuple(tracer.buffer_specs), getattr(fn, "__name__", kind), origin)
@@ -90,7 +90,7 @@ def _output(result, kind: str, fn) -> Proxy:
             location, line = _definition_site(fn)
             raise TraceError(f"{kind} returned a tensor of shape {list(result.shape)}; it must return one value "
                              "per (b, h, q_idx, kv_idx): reduce it (.sum(-1), .any(-1)) or index it.", location, line)
-        out = _operand(result)
+        out = as_proxy(result)
     else:
         location, line = _definition_site(fn)
         raise TraceError(f"{kind} returned {type(result).__name__}; it must return a "
@@ -101,7 +101,7 @@ def _output(result, kind: str, fn) -> Proxy:
                          f"& | ~), but '{getattr(fn, '__name__', 'mod')}' returned {out.node.dtype.value}. "
                          "Compare it, e.g. `x != 0`, or return a mask expression.", location, line)
     if kind == "score_mod" and out.node.dtype is not DType.FLOAT32:
-        out = _cast(out, DType.FLOAT32)
+        out = cast_proxy(out, DType.FLOAT32)
     return out
 
 
