@@ -19,7 +19,8 @@ def analyse(score_graph: Graph | None, mask_graph: Graph | None, block_mask: Blo
     """The ``Facts`` of a call with these mods and BlockMask.
 
     ``mask_graph`` is the BlockMask's traced mask_mod (``flexattn.api.mask_of``); the BlockMask is
-    exact when ``create_block_mask`` built it from that mask_mod and decided every tile
+    exact when ``create_block_mask`` built it for that mask_mod (its ``stats`` hold for the
+    mask_mod it carries now) and decided every tile
     (``stats["left_partial"] == 0``), so that a PARTIAL tile is partial.
 
     Example::
@@ -28,8 +29,7 @@ def analyse(score_graph: Graph | None, mask_graph: Graph | None, block_mask: Blo
         >>> len(facts.bias.products)
         1
     """
-    exact = (block_mask is not None and mask_graph is not None and block_mask.traced_mask is not None
-             and block_mask.traced_mask.graph is mask_graph and block_mask.stats.get("left_partial") == 0)
+    exact = block_mask is not None and mask_graph is not None and block_mask.stats.get("left_partial") == 0
     return Facts(score_reads=depends_on(score_graph) if score_graph is not None else frozenset(),
                  mask_reads=depends_on(mask_graph) if mask_graph is not None else frozenset(),
                  bias=separate(score_graph) if score_graph is not None else None,

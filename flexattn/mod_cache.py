@@ -192,10 +192,7 @@ def cached_block_mask(mask_mod, arguments: tuple, build):
     entry = _block_masks.get(key)
     if entry is not None and _same_values(tensors, entry[1]):
         _block_masks.move_to_end(key)
-        block_mask = copy.copy(entry[0])
-        block_mask.mask_mod = block_mask._tiles_mask_mod = mask_mod
-        block_mask._traced = (mask_mod, None)
-        return block_mask
+        return entry[0].relabelled(mask_mod)
     block_mask = build()
     stored = tuple((weakref.ref(t), t._version,
                     t.detach().cpu().clone() if t.numel() <= VALUE_KEY_ELEMENTS else None) for t in tensors)

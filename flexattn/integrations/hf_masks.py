@@ -25,7 +25,7 @@ import torch
 
 from flexattn import passes
 from flexattn.analysis import create_block_mask
-from flexattn.block_mask import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, BlockMask
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, BlockMask, TileAnalysis
 from flexattn.mod_cache import cached_block_mask
 from flexattn.semantics import evaluate, index_grid
 from flexattn.trace import trace_mask_mod
@@ -82,15 +82,17 @@ def _lists(classes: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor
     return hit.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
 
-def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod) -> BlockMask:
+def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod, traced=None) -> BlockMask:
     """``BlockMask.from_tile_classes`` by four sorts (the lists are torch's layout), for small tile grids.
 
-    ``classes``: (B, H, Q_BLOCKS, KV_BLOCKS) EMPTY/PARTIAL/FULL codes. Example:
+    ``classes``: (B, H, Q_BLOCKS, KV_BLOCKS) EMPTY/PARTIAL/FULL codes; ``traced``: mask_mod's
+    trace, kept on the mask (attention does not trace it again). Example:
     ``block_mask_of_classes(torch.full((1, 1, 2, 2), FULL, dtype=torch.int8), (128, 128), (256, 256), None)``.
     """
     columns = classes.transpose(-1, -2)
     return BlockMask(seq_lengths, *_lists(classes, PARTIAL), *_lists(classes, FULL), *_lists(columns, PARTIAL),
-                     *_lists(columns, FULL), block, mask_mod)
+                     *_lists(columns, FULL), block, mask_mod,
+                     analysis=None if traced is None else TileAnalysis(mask_mod, traced))
 
 
 _batch_dependence: dict[int, tuple] = {}  # id(graph) -> (graph, reads b): a decoding step asks every step
@@ -144,8 +146,7 @@ def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, dev
             start = int(kv_off)
             keys = padding.to("cpu", torch.bool)[:, start:start + kv_length]
             classes = torch.minimum(classes, tile_classes_of(keys[:, None, None, :], (1, block[1])))
-    block_mask = block_mask_of_classes(classes, block, (q_length, kv_length), mask_mod)
-    block_mask.traced_mask = traced
+    block_mask = block_mask_of_classes(classes, block, (q_length, kv_length), mask_mod, traced)
     return block_mask if torch.device(device).type == "cpu" else block_mask.to(device)
 
 

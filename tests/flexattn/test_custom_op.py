@@ -1,7 +1,7 @@
 """flex_attention inside torch.compile(fullgraph=True): one custom op, same values and gradients as eager.
 
-torch._dynamo (and so flexattn.custom_op) is imported inside the tests: importing it imports Triton,
-which must come after the Triton tests' modules set TRITON_INTERPRET=1 at collection.
+torch._dynamo (and so flexattn.custom_op) is imported inside the tests: importing it imports Triton
+(the suite's TRITON_INTERPRET setting is in tests/conftest.py).
 """
 
 import importlib
