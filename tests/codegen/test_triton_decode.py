@@ -1,8 +1,6 @@
 """The Triton back end's split-KV decoding kernels equal the dense reference and the general
 Triton forward, under TRITON_INTERPRET=1 on CPU tensors (so every shape here is a few tiles)."""
 
-# The interpreter must be chosen before any Triton kernel is defined (see test_triton_backend.py).
-
 import pytest
 import torch
 
