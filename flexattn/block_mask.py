@@ -138,12 +138,13 @@ class BlockMask:
         analysis = self._analysis()
         return MappingProxyType({}) if analysis is None else analysis.stats
 
-    def relabelled(self, mask_mod) -> "BlockMask":
-        """A shallow copy carrying ``mask_mod``, which the caller knows computes the same mask (the same
-        code over equal captured values: ``flexattn.mod_cache``): its tiles and stats hold for it."""
+    def relabelled(self, mask_mod, traced) -> "BlockMask":
+        """A shallow copy carrying ``mask_mod`` and its trace, which the caller knows computes the same
+        mask (the same code over equal captured values: ``flexattn.mod_cache``): its tiles and stats
+        hold for it."""
         copied = copy.copy(self)
         copied.mask_mod = copied._tiles_mask_mod = mask_mod
-        copied.analysis = replace(self.analysis or TileAnalysis(mask_mod), mask_mod=mask_mod, traced=None)
+        copied.analysis = replace(self.analysis or TileAnalysis(mask_mod), mask_mod=mask_mod, traced=traced)
         return copied
 
     @classmethod

@@ -178,12 +178,14 @@ def _same_values(tensors: list, stored: tuple) -> bool:
     return True
 
 
-def cached_block_mask(mask_mod, arguments: tuple, build):
+def cached_block_mask(mask_mod, arguments: tuple, build, trace):
     """``build()`` (a BlockMask of ``mask_mod``), reused for the same fingerprint, arguments and tensor values.
 
     ``arguments``: a hashable tuple of everything else the mask depends on (sizes, block, device).
-    The result carries this call's ``mask_mod``. Raises what ``build`` raises. Example:
-    ``cached_block_mask(mask, (B, H, L, S), lambda: build(mask, B, H, L, S))``.
+    The result carries this call's ``mask_mod`` and its trace (``trace(mask_mod)``, e.g.
+    ``flexattn.trace.trace_mask_mod``: its buffers are this closure's tensors). Raises what
+    ``build`` raises. Example:
+    ``cached_block_mask(mask, (B, H, L, S), lambda: build(mask, B, H, L, S), trace_mask_mod)``.
     """
     found = fingerprint(mask_mod)
     if found is None:
@@ -192,7 +194,7 @@ def cached_block_mask(mask_mod, arguments: tuple, build):
     entry = _block_masks.get(key)
     if entry is not None and _same_values(tensors, entry[1]):
         _block_masks.move_to_end(key)
-        return entry[0].relabelled(mask_mod)
+        return entry[0].relabelled(mask_mod, trace(mask_mod))
     block_mask = build()
     stored = tuple((weakref.ref(t), t._version,
                     t.detach().cpu().clone() if t.numel() <= VALUE_KEY_ELEMENTS else None) for t in tensors)

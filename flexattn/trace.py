@@ -25,6 +25,7 @@ from flexattn.ir import MASK_MOD_INPUTS, SCORE_MOD_INPUTS, DType, Graph, Node, O
 from flexattn.capture import trace_stack
 from flexattn.mod_cache import cached_trace
 from flexattn.proxy import Proxy, cast_proxy, as_proxy
+from flexattn.semantics import evaluate
 from flexattn.spellings import _Tracer
 from flexattn.vectors import Vector
 
@@ -38,6 +39,23 @@ class TracedMod:
 
     def __str__(self) -> str:
         return str(self.graph)
+
+
+class ReboundMaskMod:
+    """``mask_mod`` with the tensors it captures replaced by ``buffers`` (in the order of its
+    trace's buffer inputs): calling it evaluates its IR over them; tracing it gives that IR with
+    them. A BlockMask passed through ``torch.compile`` carries one, so that the captured tensors
+    are graph inputs (``flexattn.custom_op``). A plain class: dynamo builds it in compiled code.
+
+    Example: ``ReboundMaskMod(padded, (new_lengths,))(0, 0, torch.arange(4)[:, None], torch.arange(4))``.
+    """
+
+    def __init__(self, mask_mod, buffers):
+        self.mask_mod, self.buffers = mask_mod, tuple(buffers)
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        env = {name: torch.as_tensor(value) for name, value in zip(MASK_MOD_INPUTS, (b, h, q_idx, kv_idx))}
+        return evaluate(trace_mask_mod(self).graph, env, self.buffers)
 
 
 def _check_arity(fn, names: tuple[str, ...], kind: str):
@@ -122,6 +140,8 @@ def trace_score_mod(score_mod) -> TracedMod:
 
 def trace_mask_mod(mask_mod) -> TracedMod:
     """Trace ``mask_mod(b, h, q_idx, kv_idx) -> bool`` into IR (see ``trace_score_mod``)."""
+    if isinstance(mask_mod, ReboundMaskMod):
+        return TracedMod(trace_mask_mod(mask_mod.mask_mod).graph, mask_mod.buffers)
     return cached_trace(mask_mod, "mask_mod", functools.partial(_trace, kind="mask_mod", names=MASK_MOD_INPUTS))
 
 

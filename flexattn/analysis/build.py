@@ -216,7 +216,7 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=DE
     _check_list_memory(B, H, Q_LEN, KV_LEN, (q_block, kv_block), separate_full_blocks, device)
     arguments = (B, H, Q_LEN, KV_LEN, str(device), (q_block, kv_block), separate_full_blocks, compute_dq_write_order,
                  dq_kv_order, exact)
-    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, *arguments))
+    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, *arguments), trace_mask_mod)
 
 
 def _build(mask_mod, B, H, Q_LEN, KV_LEN, device, block, separate_full_blocks, compute_dq_write_order, dq_kv_order,

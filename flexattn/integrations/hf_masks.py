@@ -132,7 +132,8 @@ def build_block_mask(mask_function, batch_size: int, q_length: int, kv_length: i
     base = _shifted(mask_function, q_off, kv_off)
     mask_mod = base if padding is None else _with_padding(base, padding.to("cpu", torch.bool), kv_off)
     arguments = ("transformers", batch_size, q_length, kv_length, str(device), block)
-    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, base, padding, kv_off, *arguments[1:]))
+    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, base, padding, kv_off, *arguments[1:]),
+                             trace_mask_mod)
 
 
 def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, device, block) -> BlockMask:
