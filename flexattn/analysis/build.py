@@ -165,6 +165,9 @@ def _check_list_memory(B, H, Q_LEN, KV_LEN, block, separate_full_blocks, device)
         f"BLOCK_SIZE=({block[0] * scale}, {block[1] * scale}), or pass separate_full_blocks=False to halve it.")
 
 
+# Under torch.compile a block mask is built eagerly (one graph break): dynamo must not trace
+# flexattn's tracer and analysis, which read tensor values and Python frames.
+@torch.compiler.disable
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=DEFAULT_BLOCK_SIZE, _compile=False,
                       separate_full_blocks: bool = True, compute_dq_write_order: bool = False,
                       dq_kv_order: bool = True, *, exact: bool = True) -> BlockMask:

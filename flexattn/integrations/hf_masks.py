@@ -151,6 +151,9 @@ def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, dev
     return block_mask if torch.device(device).type == "cpu" else block_mask.to(device)
 
 
+# Under torch.compile the mask is built eagerly (one graph break): dynamo must not trace flexattn's
+# tracer and analysis, which read tensor values and Python frames.
+@torch.compiler.disable
 def block_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                          mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu",
                          **kwargs) -> BlockMask:
