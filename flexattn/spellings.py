@@ -3,7 +3,7 @@
 ``FUNCTIONS`` (keyed by a torch function's ``__name__``) and ``METHODS``
 (keyed by a Tensor method's name) are generated from the op table
 (``flexattn.ops``), the composites (``flexattn.composites``) and the type
-helpers and factories here. ``_Tracer`` is the tracer ``flexattn.trace``
+helpers and factories here. ``ModTracer`` is the tracer ``flexattn.trace``
 runs a mod under: torch calls on traced values dispatch through these
 tables, and torch's 0-dim factories called on Python numbers
 (``torch.ones(())``, ``torch.tensor(2.0)``) become traced constants.
@@ -235,7 +235,7 @@ class _ScalarFactories(TorchFunctionMode):
         return func(*args, **kwargs) if value is None else value
 
 
-class _Tracer(Tracer):
+class ModTracer(Tracer):
     """The tracer of ``flexattn.trace``: torch functions and Tensor methods through ``FUNCTIONS``/``METHODS``."""
 
     def __init__(self):

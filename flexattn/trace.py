@@ -26,7 +26,7 @@ from flexattn.capture import trace_stack
 from flexattn.mod_cache import cached_trace
 from flexattn.proxy import Proxy, cast_proxy, as_proxy
 from flexattn.semantics import evaluate
-from flexattn.spellings import _Tracer
+from flexattn.spellings import ModTracer
 from flexattn.vectors import Vector
 
 
@@ -88,7 +88,7 @@ def _definition_site(fn):
 
 def _trace(fn, kind: str, names: tuple[str, ...]) -> TracedMod:
     _check_arity(fn, names, kind)
-    tracer = _Tracer()
+    tracer = ModTracer()
     inputs = [Proxy(Node(Op.INPUT, DType.FLOAT32 if n == "score" else DType.INT64, (), n)) for n in names]
     trace_stack.append(tracer)
     try:

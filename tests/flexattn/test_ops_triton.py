@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 tl = pytest.importorskip("triton.language")
 from triton.runtime.interpreter import TensorHandle
 
-from codegen.triton import _load, templates
+from codegen.triton import load_kernel_module, templates
 from codegen.triton.printer import TL_DTYPE, ModPrinter, constant_args
 from flexattn.errors import LoweringError
 from flexattn.ir import SPECS, DType, Op
@@ -63,7 +63,7 @@ def kernel(out_ptr, {params}{', ' if params else ''}N: tl.constexpr):
     score = tl.zeros([N, 1], tl.float32)
     {body}
 """
-    module = _load(source, f"ops_test_{next(_KERNELS)}")
+    module = load_kernel_module(source, f"ops_test_{next(_KERNELS)}")
     module.libdevice = _Libdevice()
     return module.kernel
 
