@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 from torch.nn.attention import flex_attention as torch_flex
 
-from flexattn.block_mask_text import EMPTY, FULL, PARTIAL, tile_picture, torch_picture
+from flexattn.block_mask_text import EMPTY, FULL, LOWER, NEITHER, PARTIAL, UPPER, tile_picture, torch_picture
 from flexattn.errors import BlockMaskError, SlicedBlockMaskError
 from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
 from flexattn.tile_analysis import TileAnalysis
