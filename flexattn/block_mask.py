@@ -51,7 +51,7 @@ def pair(block_size) -> tuple[int, int]:
     return int(sizes[0]), int(sizes[1])
 
 
-class BlockMask:
+class BlockMask(torch_flex.BlockMask):
     """Block-sparse structure of a mask plus the mask_mod to apply in partial tiles.
 
     Shapes (``B``/``H`` may be 1 when the mask does not depend on them):
@@ -59,8 +59,10 @@ class BlockMask:
     likewise ``full_kv_*``; ``q_num_blocks`` (B, H, KV_BLOCKS), ``q_indices``
     (B, H, KV_BLOCKS, Q_BLOCKS), likewise ``full_q_*``. All int32.
 
-    It has torch's fields, methods and ``as_tuple()``, so torch's ``flex_attention`` (eager or
-    compiled) takes it as it is. ``dq_*`` are torch's metadata for its deterministic FLASH
+    A subclass of torch's BlockMask with torch's fields, methods and ``as_tuple()``: code that tests
+    ``isinstance(mask, torch...BlockMask)`` (transformers does) accepts it, and torch's
+    ``flex_attention`` (eager or compiled) takes it as it is. Every method is flexattn's own;
+    ``__init__`` does not call torch's. ``dq_*`` are torch's metadata for its deterministic FLASH
     backward (``create_block_mask(compute_dq_write_order=True)``); flexattn's kernels ignore them.
     """
 

@@ -151,13 +151,20 @@ def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, dev
     return block_mask if torch.device(device).type == "cpu" else block_mask.to(device)
 
 
+# Models whose attention combines the mask with its own as a tensor and drops it when it is a
+# BlockMask (transformers' code tests isinstance): they get transformers' dense eager mask, which
+# flexattn's attention reads as a 4-D float mask.
+TENSOR_MASK_MODELS = {"doge": "DogeAttention.prepare_dynamic_mask adds the mask to its dynamic mask only as a tensor"}
+
+
 # Under torch.compile the mask is built eagerly (one graph break): dynamo must not trace flexattn's
 # tracer and analysis, which read tensor values and Python frames.
 @torch.compiler.disable
 def block_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                          mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu",
-                         **kwargs) -> BlockMask:
-    """transformers' ``AttentionMaskInterface`` signature: the flexattn BlockMask of a model's mask.
+                         **kwargs) -> BlockMask | torch.Tensor:
+    """transformers' ``AttentionMaskInterface`` signature: the flexattn BlockMask of a model's mask
+    (for a model of ``TENSOR_MASK_MODELS``, transformers' dense float mask (B, 1, q_length, kv_length)).
 
     ``attention_mask`` is the 2-D padding mask (B, past + Q_LEN), True/1 where a token is real; the
     other keyword arguments transformers passes (``config``, ``dtype``, ``use_vmap``,
@@ -169,6 +176,11 @@ def block_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offse
         >>> block_mask_interface(2, 8, 8, attention_mask=torch.tensor([[0] * 3 + [1] * 5, [1] * 8])).shape
         (2, 1, 8, 8)
     """
+    if getattr(kwargs.get("config"), "model_type", None) in TENSOR_MASK_MODELS:
+        from transformers.masking_utils import causal_mask_function, eager_mask
+
+        return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function or causal_mask_function,
+                          attention_mask, device=device, **kwargs)
     padding = None
     if attention_mask is not None and not bool(attention_mask.all()):
         padding = attention_mask.to(torch.bool)
