@@ -59,10 +59,8 @@ class BlockMask(torch_flex.BlockMask):
     likewise ``full_kv_*``; ``q_num_blocks`` (B, H, KV_BLOCKS), ``q_indices``
     (B, H, KV_BLOCKS, Q_BLOCKS), likewise ``full_q_*``. All int32.
 
-    A subclass of torch's BlockMask with torch's fields, methods and ``as_tuple()``: code that tests
-    ``isinstance(mask, torch...BlockMask)`` (transformers does) accepts it, and torch's
-    ``flex_attention`` (eager or compiled) takes it as it is. Every method is flexattn's own;
-    ``__init__`` does not call torch's. ``dq_*`` are torch's metadata for its deterministic FLASH
+    A subclass of torch's BlockMask (so ``isinstance`` checks written for torch accept it) with
+    its own methods, torch's fields and ``as_tuple()``: torch's ``flex_attention`` takes it as is. ``dq_*`` are torch's metadata for its deterministic FLASH
     backward (``create_block_mask(compute_dq_write_order=True)``); flexattn's kernels ignore them.
     """
 
