@@ -86,6 +86,17 @@ def mask_of(block_mask: BlockMask) -> TracedMod:
     return block_mask.traced_mask or trace_mask_mod(block_mask.mask_mod)
 
 
+def _run(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, wants_max, backend):
+    name, call = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, wants_max,
+                          backend)
+    return dispatch.run(name, call)
+
+
+# Under torch.compile, a call the custom op cannot take (a closure made in the compiled region,
+# kernel_options) runs eagerly, one graph break: dynamo must not trace flexattn's tracer.
+_run_outside_dynamo = torch.compiler.disable(_run)
+
+
 def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | None = None,
                    scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
                    kernel_options: dict | None = None, *, return_aux: AuxRequest | None = None,
@@ -137,9 +148,9 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
         (out, lse), max_scores = _compile_path().compiled_flex_attention(
             query, key, value, score_mod, block_mask, scale, enable_gqa, backend), None
     else:
-        name, call = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
-                              wants_max, backend)
-        out, lse, max_scores = dispatch.run(name, call)
+        run = _run_outside_dynamo if torch.compiler.is_compiling() else _run
+        out, lse, max_scores = run(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
+                                   wants_max, backend)
     out = out.to(query.dtype)
     if return_aux is not None:
         return out, AuxOutput(lse if return_aux.lse else None, max_scores if return_aux.max_scores else None)
