@@ -10,7 +10,8 @@ is False: the caller then runs the eager kernel. Matmuls stay on BLAS.
 ``kernel_options["COMPILED"]``: ``"auto"`` (default) tiered as above, the compilation
 requested from a signature's ``tier.COMPILE_AFTER_CALLS``-th call on (a mod called a few times,
 a test or a one-off script, never starts the compiler, which competes with the calls it serves
-for the CPU and the GIL), and only for calls that compute at least ``MIN_COMPILED_SCORES`` scores
+for the CPU and the GIL), or from its first call when an earlier process left its compiled
+functions on disk (loading them takes seconds, not a compilation), and only for calls that compute at least ``MIN_COMPILED_SCORES`` scores
 (small calls gain a few percent of a short call, less than the compiler's time costs the calls
 it slows while it runs);
 ``True`` waits for the compiled kernel (benchmarks, tests); ``False`` never
@@ -63,7 +64,7 @@ def kernel_for(call: Call) -> Kernel | str:
             return (f"the call computes {scores} scores < MIN_COMPILED_SCORES ({MIN_COMPILED_SCORES}): "
                     "compiling would cost more than it saves (kernel_options COMPILED=True forces it)")
         calls = tier.count_call(key, sig)
-        if calls < tier.COMPILE_AFTER_CALLS:
+        if calls < tier.COMPILE_AFTER_CALLS and not tier.on_disk(key, sig):
             return (f"call {calls} of this mod and signature; its kernel is compiled from call "
                     f"{tier.COMPILE_AFTER_CALLS} on (the eager loop serves until then)")
     try:
@@ -72,7 +73,7 @@ def kernel_for(call: Call) -> Kernel | str:
         return f"the tile printer cannot lower this mod ({error})"
     state = tier.state(item, sig)
     if state is None:
-        tier.request(item, sig, functools.partial(_compile, item, call, slots))
+        tier.request(item, sig, functools.partial(_build, item, sig, call, slots))
     if mode is True and state != tier.READY:
         state = tier.wait(item, sig)
     if state == tier.FAILED:
@@ -80,7 +81,7 @@ def kernel_for(call: Call) -> Kernel | str:
         return f"compiling its kernel failed ({tier.error_of(item, sig)}); the eager loop serves it"
     if state != tier.READY:
         return "its compiled kernel is being built in the background; the eager loop serves meanwhile"
-    return Kernel(item.namespace_for(), constants_of(call.score_graph), constants_of(call.mask_graph))
+    return Kernel(item.namespace_for(sig), constants_of(call.score_graph), constants_of(call.mask_graph))
 
 
 def computed_scores(call: Call) -> int:
@@ -95,13 +96,17 @@ def computed_scores(call: Call) -> int:
     return tiles * mask.BLOCK_SIZE[0] * mask.BLOCK_SIZE[1] * (B // mask_b) * (Hq // mask_h)
 
 
-def _compile(item, call: Call, slots):
-    """The background job: plan the call's rows as ``Kernel.run`` does, then ``tier.warm_up``."""
-    _, _, _, L, S = call.shape
-    rows = plan_rows(call.block_mask, L, S, call.block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
-    tier.warm_up(item, call.query, call.key, call.value, rows, call.block_size[1], call.scale,
-                 tuple(call.score_buffers), constants_of(call.score_graph), tuple(call.mask_buffers),
-                 constants_of(call.mask_graph), slots)
+def _build(item, sig, call: Call, slots):
+    """The background job: ``tier.build``, its compile examples from the call's rows planned as
+    ``Kernel.run`` plans them."""
+    def examples():
+        _, _, _, L, S = call.shape
+        rows = plan_rows(call.block_mask, L, S, call.block_size,
+                         int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
+        return tier.examples(item, call.query, call.key, call.value, rows, call.block_size[1], call.scale,
+                             tuple(call.score_buffers), constants_of(call.score_graph), tuple(call.mask_buffers),
+                             constants_of(call.mask_graph), slots)
+    tier.build(item, sig, examples)
 
 
 def wait_all() -> None:
