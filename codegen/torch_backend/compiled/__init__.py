@@ -10,12 +10,14 @@ is False: the caller then runs the eager kernel. Matmuls stay on BLAS.
 ``kernel_options["COMPILED"]``: ``"auto"`` (default) tiered as above, the compilation
 requested from a signature's ``tier.COMPILE_AFTER_CALLS``-th call on (a mod called a few times,
 a test or a one-off script, never starts the compiler, which competes with the calls it serves
-for the CPU and the GIL), or from its first call when an earlier process left its compiled
-functions on disk (loading them takes seconds, not a compilation), and only for calls that compute at least ``MIN_COMPILED_SCORES`` scores
+for the CPU and the GIL), and only for calls that compute at least ``MIN_COMPILED_SCORES`` scores
 (small calls gain a few percent of a short call, less than the compiler's time costs the calls
 it slows while it runs);
 ``True`` waits for the compiled kernel (benchmarks, tests); ``False`` never
-compiles. The environment variable ``FLEXATTN_COMPILED=0`` makes the default
+compiles. A kernel an earlier process compiled (``tier.on_disk``) is loaded on
+the caller's thread at its signature's first call, which it serves (about a
+second; no tracing, ``artefacts``); a damaged file is compiled again in the
+background. The environment variable ``FLEXATTN_COMPILED=0`` makes the default
 ``"auto"`` behave as False (the test suite sets it: tests of this path ask
 for it explicitly). See ``tier`` for the cache and the signatures compiled
 per kernel.
@@ -72,6 +74,8 @@ def kernel_for(call: Call) -> Kernel | str:
     except LoweringError as error:
         return f"the tile printer cannot lower this mod ({error})"
     state = tier.state(item, sig)
+    if state is None and tier.on_disk(key, sig) and tier.load_now(item, sig):  # an earlier process compiled it
+        state = tier.READY
     if state is None:
         tier.request(item, sig, functools.partial(_build, item, sig, call, slots))
     if mode is True and state != tier.READY:

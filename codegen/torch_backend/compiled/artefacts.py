@@ -84,8 +84,11 @@ def load(key: str, sig: tuple, generator: str, plain: dict) -> dict | None:
     try:
         blobs = pickle.loads(base64.b64decode(text))
         # Deserialising guards that name imported modules (torch.func.vjp's) installs them in a
-        # tracing context, which a load outside compilation must provide.
-        with torch._guards.tracing(torch._guards.TracingContext(None)):
+        # tracing context, which a load outside compilation must provide. vec_isa_ok: inductor would
+        # first probe the CPU's vector ISAs by building and loading test programs in a dozen child
+        # processes (seconds); the bundled code names its ISA, and a build that fails rejects the file.
+        with torch._guards.tracing(torch._guards.TracingContext(None)), \
+                torch._inductor.config.patch({"cpp.vec_isa_ok": True}):
             loaded = {name: torch.compiler.load_compiled_function(io.BytesIO(blob), f_globals=plain[name].__globals__)
                       for name, blob in blobs.items()}
     except Exception:  # another machine's or torch's artefact, or damaged past the checksum: rebuild

@@ -209,6 +209,18 @@ def on_disk(key: str, sig: tuple) -> bool:
     return artefacts.artefact_path(key, sig).exists()
 
 
+def load_now(item: Entry, sig: tuple) -> bool:
+    """Load the compiled functions of ``sig`` from disk on the caller's thread, unless ``sig`` was
+    requested meanwhile; whether ``sig`` is now ``READY``."""
+    functions = artefacts.load(item.key, sig, GENERATOR_VERSION, item.plain)
+    with _lock:
+        if functions is not None and sig not in item.states:
+            item.compiled[sig] = functions
+            item.states[sig] = READY
+            item.done.notify_all()
+        return item.states.get(sig) == READY
+
+
 def build(item: Entry, sig: tuple, examples) -> None:
     """The background job for ``sig``: load its functions from disk, else compile each on the example
     arguments ``examples()`` returns (name -> args) and store them. Raises where compiling fails."""
@@ -259,4 +271,4 @@ def examples(item: Entry, query, key, value, rows, kv_block, scale, score_buffer
     return seen
 
 
-__all__ = ["Entry", "STATS", "build", "entry", "examples", "on_disk", "request", "signature", "state", "wait", "warn_once"]
+__all__ = ["Entry", "STATS", "build", "entry", "examples", "load_now", "on_disk", "request", "signature", "state", "wait", "warn_once"]
