@@ -127,11 +127,12 @@ def test_auto_serves_eagerly_until_compiled_and_a_new_process_loads_it(tmp_path,
     torch.testing.assert_close(again, first, atol=2e-5, rtol=1e-4)
 
     _new_process(monkeypatch)
-    graphs, loaded = compiled.STATS["graphs"], compiled.STATS["loaded"]
+    graphs, loaded, fallbacks = compiled.STATS["graphs"], compiled.STATS["loaded"], compiled.STATS["fallbacks"]
+    mods.score_mod = lambda score, b, h, q_idx, kv_idx: 30.0 * torch.tanh(score / 30.0)  # a new constant
     again = _attend(mods, q, k, v, options={"COMPILED": "auto"})  # found on disk: its first call is compiled
-    assert compiled.STATS["loaded"] == loaded + 1
+    assert compiled.STATS["loaded"] == loaded + 1 and compiled.STATS["fallbacks"] == fallbacks
     assert compiled.STATS["served"] == served + 2 and compiled.STATS["graphs"] == graphs  # loaded, not compiled
-    torch.testing.assert_close(again, first, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(again, _attend(mods, q, k, v, backend="reference"), atol=2e-5, rtol=1e-4)
 
 
 def test_auto_never_compiles_a_small_call(monkeypatch):
