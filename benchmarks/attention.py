@@ -213,6 +213,7 @@ import sys, time
 start = time.perf_counter()
 import torch, flexattn
 from codegen.torch_backend import compiled
+torch.set_num_threads(int(sys.argv[2]))
 def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 def softcap(score, b, h, q_idx, kv_idx):
@@ -252,8 +253,8 @@ def first_compiled(repeats: int = 1) -> None:
             with tempfile.TemporaryDirectory() as cache_dir:
                 env = dict(os.environ, FLEXATTN_CACHE_DIR=cache_dir, TORCHINDUCTOR_CACHE_DIR=cache_dir + "/inductor")
                 for label in ("fresh, empty caches", "second, warm disk caches"):
-                    out = subprocess.run([sys.executable, "-c", FIRST_COMPILED, who], env=env, capture_output=True,
-                                         text=True, check=True).stdout.split()
+                    command = [sys.executable, "-c", FIRST_COMPILED, who, str(torch.get_num_threads())]
+                    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()
                     served = "yes" if out[3] != "0" else "no (eager)"
                     loaded = "-" if who == "torch" else ("yes" if out[4] != "0" else "no")
                     print(f"| {who}: {label} | {out[1]} | {out[2]} | {served} | {loaded} |", flush=True)
