@@ -5,7 +5,7 @@ kernel's ``kernel_key``): its tile source (``source.tile_source``) is cached
 on disk by ``codegen.cache`` under ``torch-compiled`` (a corrupt or stale
 file is rebuilt, never used). Its functions are compiled per *call signature*
 (``signature``: the compute float, which sizes are 1, the buffers' dtypes,
-the gradient slots), because ``torch.compile`` specialises those; sequence
+the gradient slots, torch's thread count), because ``torch.compile`` specialises those; sequence
 lengths, batch sizes above 1, constants and buffer contents do not enter it,
 so they never recompile. Each (key, signature) is compiled ahead of time and
 stored on disk (``artefacts``), so another process loads it without tracing.
@@ -119,8 +119,9 @@ def signature(query, score_buffers, mask_buffers, block_mask, slots) -> tuple:
     per_bh = None
     if block_mask is not None and tuple(block_mask.kv_num_blocks.shape[:2]) != (1, 1):
         per_bh = tuple(size == 1 for size in block_mask.kv_num_blocks.shape[:2])
+    # torch's thread count: dynamo's guards on global state check it (another count would run plain).
     return (compute, query.shape[0] == 1, query.shape[1] == 1, per_bh, tuple(map(_pattern, score_buffers)),
-            tuple(map(_pattern, mask_buffers)), tuple(slots) if slots is not None else None)
+            tuple(map(_pattern, mask_buffers)), tuple(slots) if slots is not None else None, torch.get_num_threads())
 
 
 def count_call(key: str, sig: tuple) -> int:
@@ -271,4 +272,5 @@ def examples(item: Entry, query, key, value, rows, kv_block, scale, score_buffer
     return seen
 
 
-__all__ = ["Entry", "STATS", "build", "entry", "examples", "load_now", "on_disk", "request", "signature", "state", "wait", "warn_once"]
+__all__ = ["Entry", "STATS", "build", "entry", "examples", "load_now", "on_disk", "request", "signature", "state", "wait",
+           "warn_once"]
