@@ -48,8 +48,8 @@ def compile_tile(fn, example_args: tuple):
     # no_grad: the loop calls its tile functions without autograd, and the guards check the grad mode.
     # cpp.threads 1: serial C++ (no OpenMP region per call). A tile is small work between two BLAS
     # calls; on a shared machine an OpenMP region waits for a descheduled thread at every barrier
-    # (measured 7x slower than serial with 2 threads, docs/performance.md), and the code does not
-    # then depend on the thread count of the process that compiled it.
+    # (slower than serial, docs/performance.md), and the code does not then depend on the thread
+    # count of the process that compiled it.
     with _config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True), \
             torch._inductor.config.patch({"cpp.threads": 1}), torch.no_grad():
         for _ in range(RESTARTS):
