@@ -71,9 +71,9 @@ class KernelCache:
     def directory(self) -> Path:
         return self._directory if self._directory is not None else cache_dir()
 
-    def path(self, backend: str, key: str) -> Path:
-        """Where the entry for ``key`` lives on disk."""
-        return self.directory / backend / f"{key}.py"
+    def path(self, backend: str, key: str, suffix: str = ".py") -> Path:
+        """Where the entry for ``key`` lives on disk (``suffix``: ``.txt`` for text that is not Python)."""
+        return self.directory / backend / f"{key}{suffix}"
 
     def get(self, backend: str, key: str, generator: str, build: Callable[[], str],
             load: Callable[[str, str], T]) -> T:
@@ -88,13 +88,13 @@ class KernelCache:
             self.stats["memory_hits"] += 1
             return self._memory[slot]  # type: ignore[return-value]
         path = self.path(backend, key)
-        source = self._read(path, generator)
+        source = self.read(path, generator)
         if source is not None:
             self.stats["disk_hits"] += 1
         else:
             source = build()
             self.stats["builds"] += 1
-            self._write(path, generator, source)
+            self.write(path, generator, source)
         kernel = load(source, str(path))
         self._memory[slot] = kernel
         return kernel
@@ -103,7 +103,9 @@ class KernelCache:
         """Forget the in-memory kernels (the disk entries stay)."""
         self._memory.clear()
 
-    def _read(self, path: Path, generator: str) -> str | None:
+    def read(self, path: Path, generator: str) -> str | None:
+        """The body of the entry at ``path``, or None when it is missing, corrupt or written by another
+        ``generator`` (counted in ``stats["rejected"]``)."""
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError):
@@ -114,7 +116,8 @@ class KernelCache:
             return None
         return body
 
-    def _write(self, path: Path, generator: str, source: str) -> None:
+    def write(self, path: Path, generator: str, source: str) -> None:
+        """Write ``source`` at ``path`` with its header, atomically (an unwritable directory warns)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")

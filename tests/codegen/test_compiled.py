@@ -13,7 +13,7 @@ import torch
 import flexattn
 from codegen.cache import KERNELS, kernel_key
 from codegen.torch_backend import compiled
-from codegen.torch_backend.compiled import source, tier
+from codegen.torch_backend.compiled import artefacts, loop, source, tier
 from mods import MODS
 
 B, HQ, HKV, L, S, E, EV, BLOCK = 2, 4, 2, 77, 93, 8, 11, 16
@@ -49,9 +49,10 @@ def _values_and_grads(mods, backend, options=None):
 @pytest.mark.parametrize("name", ["softcap", "per_head_batch"])
 def test_compiled_equals_eager_and_reference_forward_and_backward(name):
     mods = CASES[name].build(L, S, HQ)
-    served = compiled.STATS["served"]
+    served, fallbacks = compiled.STATS["served"], compiled.STATS["fallbacks"]
     ours = _values_and_grads(mods, "torch", COMPILED)
     assert compiled.STATS["served"] == served + 1  # the compiled kernel ran (GQA, odd lengths)
+    assert compiled.STATS["fallbacks"] == fallbacks  # on compiled tile functions, not their plain fallback
     eager = _values_and_grads(mods, "torch", EAGER)
     reference = _values_and_grads(mods, "reference")
     for a, b, c in zip(ours, eager, reference):
@@ -79,7 +80,7 @@ def test_gradcheck_float64_through_the_compiled_path():
 
 def test_training_loop_with_new_lengths_every_step_compiles_once():
     """float64, as the gradcheck above (whose compiled graphs it reuses when run after it)."""
-    graphs = None
+    graphs, fallbacks = None, compiled.STATS["fallbacks"]
     for step, (length, kv_length) in enumerate([(77, 93), (64, 50), (101, 131), (33, 47), (90, 90)]):
         mods = CASES["relative_bias"].build(length, kv_length, HQ)  # a table of a new shape every step
         table = mods.params[0].double().requires_grad_()
@@ -95,10 +96,19 @@ def test_training_loop_with_new_lengths_every_step_compiles_once():
         if graphs is None:
             graphs = compiled.STATS["graphs"]  # the first step may compile (unless a test above did)
         assert compiled.STATS["graphs"] == graphs, f"step {step} recompiled"
+        assert compiled.STATS["fallbacks"] == fallbacks, f"step {step} rejected by the compiled functions' guards"
 
 
-def test_auto_serves_eagerly_until_compiled(monkeypatch):
+def _new_process(monkeypatch):
+    """Forget what this process compiled or loaded (the disk caches stay), as a new process would."""
+    KERNELS.clear_memory()
+    monkeypatch.setattr(tier, "_entries", {})
+    monkeypatch.setattr(tier, "_calls", {})
+
+
+def test_auto_serves_eagerly_until_compiled_and_a_new_process_loads_it(tmp_path, monkeypatch):
     monkeypatch.delenv("FLEXATTN_COMPILED", raising=False)  # the suite's default is eager (conftest.py)
+    monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path))  # nothing compiled on disk yet
     monkeypatch.setattr(compiled, "MIN_COMPILED_SCORES", 0)  # these shapes are small
 
     def mask(b, h, q_idx, kv_idx):
@@ -115,6 +125,14 @@ def test_auto_serves_eagerly_until_compiled(monkeypatch):
     again = _attend(mods, q, k, v, options={"COMPILED": "auto"})
     assert compiled.STATS["served"] == served + 1
     torch.testing.assert_close(again, first, atol=2e-5, rtol=1e-4)
+
+    _new_process(monkeypatch)
+    graphs, loaded, fallbacks = compiled.STATS["graphs"], compiled.STATS["loaded"], compiled.STATS["fallbacks"]
+    mods.score_mod = lambda score, b, h, q_idx, kv_idx: 30.0 * torch.tanh(score / 30.0)  # a new constant
+    again = _attend(mods, q, k, v, options={"COMPILED": "auto"})  # found on disk: its first call is compiled
+    assert compiled.STATS["loaded"] == loaded + 1 and compiled.STATS["fallbacks"] == fallbacks
+    assert compiled.STATS["served"] == served + 2 and compiled.STATS["graphs"] == graphs  # loaded, not compiled
+    torch.testing.assert_close(again, _attend(mods, q, k, v, backend="reference"), atol=2e-5, rtol=1e-4)
 
 
 def test_auto_never_compiles_a_small_call(monkeypatch):
@@ -133,10 +151,10 @@ def test_auto_never_compiles_a_small_call(monkeypatch):
 
 
 def test_a_failed_compilation_warns_once_and_eager_keeps_serving(monkeypatch):
-    def broken(graph_module, example_inputs):
+    def broken(fn, example_args):
         raise RuntimeError("injected compiler failure")
 
-    monkeypatch.setattr(tier, "inductor", broken)
+    monkeypatch.setattr(artefacts, "compile_tile", broken)
     mods = CASES["softcap"].build(L, S, HQ)
     mods.score_mod = lambda score, b, h, q_idx, kv_idx: score + 0.5 * torch.sin(score)  # a new structure
     expected = _values_and_grads(mods, "reference")
@@ -172,4 +190,37 @@ def test_corrupt_or_stale_tile_source_on_disk_is_rebuilt_never_used(tmp_path, mo
         assert KERNELS.stats["rejected"] == rejected + 1
         assert item.namespace["__source__"] == expected
         assert path.read_text().endswith(expected)
+    KERNELS.clear_memory()
+
+
+def test_corrupt_or_stale_compiled_functions_on_disk_are_rebuilt_never_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path))
+    graph = flexattn.trace_score_mod(lambda score, b, h, q_idx, kv_idx: score * torch.cos(score)).graph
+    item = tier.entry(kernel_key(graph, None), graph, None)
+    sig = ("float32", "a test signature")
+    x, row = torch.randn(2, 2, 3, 5), torch.randn(2, 2, 3)
+    examples = lambda: {"update": (x, row, row + 1, row.abs())}  # noqa: E731 - the cheapest function to compile
+    graphs = compiled.STATS["graphs"]
+    tier.build(item, sig, examples)
+    assert compiled.STATS["graphs"] == graphs + 1
+    path = artefacts.artefact_path(item.key, sig)
+    text = path.read_text()
+    header, _, body = text.partition("\n")
+    valid_but_broken = KERNELS.path("scratch", "broken", ".txt")
+    KERNELS.write(valid_but_broken, tier.GENERATOR_VERSION, "bm90IGEgcGlja2xl")  # right checksum, not a pickle
+    damages = {"corrupt": header + "\n" + body[:-8] + "AAAAAAA=",
+               "stale": text.replace(tier.GENERATOR_VERSION, "0" * 16),
+               "undeserialisable": valid_but_broken.read_text()}
+    for damage, damaged in damages.items():
+        path.write_text(damaged)
+        rejected = KERNELS.stats["rejected"]
+        assert artefacts.load(item.key, sig, tier.GENERATOR_VERSION, item.plain) is None, damage
+        assert KERNELS.stats["rejected"] == rejected + 1, damage
+    tier.build(item, sig, examples)  # rebuilt and rewritten
+    assert compiled.STATS["graphs"] == graphs + 2
+    functions = artefacts.load(item.key, sig, tier.GENERATOR_VERSION, item.plain)
+    fallbacks = compiled.STATS["fallbacks"]
+    with torch.no_grad():  # as the loop calls it
+        torch.testing.assert_close(functions["update"](*examples()["update"]), loop.update(*examples()["update"]))
+    assert compiled.STATS["fallbacks"] == fallbacks
     KERNELS.clear_memory()

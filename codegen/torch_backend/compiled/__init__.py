@@ -14,7 +14,10 @@ for the CPU and the GIL), and only for calls that compute at least ``MIN_COMPILE
 (small calls gain a few percent of a short call, less than the compiler's time costs the calls
 it slows while it runs);
 ``True`` waits for the compiled kernel (benchmarks, tests); ``False`` never
-compiles. The environment variable ``FLEXATTN_COMPILED=0`` makes the default
+compiles. A kernel an earlier process compiled (``tier.on_disk``) is loaded on
+the caller's thread at its signature's first call, which it serves (about a
+second; no tracing, ``artefacts``); a damaged file is compiled again in the
+background. The environment variable ``FLEXATTN_COMPILED=0`` makes the default
 ``"auto"`` behave as False (the test suite sets it: tests of this path ask
 for it explicitly). See ``tier`` for the cache and the signatures compiled
 per kernel.
@@ -63,7 +66,7 @@ def kernel_for(call: Call) -> Kernel | str:
             return (f"the call computes {scores} scores < MIN_COMPILED_SCORES ({MIN_COMPILED_SCORES}): "
                     "compiling would cost more than it saves (kernel_options COMPILED=True forces it)")
         calls = tier.count_call(key, sig)
-        if calls < tier.COMPILE_AFTER_CALLS:
+        if calls < tier.COMPILE_AFTER_CALLS and not tier.on_disk(key, sig):
             return (f"call {calls} of this mod and signature; its kernel is compiled from call "
                     f"{tier.COMPILE_AFTER_CALLS} on (the eager loop serves until then)")
     try:
@@ -71,8 +74,10 @@ def kernel_for(call: Call) -> Kernel | str:
     except LoweringError as error:
         return f"the tile printer cannot lower this mod ({error})"
     state = tier.state(item, sig)
+    if state is None and tier.on_disk(key, sig) and tier.load_now(item, sig):  # an earlier process compiled it
+        state = tier.READY
     if state is None:
-        tier.request(item, sig, functools.partial(_compile, item, call, slots))
+        tier.request(item, sig, functools.partial(_build, item, sig, call, slots))
     if mode is True and state != tier.READY:
         state = tier.wait(item, sig)
     if state == tier.FAILED:
@@ -80,7 +85,7 @@ def kernel_for(call: Call) -> Kernel | str:
         return f"compiling its kernel failed ({tier.error_of(item, sig)}); the eager loop serves it"
     if state != tier.READY:
         return "its compiled kernel is being built in the background; the eager loop serves meanwhile"
-    return Kernel(item.namespace_for(), constants_of(call.score_graph), constants_of(call.mask_graph))
+    return Kernel(item.namespace_for(sig), constants_of(call.score_graph), constants_of(call.mask_graph))
 
 
 def computed_scores(call: Call) -> int:
@@ -95,13 +100,17 @@ def computed_scores(call: Call) -> int:
     return tiles * mask.BLOCK_SIZE[0] * mask.BLOCK_SIZE[1] * (B // mask_b) * (Hq // mask_h)
 
 
-def _compile(item, call: Call, slots):
-    """The background job: plan the call's rows as ``Kernel.run`` does, then ``tier.warm_up``."""
-    _, _, _, L, S = call.shape
-    rows = plan_rows(call.block_mask, L, S, call.block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
-    tier.warm_up(item, call.query, call.key, call.value, rows, call.block_size[1], call.scale,
-                 tuple(call.score_buffers), constants_of(call.score_graph), tuple(call.mask_buffers),
-                 constants_of(call.mask_graph), slots)
+def _build(item, sig, call: Call, slots):
+    """The background job: ``tier.build``, its compile examples from the call's rows planned as
+    ``Kernel.run`` plans them."""
+    def examples():
+        _, _, _, L, S = call.shape
+        rows = plan_rows(call.block_mask, L, S, call.block_size,
+                         int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
+        return tier.examples(item, call.query, call.key, call.value, rows, call.block_size[1], call.scale,
+                             tuple(call.score_buffers), constants_of(call.score_graph), tuple(call.mask_buffers),
+                             constants_of(call.mask_graph), slots)
+    tier.build(item, sig, examples)
 
 
 def wait_all() -> None:

@@ -49,7 +49,9 @@ class TileFunctions:
 
 
 def tensor_consts(values: list, like: torch.Tensor) -> list:
-    """Constants as 0-d tensors (run-time values for a compiled function, never specialised on)."""
+    """Constants as tensors (run-time values for a compiled function, never specialised on): ints
+    and bools 0-d, floats of one element and one dimension (the tile functions view them as 0-d:
+    dynamo reads a 0-d float64 input as a Python float, which it then specialises on)."""
     out = []
     for value in values:
         if isinstance(value, bool):
@@ -57,7 +59,7 @@ def tensor_consts(values: list, like: torch.Tensor) -> list:
         elif isinstance(value, int):
             out.append(torch.tensor(value, dtype=torch.int64))
         else:
-            out.append(torch.tensor(value, dtype=_FLOAT_CONSTS))
+            out.append(torch.tensor([value], dtype=_FLOAT_CONSTS))
     return out
 
 

@@ -52,8 +52,10 @@ def fast_tanh(x):
 
 TILES = '''
 def masked_scores(s, b, h, q_idx, kv_idx, keep, score_buffers, score_consts):
-    """Scaled scores s (B, Hq, r, N) -> modified scores, -inf where ``keep`` (bool, broadcastable) is False."""
+    """Scaled scores s (B, Hq, r, N) -> modified scores, -inf where ``keep`` (bool, broadcastable) is False.
+    Float constants arrive of shape (1,) (``loop.tensor_consts``) and are used 0-d, as the eager loop's."""
     cf = s.dtype
+    score_consts = [c.reshape(()) for c in score_consts]
 {score_line}    return torch.where(keep, x, NEG_INF)
 
 

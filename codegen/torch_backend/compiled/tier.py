@@ -3,21 +3,22 @@
 A kernel of the compiled path is one per IR structural key (the eager
 kernel's ``kernel_key``): its tile source (``source.tile_source``) is cached
 on disk by ``codegen.cache`` under ``torch-compiled`` (a corrupt or stale
-file is rebuilt, never used), and its functions are wrapped in
-``torch.compile(dynamic=True)`` with inductor, whose own disk cache keeps
-the C++ it built. Compiled graphs depend on a *call signature* besides the
-key (``signature``: the compute float, which sizes are 1, the buffers'
-dtypes, the gradient slots), because ``torch.compile`` specialises those;
-sequence lengths, batch sizes above 1, constants and buffer contents do not
-enter it, so they never recompile.
+file is rebuilt, never used). Its functions are compiled per *call signature*
+(``signature``: the compute float, which sizes are 1, the buffers' dtypes,
+the gradient slots, torch's thread count), because ``torch.compile`` specialises those; sequence
+lengths, batch sizes above 1, constants and buffer contents do not enter it,
+so they never recompile. Each (key, signature) is compiled ahead of time and
+stored on disk (``artefacts``), so another process loads it without tracing.
 
-A signature not yet compiled is queued for one background thread, which
-compiles it by running the loop on one query block row of the call's own
-inputs; callers meanwhile get None (the eager kernel serves). A failed
-compilation (a compiler error, a missing C++ toolchain) marks the signature
-failed: the eager kernel keeps serving it and the caller's thread warns
-once per kernel, naming the error. ``STATS`` counts ``graphs`` (graphs
-inductor compiled), ``served`` (calls on compiled code) and ``failures``.
+A signature not yet built is queued for one background thread, which loads
+it from disk or compiles it from example arguments recorded by running the
+loop on one query block row of the call's own inputs; callers meanwhile get
+None (the eager kernel serves). A failed compilation (a compiler error, a
+missing C++ toolchain) marks the signature failed: the eager kernel keeps
+serving it and the caller's thread warns once per kernel, naming the error.
+``STATS`` counts ``graphs`` (functions compiled), ``loaded`` (signatures loaded
+from disk), ``fallbacks`` (calls of a compiled function whose guards rejected
+the arguments, run plain), ``served`` (calls on compiled code) and ``failures``.
 """
 
 from __future__ import annotations
@@ -34,32 +35,20 @@ import torch
 
 from codegen.cache import KERNELS
 from codegen.torch_backend import printer
-from codegen.torch_backend.compiled import loop, source
+from codegen.torch_backend.compiled import artefacts, loop, source
 from flexattn.ir import Op
 
-_FILES = [Path(source.__file__), Path(loop.__file__), Path(printer.__file__), Path(__file__)]
+_FILES = [Path(source.__file__), Path(loop.__file__), Path(printer.__file__), Path(artefacts.__file__), Path(__file__)]
 GENERATOR_VERSION = hashlib.sha256(
     b"".join(path.read_bytes() for path in _FILES) + torch.__version__.encode()).hexdigest()[:16]
-STATS = {"graphs": 0, "served": 0, "failures": 0}
+STATS = artefacts.STATS  # graphs, loaded, fallbacks; served and failures are counted here
+STATS.update(served=0, failures=0)
 READY, FAILED, PENDING = "ready", "failed", "pending"
 COMPILE_AFTER_CALLS = 8  # "auto" compiles a signature from its 8th call on: hot code only
 
 _lock = threading.Lock()
 _jobs: queue.Queue = queue.Queue()
 _worker: list = []
-
-
-def inductor(graph_module, example_inputs):
-    """The torch.compile backend: inductor, counting the graphs it compiles (tests replace it to
-    inject a failure)."""
-    from torch._inductor.compile_fx import compile_fx
-
-    STATS["graphs"] += 1
-    return compile_fx(graph_module, example_inputs)
-
-
-def _counting_backend(graph_module, example_inputs):
-    return inductor(graph_module, example_inputs)  # looked up per compilation, so a test can patch it
 
 
 class Entry:
@@ -69,27 +58,25 @@ class Entry:
         self.key, self.namespace, self.mask_reads = key, namespace, mask_reads
         self.plain = {name: namespace[name] for name in ("tile_scores", "tile_grad")}
         self.plain["update"] = loop.update
-        self.compiled: dict | None = None
-        self.bound: dict | None = None
+        self.compiled: dict = {}  # signature -> name -> artefacts.Guarded
+        self.bound: dict = {}
         self.states: dict = {}
         self.errors: dict = {}
         self.warned = False
         self.done = threading.Condition(_lock)
 
-    def functions(self, compiled: bool) -> loop.TileFunctions:
-        if compiled and self.compiled is None:
-            self.compiled = {name: torch.compile(fn, backend=_counting_backend, dynamic=True)
-                             for name, fn in self.plain.items()}
-        return loop.TileFunctions(self.plain, self.compiled if compiled else None, self.namespace.get("mask_mod"),
-                                  self.mask_reads)
+    def functions(self, sig: tuple | None) -> loop.TileFunctions:
+        """The tile functions of signature ``sig`` (plain ones only for None or a signature not built)."""
+        return loop.TileFunctions(self.plain, self.compiled.get(sig), self.namespace.get("mask_mod"), self.mask_reads)
 
-    def namespace_for(self) -> dict:
-        """The loop's forward/backward bound to the compiled functions (what ``kernel.Kernel`` calls)."""
-        if self.bound is None:
-            fns = self.functions(compiled=True)
-            self.bound = {"forward": functools.partial(loop.forward, fns),
-                          "backward": functools.partial(loop.backward, fns), "__source__": self.namespace["__source__"]}
-        return self.bound
+    def namespace_for(self, sig: tuple) -> dict:
+        """The loop's forward/backward bound to the compiled functions of ``sig`` (what ``kernel.Kernel`` calls)."""
+        if sig not in self.bound:
+            fns = self.functions(sig)
+            self.bound[sig] = {"forward": functools.partial(loop.forward, fns),
+                               "backward": functools.partial(loop.backward, fns),
+                               "__source__": self.namespace["__source__"]}
+        return self.bound[sig]
 
 
 _entries: dict[str, Entry] = {}
@@ -132,8 +119,9 @@ def signature(query, score_buffers, mask_buffers, block_mask, slots) -> tuple:
     per_bh = None
     if block_mask is not None and tuple(block_mask.kv_num_blocks.shape[:2]) != (1, 1):
         per_bh = tuple(size == 1 for size in block_mask.kv_num_blocks.shape[:2])
+    # torch's thread count: dynamo's guards on global state check it (another count would run plain).
     return (compute, query.shape[0] == 1, query.shape[1] == 1, per_bh, tuple(map(_pattern, score_buffers)),
-            tuple(map(_pattern, mask_buffers)), tuple(slots) if slots is not None else None)
+            tuple(map(_pattern, mask_buffers)), tuple(slots) if slots is not None else None, torch.get_num_threads())
 
 
 def count_call(key: str, sig: tuple) -> int:
@@ -195,8 +183,7 @@ def _work() -> None:
     while True:
         item, sig, job = _jobs.get()
         try:
-            with _duck_shapes_off():
-                job()
+            job()
             result, error = READY, None
         except Exception as failure:  # a compiler error or a missing toolchain: eager keeps serving
             # torch wraps the compiler's error (BackendCompilerFailed): name the innermost one.
@@ -218,23 +205,62 @@ def drain() -> None:
     _jobs.join()
 
 
-def _duck_shapes_off():
-    """Equal sizes at compile time (a 128-row tile of 128 columns) must not become one symbol, which
-    would recompile when they differ later."""
-    from torch.fx.experimental import _config
-
-    return _config.patch(use_duck_shape=False)
+def on_disk(key: str, sig: tuple) -> bool:
+    """Whether compiled functions of ``key`` and ``sig`` may be on disk (a cheap check: the file exists)."""
+    return artefacts.artefact_path(key, sig).exists()
 
 
-def warm_up(item: Entry, query, key, value, rows, kv_block, scale, score_buffers, score_consts, mask_buffers,
-            mask_consts, slots) -> None:
-    """Compile by running the loop on one row of the call (of at least two query rows and tiles of at
-    least two columns) on copies of its inputs; with ``slots`` the backward too."""
+def load_now(item: Entry, sig: tuple) -> bool:
+    """Load the compiled functions of ``sig`` from disk on the caller's thread, unless ``sig`` was
+    requested meanwhile; whether ``sig`` is now ``READY``."""
+    functions = artefacts.load(item.key, sig, GENERATOR_VERSION, item.plain)
+    with _lock:
+        if functions is not None and sig not in item.states:
+            item.compiled[sig] = functions
+            item.states[sig] = READY
+            item.done.notify_all()
+        return item.states.get(sig) == READY
+
+
+def build(item: Entry, sig: tuple, examples) -> None:
+    """The background job for ``sig``: load its functions from disk, else compile each on the example
+    arguments ``examples()`` returns (name -> args) and store them. Raises where compiling fails."""
+    functions = artefacts.load(item.key, sig, GENERATOR_VERSION, item.plain)
+    if functions is None:
+        compiled = {name: artefacts.compile_tile(item.plain[name], args) for name, args in examples().items()}
+        try:
+            artefacts.store(item.key, sig, GENERATOR_VERSION, compiled)
+        except Exception as error:  # noqa: BLE001 - only the next process's start is lost
+            warnings.warn(f"flexattn: cannot store the compiled kernel on disk ({type(error).__name__}: {error}); "
+                          "another process compiles it again", RuntimeWarning, stacklevel=2)
+        functions = {name: artefacts.Guarded(fn, item.plain[name]) for name, fn in compiled.items()}
+    with _lock:
+        item.compiled[sig] = functions
+
+
+class _Recorder:
+    """Runs a plain tile function, keeping the arguments of its first call (the compile examples)."""
+
+    def __init__(self, name: str, plain, seen: dict):
+        self.name, self.plain, self.seen = name, plain, seen
+
+    def __call__(self, *args):
+        self.seen.setdefault(self.name, args)
+        return self.plain(*args)
+
+
+def examples(item: Entry, query, key, value, rows, kv_block, scale, score_buffers, score_consts, mask_buffers,
+             mask_consts, slots) -> dict:
+    """Example arguments of the tile functions (name -> args), recorded by running the loop on one
+    row of the call (of at least two query rows and tiles of at least two columns) on copies of its
+    inputs; with ``slots`` the backward's too."""
     row = next((r for r in rows if r.q_stop - r.q_start > 1 and all(p.kv_idx.shape[-1] > 1 for p in r.pieces)),
                None)
     if row is None:
         raise RuntimeError("no query block row of two rows or more to compile on")
-    fns = item.functions(compiled=True)
+    seen: dict = {}
+    recorders = {name: _Recorder(name, fn, seen) for name, fn in item.plain.items()}
+    fns = loop.TileFunctions(item.plain, recorders, item.namespace.get("mask_mod"), item.mask_reads)
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, k, v = (t.detach().to(compute).clone() for t in (query, key, value))
     buffers = [buf.detach().clone() for buf in score_buffers]
@@ -243,6 +269,8 @@ def warm_up(item: Entry, query, key, value, rows, kv_block, scale, score_buffers
     if slots is not None:
         loop.backward(fns, q, k, v, out, lse, torch.ones_like(out), None, [row], kv_block, scale, buffers, slots,
                       score_consts, mask_buffers, mask_consts)
+    return seen
 
 
-__all__ = ["Entry", "STATS", "entry", "request", "signature", "state", "wait", "warm_up", "warn_once"]
+__all__ = ["Entry", "STATS", "build", "entry", "examples", "load_now", "on_disk", "request", "signature", "state", "wait",
+           "warn_once"]
