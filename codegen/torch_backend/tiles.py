@@ -151,3 +151,27 @@ def plan_rows(block_mask, q_len: int, kv_len: int, block_size: tuple[int, int],
                                      kv_block, kv_len))
         rows.append(Row(i * q_block, min((i + 1) * q_block, q_len), pieces))
     return rows
+
+
+def loop_work(block_mask, batch: int, heads: int, q_len: int, kv_len: int, block_size: tuple[int, int],
+              max_tiles: int) -> tuple[int, int]:
+    """(query-key products, pieces) the generated loop computes for a call, from the tile counts
+    alone (what ``plan_rows`` would list): every (b, h) of a query block row visits as many tiles as
+    the longest FULL list plus the longest PARTIAL list of that row (shorter lists are padded), in pieces of at most ``max_tiles``.
+
+    Example::
+
+        >>> loop_work(None, 1, 8, 300, 300, (128, 128), max_tiles=16)
+        (921600, 3)
+    """
+    q_block, kv_block = block_size
+    q_blocks, kv_blocks = math.ceil(q_len / q_block), math.ceil(kv_len / kv_block)
+    if block_mask is None:
+        tiles = torch.full((q_blocks,), kv_blocks)
+    else:
+        tiles = block_mask.kv_num_blocks[..., :q_blocks].long().amax(dim=(0, 1))
+        if block_mask.full_kv_num_blocks is not None:
+            tiles = tiles + block_mask.full_kv_num_blocks[..., :q_blocks].long().amax(dim=(0, 1))
+    rows = (torch.arange(1, q_blocks + 1) * q_block).clamp(max=q_len) - torch.arange(q_blocks) * q_block
+    products = int((rows * tiles).sum()) * kv_block * batch * heads
+    return products, int((-(-tiles // max_tiles)).sum())

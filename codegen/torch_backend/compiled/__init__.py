@@ -7,7 +7,8 @@ the score_mod) runs as ``torch.compile``d C++ (``source``, ``loop``), or None
 while that kernel is still compiling in the background, when compilation
 failed (a one-time warning says why) or when ``kernel_options["COMPILED"]``
 is False: the caller then runs the eager kernel. Matmuls stay on BLAS.
-``kernel_options["COMPILED"]``: ``"auto"`` (default) tiered as above, the compilation
+``kernel_options["COMPILED"]``: ``"auto"`` (default) tiered as above for calls with a score_mod
+(mask-only calls keep the eager loop, faster there), the compilation
 requested from a signature's ``tier.COMPILE_AFTER_CALLS``-th call on (a mod called a few times,
 a test or a one-off script, never starts the compiler, which competes with the calls it serves
 for the CPU and the GIL);
@@ -47,6 +48,10 @@ def kernel_for(call: Call) -> Kernel | str:
         return "kernel_options COMPILED=False"
     if call.forces("compiled_loop"):
         mode = True  # forced: wait for the compiler
+    if mode == "auto" and call.score_graph is None:
+        # Mask-only calls: the eager loop computes scores in log2 units with fewer passes, and was
+        # faster than the compiled kernel on every mask-only call measured (docs/performance.md).
+        return "no score_mod: the eager loop is faster on mask-only calls (COMPILED=True compiles anyway)"
     if mode == "auto" and os.environ.get("FLEXATTN_COMPILED", "").lower() in ("0", "false", "no", "off"):
         return "FLEXATTN_COMPILED=0 in the environment"
     # The tile source depends on the mods only (tile sizes are run-time values).
