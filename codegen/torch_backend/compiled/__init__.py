@@ -83,7 +83,8 @@ def kernel_for(call: Call) -> Kernel | str:
 def _compile(item, call: Call, slots):
     """The background job: plan the call's rows as ``Kernel.run`` does, then ``tier.warm_up``."""
     _, _, _, L, S = call.shape
-    rows = plan_rows(call.block_mask, L, S, call.block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
+    rows = plan_rows(call.block_mask, L, S, call.block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)),
+                     call.group)
     tier.warm_up(item, call.query, call.key, call.value, rows, call.block_size[1], call.scale,
                  tuple(call.score_buffers), constants_of(call.score_graph), tuple(call.mask_buffers),
                  constants_of(call.mask_graph), slots)
