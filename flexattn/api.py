@@ -81,10 +81,9 @@ def validate_inputs(query, key, value, enable_gqa: bool, block_mask_batch: int |
 
 
 def mask_of(block_mask: BlockMask) -> TracedMod:
-    """The traced mask_mod of a BlockMask (traced once, then kept on the mask)."""
-    if block_mask.traced_mask is None:
-        block_mask.traced_mask = trace_mask_mod(block_mask.mask_mod)
-    return block_mask.traced_mask
+    """The traced mask_mod of a BlockMask: the trace kept from building it, else a trace of its
+    mask_mod (``flexattn.mod_cache`` keeps it)."""
+    return block_mask.traced_mask or trace_mask_mod(block_mask.mask_mod)
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | None = None,

@@ -10,18 +10,22 @@ blocks in neither list are empty and skipped. ``q_*`` are the transposes
 
 from __future__ import annotations
 
+import copy
 import itertools
 import numbers
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
 from torch.nn.attention import flex_attention as torch_flex
 
-from flexattn.block_mask_text import EMPTY, FULL, PARTIAL, tile_picture, torch_picture
+from flexattn.block_mask_text import EMPTY, FULL, LOWER, NEITHER, PARTIAL, UPPER, tile_picture, torch_picture
 from flexattn.errors import BlockMaskError, SlicedBlockMaskError
 from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
+from flexattn.tile_analysis import TileAnalysis
 
 DEFAULT_BLOCK_SIZE = 128
-
 
 
 def _sliced_mask_mod(b, h, q_idx, kv_idx):
@@ -47,7 +51,7 @@ def pair(block_size) -> tuple[int, int]:
     return int(sizes[0]), int(sizes[1])
 
 
-class BlockMask:
+class BlockMask(torch_flex.BlockMask):
     """Block-sparse structure of a mask plus the mask_mod to apply in partial tiles.
 
     Shapes (``B``/``H`` may be 1 when the mask does not depend on them):
@@ -55,8 +59,8 @@ class BlockMask:
     likewise ``full_kv_*``; ``q_num_blocks`` (B, H, KV_BLOCKS), ``q_indices``
     (B, H, KV_BLOCKS, Q_BLOCKS), likewise ``full_q_*``. All int32.
 
-    It has torch's fields, methods and ``as_tuple()``, so torch's ``flex_attention`` (eager or
-    compiled) takes it as it is. ``dq_*`` are torch's metadata for its deterministic FLASH
+    A subclass of torch's BlockMask (so ``isinstance`` checks written for torch accept it) with
+    its own methods, torch's fields and ``as_tuple()``: torch's ``flex_attention`` takes it as is. ``dq_*`` are torch's metadata for its deterministic FLASH
     backward (``create_block_mask(compute_dq_write_order=True)``); flexattn's kernels ignore them.
     """
 
@@ -69,7 +73,8 @@ class BlockMask:
     def __init__(self, seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                  q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
                  BLOCK_SIZE=(DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE), mask_mod=None, *,
-                 dq_write_order=None, dq_write_order_full=None, dq_kv_order=None, dq_kv_order_spt=None):
+                 dq_write_order=None, dq_write_order_full=None, dq_kv_order=None, dq_kv_order_spt=None,
+                 analysis: TileAnalysis | None = None):
         if kv_indices.dim() < 2:
             raise BlockMaskError("BlockMask indices must have at least 2 dimensions")
         if (full_kv_num_blocks is None) != (full_kv_indices is None):
@@ -92,10 +97,7 @@ class BlockMask:
         self.BLOCK_SIZE = pair(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else noop_mask
         self._tiles_mask_mod = self.mask_mod  # the mask_mod the tile classes were made for
-        # Set by create_block_mask: the traced mask (so attention need not trace again)
-        # and how the tiles were decided (see explain()).
-        self._traced = (None, None)
-        self.stats: dict = {}
+        self.analysis = analysis
 
     def visited_tiles(self) -> "BlockMask":
         """The tiles attention visits, and where it applies ``mask_mod``.
@@ -117,22 +119,33 @@ class BlockMask:
         demoted.mask_mod = demoted._tiles_mask_mod = self.mask_mod
         return demoted
 
+    def _analysis(self) -> TileAnalysis | None:
+        # Reassigning mask_mod (as torch allows) leaves the analysis describing the old one.
+        return self.analysis if self.analysis is not None and self.analysis.mask_mod is self.mask_mod else None
+
     @property
     def traced_mask(self):
-        """The traced ``mask_mod``, or None when it has not been traced yet.
+        """The traced ``mask_mod`` kept from building this mask, or None (not traced, or
+        ``block_mask.mask_mod = other`` since: attention applies whatever mask_mod the attribute
+        holds in PARTIAL tiles, as torch does, and traces it)."""
+        analysis = self._analysis()
+        return None if analysis is None else analysis.traced
 
-        A trace is kept with the function it came from: after ``block_mask.mask_mod = other``
-        this is None until ``other`` is traced, since attention applies whatever mask_mod the
-        attribute holds in PARTIAL tiles, as torch does.
-        """
-        mod, traced = self._traced
-        return traced if mod is self.mask_mod else None
+    @property
+    def stats(self) -> Mapping:
+        """How ``create_block_mask`` decided the tiles (see ``TileAnalysis``); empty when this
+        mask was built another way or its ``mask_mod`` was reassigned since. Read-only."""
+        analysis = self._analysis()
+        return MappingProxyType({}) if analysis is None else analysis.stats
 
-    @traced_mask.setter
-    def traced_mask(self, traced) -> None:
-        if self._traced[0] is not self.mask_mod:
-            self.stats = {}  # they describe how the tiles were decided for the previous mask_mod
-        self._traced = (self.mask_mod, traced)
+    def relabelled(self, mask_mod, traced) -> "BlockMask":
+        """A shallow copy carrying ``mask_mod`` and its trace, which the caller knows computes the same
+        mask (the same code over equal captured values: ``flexattn.mod_cache``): its tiles and stats
+        hold for it."""
+        copied = copy.copy(self)
+        copied.mask_mod = copied._tiles_mask_mod = mask_mod
+        copied.analysis = replace(self.analysis or TileAnalysis(mask_mod), mask_mod=mask_mod, traced=traced)
+        return copied
 
     @classmethod
     def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
@@ -308,8 +321,7 @@ class BlockMask:
         moved = {name: None if getattr(self, name) is None else getattr(self, name).to(device)
                  for name in self._TENSOR_ATTRS}
         result = BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
-                           dq_kv_order_spt=self.dq_kv_order_spt)
-        result.stats = self.stats
+                           dq_kv_order_spt=self.dq_kv_order_spt, analysis=self.analysis)
         return result
 
     @classmethod

@@ -17,6 +17,9 @@ import torch
 from flexattn.errors import BlockMaskError
 
 EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes, as stored in a tile-class tensor
+# The kinds of a square PARTIAL tile on a diagonal (``flexattn.analysis.diagonals``): it keeps
+# exactly its q >= kv positions (LOWER, a causal triangle), exactly its q <= kv ones (UPPER), or neither.
+NEITHER, LOWER, UPPER = 0, 1, 2
 _MORE = ("To print out more, set BlockMask.to_string(limit=N)",
          "You can also index (BlockMask[batch, head]) to choose a specific batch or head")
 

@@ -24,6 +24,7 @@ from flexattn.errors import InputError
 from flexattn.ir import Graph
 
 if TYPE_CHECKING:  # the facts' types; back ends use their methods, never import the analysis
+    from flexattn.analysis.diagonals import DiagonalKinds
     from flexattn.analysis.segments import SegmentMask
     from flexattn.analysis.separable import SeparableBias
 
@@ -57,7 +58,9 @@ class Facts:
     depends on. ``bias``: the score_mod's bias split into row x column factors
     (``flexattn.analysis.separable``), or None. ``segments``: the mask_mod as packed documents
     (``flexattn.analysis.segments``), or None. ``exact``: the BlockMask was built from this
-    mask_mod with every tile decided (a PARTIAL tile really is partial).
+    mask_mod with every tile decided (a PARTIAL tile really is partial). ``diagonals``: which
+    square tiles are exactly a causal triangle (``flexattn.analysis.diagonals``; a function of the
+    tiles asked, since deciding one evaluates the mask on it), or None (no mask, tiles not square).
     """
 
     score_reads: frozenset = frozenset()
@@ -65,6 +68,7 @@ class Facts:
     bias: SeparableBias | None = None
     segments: SegmentMask | None = None
     exact: bool = False
+    diagonals: DiagonalKinds | None = None
 
     def lines(self) -> list[str]:
         """The facts as lines of text (for ``flexattn.explain_call``)."""
@@ -72,8 +76,10 @@ class Facts:
         bias = "none" if self.bias is None else (f"{len(self.bias.products)} row x column product(s), "
                                                  f"{len(self.bias.terms) - len(self.bias.products)} row term(s)")
         segments = "none" if self.segments is None else f"packed documents ({'causal' if self.segments.causal else 'full'})"
+        diagonals = "none" if self.diagonals is None else f"decided per tile asked ({self.diagonals.block}-square tiles)"
         return [f"score_mod reads: {reads(self.score_reads)}; mask_mod reads: {reads(self.mask_reads)}",
-                f"separable bias: {bias}; document segments: {segments}; BlockMask exact: {self.exact}"]
+                f"separable bias: {bias}; document segments: {segments}; BlockMask exact: {self.exact}; "
+                f"diagonal tile kinds: {diagonals}"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,6 +1,6 @@
 """The state of a trace in progress: its captured tensors and where its errors point.
 
-``_current`` is the stack of traces in progress (innermost last). A
+``trace_stack`` is the stack of traces in progress (innermost last). A
 ``Tracer`` gives traced values their torch meaning (``call``,
 ``attribute``: see ``flexattn.spellings``) and collects the real tensors a
 mod touches as buffer inputs. Pushing a tracer turns its
@@ -26,13 +26,13 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
-def _internal(filename: str) -> bool:
+def is_internal_frame(filename: str) -> bool:
     path = os.path.abspath(filename)
     return path.startswith(_PACKAGE_DIR) or path.startswith(_TORCH_DIR)
 
 
-def _fail(message: str):
-    location, line = user_location(_internal)
+def fail_at_user_line(message: str):
+    location, line = user_location(is_internal_frame)
     raise TraceError(message, location, line)
 
 
@@ -91,13 +91,13 @@ class TraceStack:
         return self._tracers[i]
 
 
-_current = TraceStack()
+trace_stack = TraceStack()
 
 
-def _tracer() -> Tracer:
-    if not _current:
+def active_tracer() -> Tracer:
+    if not trace_stack:
         raise TraceError("a traced value was used outside of tracing")
-    return _current[-1]
+    return trace_stack[-1]
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -109,7 +109,7 @@ def _guess_name(tensor: torch.Tensor) -> str | None:
     """The user's variable name for a captured tensor, for readable IR."""
     frame = sys._getframe(1)
     while frame is not None:
-        if not _internal(frame.f_code.co_filename):
+        if not is_internal_frame(frame.f_code.co_filename):
             for scope in (frame.f_locals, frame.f_globals):
                 for key, value in scope.items():
                     if value is tensor and key.isidentifier():

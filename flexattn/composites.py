@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from flexattn.capture import _fail
+from flexattn.capture import fail_at_user_line
 from flexattn.ir import DType
 from flexattn.ops import BY_NAME
-from flexattn.proxy import Proxy, _cast, _operand, _promote, apply
+from flexattn.proxy import Proxy, cast_proxy, as_proxy, promoted_dtype, apply
 
 _FLOAT32_MAX = 3.4028234663852886e38
 _SQRT1_2 = 0.7071067811865476
@@ -46,7 +46,7 @@ def _where(condition, a, b) -> Proxy:
 
 
 def _bool(x) -> Proxy:
-    return _cast(_operand(x), DType.BOOL)
+    return cast_proxy(as_proxy(x), DType.BOOL)
 
 
 def _option(value, *operands: Proxy):
@@ -57,7 +57,7 @@ def _option(value, *operands: Proxy):
 
 def _no_inplace(inplace: bool) -> None:
     if inplace:
-        _fail("inplace=True in a traced mod. Mods must not mutate: leave inplace out and use the result.")
+        fail_at_user_line("inplace=True in a traced mod. Mods must not mutate: leave inplace out and use the result.")
 
 
 def _scaled(x, alpha):
@@ -77,7 +77,7 @@ def _div(a, b, *, rounding_mode=None):
     if rounding_mode == "floor":
         return a // b
     if rounding_mode != "trunc":
-        _fail(f"torch.div(rounding_mode={rounding_mode!r}); torch takes None, 'trunc' or 'floor'.")
+        fail_at_user_line(f"torch.div(rounding_mode={rounding_mode!r}); torch takes None, 'trunc' or 'floor'.")
     if a.node.dtype.is_float or b.node.dtype.is_float:
         return _op("trunc", a / b)
     # Rounding toward zero is rounding down, one up where a negative quotient was inexact.
@@ -103,7 +103,7 @@ def _clamp(x, min=None, max=None):
 
 def _square(x):
     # torch.square is pow(x, 2): a bool squares as int64.
-    x = _cast(x, DType.INT64) if x.node.dtype is DType.BOOL else x
+    x = cast_proxy(x, DType.INT64) if x.node.dtype is DType.BOOL else x
     return x * x
 
 
@@ -126,7 +126,7 @@ def _gelu(x, approximate="none"):
         inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         return 0.5 * x * (1 + _op("tanh", inner))
     if approximate != "none":
-        _fail(f"gelu(approximate={approximate!r}); torch takes 'none' or 'tanh'.")
+        fail_at_user_line(f"gelu(approximate={approximate!r}); torch takes 'none' or 'tanh'.")
     return x * 0.5 * (1 + _op("erf", x * _SQRT1_2))
 
 
@@ -223,11 +223,11 @@ def _entr(x):
 
 def _gcd(a, b):
     """Euclid's algorithm unrolled: a bounded number of steps suffices (Fibonacci inputs are the worst case)."""
-    dtype = _promote([a, b])
+    dtype = promoted_dtype([a, b])
     if not dtype.is_int:
-        _fail(f"torch.gcd of {dtype.value} values: torch defines it for integers only; cast with .long().")
+        fail_at_user_line(f"torch.gcd of {dtype.value} values: torch defines it for integers only; cast with .long().")
     steps = 46 if dtype is DType.INT32 else 92  # F(47) > 2**31, F(93) > 2**63
-    a, b = _op("abs", _cast(a, dtype)), _op("abs", _cast(b, dtype))
+    a, b = _op("abs", cast_proxy(a, dtype)), _op("abs", cast_proxy(b, dtype))
     for _ in range(steps):
         done = b == 0
         a, b = _where(done, a, b), _where(done, 0, a % _where(done, 1, b))
@@ -268,7 +268,7 @@ COMPOSITES: tuple[Composite, ...] = (
     Composite("Tensor.where", 3, lambda x, condition, other: _where(condition, x, other)),
     # masked_fill keeps x's dtype, as torch's does.
     Composite("torch.masked_fill Tensor.masked_fill", 2,
-              lambda x, mask, value: _cast(_where(mask, value, x), x.node.dtype), ({"value": -math.inf}, {"value": 2})),
+              lambda x, mask, value: cast_proxy(_where(mask, value, x), x.node.dtype), ({"value": -math.inf}, {"value": 2})),
     # activations
     Composite("torch.relu Tensor.relu F.relu", 1, _relu),
     Composite("F.relu6", 1, lambda x, inplace=False: _hardtanh(x, 0.0, 6.0, inplace)),
@@ -303,7 +303,7 @@ COMPOSITES: tuple[Composite, ...] = (
     Composite("torch.fmax Tensor.fmax", 2, _nan_ignoring("max")),
     Composite("torch.fmin Tensor.fmin", 2, _nan_ignoring("min")),
     Composite("torch.heaviside Tensor.heaviside", 2,
-              lambda x, values: _cast(_where(x > 0, 1, _where(x == 0, values, 0)), _promote([x, values]))),
+              lambda x, values: cast_proxy(_where(x > 0, 1, _where(x == 0, values, 0)), promoted_dtype([x, values]))),
     # special functions
     Composite("torch.logaddexp Tensor.logaddexp", 2, _logaddexp("exp", 1)),
     Composite("torch.logaddexp2 Tensor.logaddexp2", 2, _logaddexp("exp2", 1 / math.log(2))),

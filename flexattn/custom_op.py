@@ -6,7 +6,9 @@ when its score_mod is None or a method of an ``nn.Module`` (``self.score_mod`` r
 
 - dynamo never looks inside flexattn: ``_planned_attention`` is ``torch._dynamo.nonstrict_trace``,
   so dynamo puts one opaque call in its graph, passing the module (its parameters are tracked for
-  autograd) and the BlockMask (a pytree: its tensors are inputs, its mask_mod a constant);
+  autograd) and the BlockMask (a pytree: its tile lists and the tensors its mask_mod captures
+  are inputs, the mask_mod a constant; a new padding tensor each forward is a new input, never a
+  stale constant);
 - while AOTAutograd traces that call, flexattn traces the mods once, with its own tracer, into IR
   (``plan``), keeps the IR in ``_PLANS`` and records ``torch.ops.flexattn.attention`` with the
   IR's number, the captured tensors as inputs and a fake implementation for shapes;
@@ -32,7 +34,7 @@ import torch.utils._pytree as pytree
 from flexattn import dispatch
 from flexattn import kernel_options as options
 from flexattn.block_mask import BlockMask
-from flexattn.trace import trace_mask_mod, trace_score_mod
+from flexattn.trace import ReboundMaskMod, trace_mask_mod, trace_score_mod
 
 # plan number -> (score graph, mask graph, BLOCK_SIZE, seq_lengths, which BlockMask fields are there, backend)
 _PLANS: dict[int, tuple] = {}
@@ -41,12 +43,31 @@ _BLOCK_FIELDS = BlockMask._TENSOR_ATTRS[:8]
 
 
 def _flatten_block_mask(bm: BlockMask):
-    return [getattr(bm, name) for name in _BLOCK_FIELDS], (bm.seq_lengths, bm.BLOCK_SIZE, bm.mask_mod)
+    """Leaves: the tile lists there are, then the tensors the mask_mod captures (so that under
+    torch.compile they are graph inputs, not constants baked into the op); the context keeps the
+    mask_mod's IR, from which ``_unflatten_block_mask`` rebuilds a mask_mod over those tensors."""
+    present = tuple(getattr(bm, name) is not None for name in _BLOCK_FIELDS)
+    lists = [getattr(bm, name) for name, there in zip(_BLOCK_FIELDS, present) if there]
+    # Attributes only, never a trace: dynamo runs this function itself.
+    mask_mod = bm.mask_mod
+    if isinstance(mask_mod, ReboundMaskMod):
+        mask_mod, buffers = mask_mod.mask_mod, mask_mod.buffers
+    elif bm.traced_mask is not None:
+        buffers = bm.traced_mask.buffers
+    else:  # no trace kept (a BlockMask built by hand): the mask_mod is a constant, plan() traces it
+        return lists, (bm.seq_lengths, bm.BLOCK_SIZE, present, mask_mod, None)
+    return lists + list(buffers), (bm.seq_lengths, bm.BLOCK_SIZE, present, mask_mod, len(buffers))
 
 
 def _unflatten_block_mask(values, context) -> BlockMask:
-    seq_lengths, block_size, mask_mod = context
-    return BlockMask(seq_lengths, *values, BLOCK_SIZE=block_size, mask_mod=mask_mod)
+    seq_lengths, block_size, present, mask_mod, n_buffers = context
+    values = list(values)
+    if n_buffers is not None:
+        mask_mod = ReboundMaskMod(mask_mod, values[len(values) - n_buffers:])
+        values = values[:len(values) - n_buffers]
+    given = iter(values)
+    return BlockMask(seq_lengths, *(next(given) if there else None for there in present),
+                     BLOCK_SIZE=block_size, mask_mod=mask_mod)
 
 
 pytree.register_pytree_node(BlockMask, _flatten_block_mask, _unflatten_block_mask,
@@ -130,7 +151,8 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         out, lse = _run(*inputs, buffers, mask_buffers, block_tensors, number, scale, enable_gqa)
         wrt = inputs + [buffers[i] for i in _differentiable(score_buffers)]
         grads = torch.autograd.grad((out, lse), wrt, (grad_out, grad_lse), allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
+    # Laid out like their inputs, as the fake says (an input may be a strided view, e.g. transformers' key).
+    return [torch.zeros_like(t) if g is None else torch.empty_like(t).copy_(g) for t, g in zip(wrt, grads)]
 
 
 @attention_backward.register_fake
@@ -168,7 +190,8 @@ def _planned_attention(query, key, value, module, method: str, block_masks: tupl
     score_mod = getattr(module, method) if method else None
     block_mask = block_masks[0] if block_masks else None
     number, score_buffers, mask_buffers = plan(score_mod, block_mask, backend)
-    block_tensors = [] if block_mask is None else [t for t in _flatten_block_mask(block_mask)[0] if t is not None]
+    block_tensors = [] if block_mask is None else [getattr(block_mask, name) for name in _BLOCK_FIELDS
+                                                   if getattr(block_mask, name) is not None]
     return torch.ops.flexattn.attention(query, key, value, list(score_buffers), list(mask_buffers), block_tensors,
                                         number, scale, enable_gqa)
 

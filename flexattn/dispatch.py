@@ -73,7 +73,7 @@ def call_of(query, key, value, *, score_graph: Graph | None = None, score_buffer
     """
     return Call(query, key, value, score_graph=score_graph, score_buffers=tuple(score_buffers), mask_graph=mask_graph,
                 mask_buffers=tuple(mask_buffers), block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                options=dict(kernel_options or {}), facts=analyse(score_graph, mask_graph, block_mask),
+                options=dict(kernel_options or {}), facts=analyse(score_graph, mask_graph, mask_buffers, block_mask, query.shape[0], query.shape[1]),
                 max_scores=max_scores)
 
 

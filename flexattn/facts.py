@@ -1,12 +1,13 @@
 """The analysis facts of one call, decided once in the API and handed to the back end frozen.
 
-``analyse(score_graph, mask_graph, block_mask)`` runs the analyses a back end may use to pick a
+``analyse(score_graph, mask_graph, mask_buffers, block_mask, B, H)`` runs the analyses a back end may use to pick a
 faster path (see ``flexattn.call.Facts``); back ends read the result from ``Call.facts`` and never
 import ``flexattn.analysis`` themselves.
 """
 
 from __future__ import annotations
 
+from flexattn.analysis.diagonals import diagonal_kinds
 from flexattn.analysis.segments import segment_mask
 from flexattn.analysis.separable import separate
 from flexattn.block_mask import BlockMask
@@ -15,23 +16,24 @@ from flexattn.ir import Graph
 from flexattn.passes import depends_on
 
 
-def analyse(score_graph: Graph | None, mask_graph: Graph | None, block_mask: BlockMask | None) -> Facts:
-    """The ``Facts`` of a call with these mods and BlockMask.
+def analyse(score_graph: Graph | None, mask_graph: Graph | None, mask_buffers, block_mask: BlockMask | None,
+            B: int, H: int) -> Facts:
+    """The ``Facts`` of a call with these mods and BlockMask, batch size ``B`` and ``H`` query heads.
 
     ``mask_graph`` is the BlockMask's traced mask_mod (``flexattn.api.mask_of``); the BlockMask is
-    exact when ``create_block_mask`` built it from that mask_mod and decided every tile
+    exact when ``create_block_mask`` built it for that mask_mod (its ``stats`` hold for the
+    mask_mod it carries now) and decided every tile
     (``stats["left_partial"] == 0``), so that a PARTIAL tile is partial.
 
     Example::
 
-        >>> facts = analyse(trace_score_mod(alibi).graph, None, None)
+        >>> facts = analyse(trace_score_mod(alibi).graph, None, (), None, 1, 8)
         >>> len(facts.bias.products)
         1
     """
-    exact = (block_mask is not None and mask_graph is not None and block_mask.traced_mask is not None
-             and block_mask.traced_mask.graph is mask_graph and block_mask.stats.get("left_partial") == 0)
+    exact = block_mask is not None and mask_graph is not None and block_mask.stats.get("left_partial") == 0
     return Facts(score_reads=depends_on(score_graph) if score_graph is not None else frozenset(),
                  mask_reads=depends_on(mask_graph) if mask_graph is not None else frozenset(),
                  bias=separate(score_graph) if score_graph is not None else None,
                  segments=segment_mask(mask_graph) if mask_graph is not None else None,
-                 exact=exact)
+                 exact=exact, diagonals=diagonal_kinds(mask_graph, mask_buffers, B, H, block_mask))

@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 from torch.overrides import TorchFunctionMode
 
-from flexattn.capture import _internal
+from flexattn.capture import is_internal_frame
 from flexattn.proxy import Proxy
 
 TRACE_ENTRIES, BLOCK_MASK_ENTRIES = 512, 64
@@ -129,7 +129,7 @@ class _ValueReads(TorchFunctionMode):
         leaves += [x for leaf in leaves if isinstance(leaf, (tuple, list)) for x in leaf]
         real = any(isinstance(x, torch.Tensor) for x in leaves)
         if real and getattr(func, "__name__", "") not in _METADATA and not any(isinstance(x, Proxy) for x in leaves) \
-                and not _internal(_caller().f_code.co_filename):  # the tracer's own calls read no values
+                and not is_internal_frame(_caller().f_code.co_filename):  # the tracer's own calls read no values
             self.read = True
         return func(*args, **kwargs)
 
@@ -178,12 +178,14 @@ def _same_values(tensors: list, stored: tuple) -> bool:
     return True
 
 
-def cached_block_mask(mask_mod, arguments: tuple, build):
+def cached_block_mask(mask_mod, arguments: tuple, build, trace):
     """``build()`` (a BlockMask of ``mask_mod``), reused for the same fingerprint, arguments and tensor values.
 
     ``arguments``: a hashable tuple of everything else the mask depends on (sizes, block, device).
-    The result carries this call's ``mask_mod``. Raises what ``build`` raises. Example:
-    ``cached_block_mask(mask, (B, H, L, S), lambda: build(mask, B, H, L, S))``.
+    The result carries this call's ``mask_mod`` and its trace (``trace(mask_mod)``, e.g.
+    ``flexattn.trace.trace_mask_mod``: its buffers are this closure's tensors). Raises what
+    ``build`` raises. Example:
+    ``cached_block_mask(mask, (B, H, L, S), lambda: build(mask, B, H, L, S), trace_mask_mod)``.
     """
     found = fingerprint(mask_mod)
     if found is None:
@@ -192,10 +194,7 @@ def cached_block_mask(mask_mod, arguments: tuple, build):
     entry = _block_masks.get(key)
     if entry is not None and _same_values(tensors, entry[1]):
         _block_masks.move_to_end(key)
-        block_mask = copy.copy(entry[0])
-        block_mask.mask_mod = block_mask._tiles_mask_mod = mask_mod
-        block_mask._traced = (mask_mod, None)
-        return block_mask
+        return entry[0].relabelled(mask_mod, trace(mask_mod))
     block_mask = build()
     stored = tuple((weakref.ref(t), t._version,
                     t.detach().cpu().clone() if t.numel() <= VALUE_KEY_ELEMENTS else None) for t in tensors)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from flexattn.capture import _fail, _internal, _tracer
+from flexattn.capture import fail_at_user_line, is_internal_frame, active_tracer
 from flexattn.ir import DType, Node, Op
 from flexattn.ops import BY_NAME, OPS, OpDef
 from flexattn.semantics import TORCH_DTYPES
@@ -67,54 +67,54 @@ class Proxy(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        return _tracer().call(func, args, kwargs or {})
+        return active_tracer().call(func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # Every torch call on a traced value stops at __torch_function__; none reaches the dispatcher.
-        _fail(f"{func} was called on a traced value below torch's function layer, which tracing cannot see.")
+        fail_at_user_line(f"{func} was called on a traced value below torch's function layer, which tracing cannot see.")
 
     def __pos__(self):
         return self
 
     # ----- things that need a concrete value --------------------------------
     def __bool__(self):
-        _fail(control_flow_message(_internal))
+        fail_at_user_line(control_flow_message(is_internal_frame))
 
     def __int__(self):
-        _fail("int() needs a concrete value, but this is a traced value. "
+        fail_at_user_line("int() needs a concrete value, but this is a traced value. "
               "Keep it a tensor: use .long() or .int() to change its dtype.")
 
     def __float__(self):
-        _fail("float() needs a concrete value, but this is a traced value (math.* functions call it too). "
+        fail_at_user_line("float() needs a concrete value, but this is a traced value (math.* functions call it too). "
               "Use .float() to change the dtype, and torch.exp/torch.log/... instead of math.*.")
 
     def __index__(self):
-        _fail("a traced value was used as a Python index (list/tuple indexing, range, slicing). "
+        fail_at_user_line("a traced value was used as a Python index (list/tuple indexing, range, slicing). "
               "Put the data in a torch tensor and index the tensor: table[q_idx].")
 
     def __len__(self):
-        _fail("len() of a traced value: traced values are scalars.")
+        fail_at_user_line("len() of a traced value: traced values are scalars.")
 
     def __iter__(self):
-        _fail("iterating over a traced value: traced values are scalars.")
+        fail_at_user_line("iterating over a traced value: traced values are scalars.")
 
     def __getitem__(self, item):
         from flexattn.vectors import index_vector
         return index_vector(self, item)
 
     def __setitem__(self, key, value):
-        _fail("item assignment on a traced value. Mods must not mutate: return a new value.")
+        fail_at_user_line("item assignment on a traced value. Mods must not mutate: return a new value.")
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        return _tracer().attribute(self, name)
+        return active_tracer().attribute(self, name)
 
 
 # ----- building nodes --------------------------------------------------------
 
-def _operand(value) -> Proxy:
+def as_proxy(value) -> Proxy:
     """Turn an operand (Proxy, Python scalar, 0-dim tensor) into a Proxy."""
     if isinstance(value, Proxy):
         return value
@@ -125,15 +125,15 @@ def _operand(value) -> Proxy:
     if isinstance(value, float):
         return Proxy(Node(Op.CONST, DType.FLOAT32, (), value), weak=True)
     if tensor_valued(value):
-        _fail(f"a tensor of shape {list(value.shape)} where one value is needed. Index it down to one element "
+        fail_at_user_line(f"a tensor of shape {list(value.shape)} where one value is needed. Index it down to one element "
               "(bias[h, q_idx - kv_idx]) or reduce it (.sum(-1), .any(-1), torch.dot).")
     if isinstance(value, torch.Tensor):
-        return load_proxy(_tracer().buffer(value), (), weak=True)
-    _fail(f"a value of type {type(value).__name__} cannot be used in a traced mod; "
+        return load_proxy(active_tracer().buffer(value), (), weak=True)
+    fail_at_user_line(f"a value of type {type(value).__name__} cannot be used in a traced mod; "
           "use Python numbers, torch tensors and traced values.")
 
 
-def _promote(operands: list[Proxy]) -> DType:
+def promoted_dtype(operands: list[Proxy]) -> DType:
     category = max(_CATEGORY[p.node.dtype] for p in operands)
     strong = [p.node.dtype for p in operands if not p.weak and _CATEGORY[p.node.dtype] == category]
     if not strong:
@@ -141,7 +141,7 @@ def _promote(operands: list[Proxy]) -> DType:
     return max(strong, key=_ORDER.index)
 
 
-def _cast(p: Proxy, dtype: DType) -> Proxy:
+def cast_proxy(p: Proxy, dtype: DType) -> Proxy:
     if p.node.dtype is dtype:
         return p
     return Proxy(Node(Op.CAST, dtype, (p.node,), dtype), p.weak)
@@ -154,16 +154,16 @@ def apply(spec: OpDef, *args) -> Proxy:
     if any(tensor_valued(a) for a in args):
         from flexattn.vectors import broadcast_map
         return broadcast_map(lambda *xs: apply(spec, *xs), args)
-    operands = [_operand(a) for a in args]
+    operands = [as_proxy(a) for a in args]
     condition = []
     if spec.promote == "select":
         condition, operands = operands[:1], operands[1:]
         if condition[0].node.dtype is not DType.BOOL:
-            _fail(f"torch.{spec.name} needs a bool condition, got {condition[0].node.dtype.value}; "
+            fail_at_user_line(f"torch.{spec.name} needs a bool condition, got {condition[0].node.dtype.value}; "
                   "compare it (x != 0).")
-    common = _promote(operands)
+    common = promoted_dtype(operands)
     if common.kind in spec.rejects:
-        _fail(spec.rejects[common.kind])
+        fail_at_user_line(spec.rejects[common.kind])
     if common is DType.BOOL and spec.bools != "keep":
         if spec.bools != "int64":
             return apply(BY_NAME[spec.bools], *condition, *operands)
@@ -171,7 +171,7 @@ def apply(spec: OpDef, *args) -> Proxy:
     if spec.promote == "float" and not common.is_float:
         common = DType.FLOAT32
     dtype = DType.BOOL if spec.result == "bool" else common
-    inputs = tuple(p.node for p in condition) + tuple(_cast(p, common).node for p in operands)
+    inputs = tuple(p.node for p in condition) + tuple(cast_proxy(p, common).node for p in operands)
     return Proxy(Node(Op(spec.name), dtype, inputs), all(p.weak for p in condition + operands))
 
 

@@ -18,11 +18,11 @@ import math
 
 import torch
 
-from flexattn.capture import _fail
+from flexattn.capture import fail_at_user_line
 from flexattn.ir import DType
 from flexattn.ops import BY_NAME
-from flexattn.proxy import Proxy, _cast, _operand, _promote, apply, load_proxy, tensor_valued
-from flexattn.vectors import BufferView, Vector, _check_size, broadcast_map, positions, rearranged, to_vector, wrap
+from flexattn.proxy import Proxy, cast_proxy, as_proxy, promoted_dtype, apply, load_proxy, tensor_valued
+from flexattn.vectors import BufferView, Vector, check_vector_size, broadcast_map, positions, rearranged, to_vector, wrap
 
 MaxResult = collections.namedtuple("max", ["values", "indices"])
 MinResult = collections.namedtuple("min", ["values", "indices"])
@@ -40,7 +40,7 @@ def _dims(shape, dim) -> list[int]:
     out = []
     for d in (dim if isinstance(dim, (tuple, list)) else (dim,)):
         if not -max(ndim, 1) <= d < max(ndim, 1):
-            _fail(f"dimension {d} is out of range for a tensor of {ndim} dimensions.")
+            fail_at_user_line(f"dimension {d} is out of range for a tensor of {ndim} dimensions.")
         out.append(d % max(ndim, 1))
     return sorted(set(out) & set(range(ndim)))
 
@@ -59,8 +59,8 @@ def _groups(value, dim, keepdim: bool):
 def _fold(name: str, group: list, empty):
     if not group:
         if empty is None:
-            _fail(f"{name} of an empty tensor: torch defines no value for it.")
-        return _operand(empty)
+            fail_at_user_line(f"{name} of an empty tensor: torch defines no value for it.")
+        return as_proxy(empty)
     return functools.reduce(lambda a, b: _op(name, a, b), group)
 
 
@@ -70,7 +70,7 @@ def _reduction(combine: str, prepare=None, empty=None, finish=None):
         groups, shape = _groups(x, dim, keepdim)
         out = []
         for group in groups:
-            group = [_cast(_operand(e), _dtype(dtype)) if dtype is not None else e for e in group]
+            group = [cast_proxy(as_proxy(e), _dtype(dtype)) if dtype is not None else e for e in group]
             group = [prepare(e) for e in group] if prepare else group
             value = _fold(combine, group, empty)
             out.append(finish(value, len(group)) if finish else value)
@@ -79,24 +79,24 @@ def _reduction(combine: str, prepare=None, empty=None, finish=None):
 
 
 def _dtype(dtype: torch.dtype) -> DType:
-    from flexattn.spellings import _dtype_of
-    return _dtype_of(dtype)
+    from flexattn.spellings import ir_dtype_of
+    return ir_dtype_of(dtype)
 
 
 def _widen(e):
     """Sums and products of bools and ints are int64, as in torch."""
-    return e if e.node.dtype.is_float else _cast(e, DType.INT64)
+    return e if e.node.dtype.is_float else cast_proxy(e, DType.INT64)
 
 
 def _mean_finish(total, n):
     if not total.node.dtype.is_float:
-        _fail("mean() of an integer or bool tensor: torch requires a floating point input; use .float() first.")
+        fail_at_user_line("mean() of an integer or bool tensor: torch requires a floating point input; use .float() first.")
     return total / n
 
 
 _sum = _reduction("add", _widen, 0)
-_any = _reduction("or", lambda e: _cast(_operand(e), DType.BOOL), False)
-_all = _reduction("and", lambda e: _cast(_operand(e), DType.BOOL), True)
+_any = _reduction("or", lambda e: cast_proxy(as_proxy(e), DType.BOOL), False)
+_all = _reduction("and", lambda e: cast_proxy(as_proxy(e), DType.BOOL), True)
 _amax = _reduction("max")
 _amin = _reduction("min")
 
@@ -112,7 +112,7 @@ def _count_nonzero(x, dim=None):
 def _arg_best(better: str):
     """argmax / argmin: the first position of the largest (smallest) element, NaN counting as largest."""
     def best(group):
-        value, index = group[0], _operand(0)
+        value, index = group[0], as_proxy(0)
         for j, e in enumerate(group[1:], 1):
             take = _op(better, e, value)
             if e.node.dtype.is_float:
@@ -166,18 +166,18 @@ def _root(total, root):
 
 def _norm(x, p=2, dim=None, keepdim=False, *, ord=None, dtype=None, out=None):
     if out is not None:
-        _fail("norm(out=...) in a traced mod. Mods must not mutate: use the returned value.")
+        fail_at_user_line("norm(out=...) in a traced mod. Mods must not mutate: use the returned value.")
     p = ord if ord is not None else ("fro" if p is None else p)
     if p in (2, 2.0, "fro"):
         return _root(_sum(x * x, dim, keepdim), lambda t: _op("sqrt", t))
     if p == math.inf or p == -math.inf:
         return (_amax if p > 0 else _amin)(_op("abs", x), dim, keepdim)
     if p == 0:
-        return broadcast_map(lambda e: _cast(e, DType.FLOAT32), [_sum(x != 0, dim, keepdim)])
+        return broadcast_map(lambda e: cast_proxy(e, DType.FLOAT32), [_sum(x != 0, dim, keepdim)])
     if p == 1:
         return _sum(_op("abs", x), dim, keepdim)
     if not isinstance(p, (int, float)):
-        _fail(f"norm with p={p!r} of a traced tensor; use p=2, 1, 0, inf or a number.")
+        fail_at_user_line(f"norm with p={p!r} of a traced tensor; use p=2, 1, 0, inf or a number.")
     return _root(_sum(_op("abs", x) ** p, dim, keepdim), lambda t: t ** (1.0 / p))
 
 
@@ -191,18 +191,18 @@ def _einsum(equation: str, *operands):
     inputs, arrow, output = equation.partition("->")
     terms = inputs.split(",")
     if "." in equation or len(terms) != len(operands):
-        _fail(f"einsum({equation!r}) with {len(operands)} operands; flexattn takes explicit labels, no '...'.")
+        fail_at_user_line(f"einsum({equation!r}) with {len(operands)} operands; flexattn takes explicit labels, no '...'.")
     vectors = [to_vector(o) for o in operands]
     sizes = {}
     for term, v in zip(terms, vectors):
         if len(term) != v.ndim:
-            _fail(f"einsum term {term!r} for a tensor of shape {list(v.shape)}.")
+            fail_at_user_line(f"einsum term {term!r} for a tensor of shape {list(v.shape)}.")
         for label, n in zip(term, v.shape):
             sizes.setdefault(label, n)
     if not arrow:
         output = "".join(sorted(label for label in sizes if inputs.count(label) == 1))
     summed = [label for label in sizes if label not in output]
-    _check_size([sizes[label] for label in output])
+    check_vector_size([sizes[label] for label in output])
     strides = [[math.prod(v.shape[d + 1:]) for d in range(v.ndim)] for v in vectors]
     out = []
     for coords in _product(output, sizes):
@@ -212,7 +212,7 @@ def _einsum(equation: str, *operands):
             factors = [v.elements[sum(at[label] * s for label, s in zip(term, st))]
                        for term, v, st in zip(terms, vectors, strides)]
             terms_out.append(functools.reduce(lambda a, b: a * b, factors))
-        out.append(functools.reduce(lambda a, b: a + b, terms_out) if terms_out else _operand(0))
+        out.append(functools.reduce(lambda a, b: a + b, terms_out) if terms_out else as_proxy(0))
     return wrap(out, [sizes[label] for label in output])
 
 
@@ -223,7 +223,7 @@ def _product(labels, sizes):
 def _dot(a, b):
     va, vb = to_vector(a), to_vector(b)
     if va.ndim != 1 or vb.ndim != 1 or va.shape != vb.shape:
-        _fail(f"dot of shapes {list(va.shape)} and {list(vb.shape)}: torch takes two 1-D tensors of one length.")
+        fail_at_user_line(f"dot of shapes {list(va.shape)} and {list(vb.shape)}: torch takes two 1-D tensors of one length.")
     return _einsum("i,i->", va, vb)
 
 
@@ -232,10 +232,10 @@ def _matmul(a, b):
     labels = {(1, 1): "i,i->", (2, 1): "ij,j->i", (1, 2): "j,jk->k", (2, 2): "ij,jk->ik"}
     equation = labels.get((va.ndim, vb.ndim))
     if equation is None:
-        _fail(f"matmul of shapes {list(va.shape)} and {list(vb.shape)} in a traced mod; flexattn takes 1-D "
+        fail_at_user_line(f"matmul of shapes {list(va.shape)} and {list(vb.shape)} in a traced mod; flexattn takes 1-D "
               "and 2-D operands (both arguments to matmul need to be at least 1-D).")
     if va.shape[-1] != vb.shape[0 if vb.ndim == 1 else -2]:
-        _fail(f"matmul of shapes {list(va.shape)} and {list(vb.shape)}: the inner sizes differ.")
+        fail_at_user_line(f"matmul of shapes {list(va.shape)} and {list(vb.shape)}: the inner sizes differ.")
     return _einsum(equation, va, vb)
 
 
@@ -245,7 +245,7 @@ def _isin(elements, test_elements, *, assume_unique=False, invert=False):
     tests = to_vector(test_elements).elements
 
     def member(x):
-        found = functools.reduce(lambda a, b: a | b, [x == t for t in tests]) if tests else _operand(False)
+        found = functools.reduce(lambda a, b: a | b, [x == t for t in tests]) if tests else as_proxy(False)
         return ~found if invert else found
     return broadcast_map(member, [elements])
 
@@ -258,7 +258,7 @@ _COUNTED = 32
 def _searchsorted(sorted_sequence, values, *, out_int32=False, right=False, side=None, sorter=None):
     if side is not None:
         if side not in ("left", "right") or (right and side == "left"):
-            _fail(f"searchsorted(side={side!r}, right={right}); torch takes side 'left' or 'right', "
+            fail_at_user_line(f"searchsorted(side={side!r}, right={right}); torch takes side 'left' or 'right', "
                   "agreeing with right.")
         right = side == "right"
     read, n = _sorted_reader(sorted_sequence, sorter)
@@ -272,11 +272,11 @@ def _searchsorted(sorted_sequence, values, *, out_int32=False, right=False, side
                 return e <= x if right else e < x
             return ~(e > x) if right else ~(e >= x)
         if read is None or n <= _COUNTED:
-            elements = n if read is None else [read(_operand(j)) for j in range(n)]
-            count = functools.reduce(lambda a, b: a + b, [_cast(advance(e), DType.INT64) for e in elements],
-                                     _operand(0))
-            return Proxy(_cast(count, dtype).node)
-        pos = _operand(0)
+            elements = n if read is None else [read(as_proxy(j)) for j in range(n)]
+            count = functools.reduce(lambda a, b: a + b, [cast_proxy(advance(e), DType.INT64) for e in elements],
+                                     as_proxy(0))
+            return Proxy(cast_proxy(count, dtype).node)
+        pos = as_proxy(0)
         step = 1 << max(n.bit_length() - 1, 0)
         while n and step:
             candidate = pos + step
@@ -284,7 +284,7 @@ def _searchsorted(sorted_sequence, values, *, out_int32=False, right=False, side
             ok = ok if step == 1 << (n.bit_length() - 1) else (candidate <= n) & ok
             pos = _op("where", ok, candidate, pos)
             step >>= 1
-        return Proxy(_cast(pos, dtype).node)
+        return Proxy(cast_proxy(pos, dtype).node)
     return broadcast_map(search, [values])
 
 
@@ -294,12 +294,12 @@ def _sorted_reader(sequence, sorter):
         sequence = to_vector(sequence)
     if not isinstance(sequence, Vector) or sequence.ndim != 1:
         shape = list(getattr(sequence, "shape", []))
-        _fail(f"searchsorted over a sequence of shape {shape} with one value per (b, h, q_idx, kv_idx): torch "
+        fail_at_user_line(f"searchsorted over a sequence of shape {shape} with one value per (b, h, q_idx, kv_idx): torch "
               "takes a 1-D sorted sequence here; index its rows down to one (offsets[b]).")
     if sorter is not None:
         order = to_vector(sorter)
         if order.shape != sequence.shape:
-            _fail("searchsorted: sorter must have the shape of the sorted sequence.")
+            fail_at_user_line("searchsorted: sorter must have the shape of the sorted sequence.")
         return (lambda i: _read(sequence, _read(order, i))), sequence.shape[0]
     if isinstance(sequence, BufferView):
         return (lambda i: _read(sequence, i)), sequence.shape[0]
@@ -309,8 +309,8 @@ def _sorted_reader(sequence, sorter):
 def _read(row: Vector, i: Proxy) -> Proxy:
     """Element ``i`` of a captured row; the search's positions are in range, so no negative-index wrap."""
     if not isinstance(row, BufferView):
-        _fail("searchsorted: a sorter must be a captured tensor.")
-    return load_proxy(row.buffer, row.indices + (_cast(i, DType.INT64).node,))
+        fail_at_user_line("searchsorted: a sorter must be a captured tensor.")
+    return load_proxy(row.buffer, row.indices + (cast_proxy(i, DType.INT64).node,))
 
 
 def _bucketize(values, boundaries, *, out_int32=False, right=False):
@@ -318,8 +318,8 @@ def _bucketize(values, boundaries, *, out_int32=False, right=False):
 
 
 def _promoted(values) -> list:
-    dtype = _promote([Proxy(e.node) for v in values for e in v.elements])
-    return [Vector([_cast(e, dtype) for e in v.elements], v.shape) for v in values]
+    dtype = promoted_dtype([Proxy(e.node) for v in values for e in v.elements])
+    return [Vector([cast_proxy(e, dtype) for e in v.elements], v.shape) for v in values]
 
 
 def _stack(tensors, dim=0):

@@ -3,7 +3,7 @@
 ``FUNCTIONS`` (keyed by a torch function's ``__name__``) and ``METHODS``
 (keyed by a Tensor method's name) are generated from the op table
 (``flexattn.ops``), the composites (``flexattn.composites``) and the type
-helpers and factories here. ``_Tracer`` is the tracer ``flexattn.trace``
+helpers and factories here. ``ModTracer`` is the tracer ``flexattn.trace``
 runs a mod under: torch calls on traced values dispatch through these
 tables, and torch's 0-dim factories called on Python numbers
 (``torch.ones(())``, ``torch.tensor(2.0)``) become traced constants.
@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from flexattn.capture import Tracer, _fail
+from flexattn.capture import Tracer, fail_at_user_line
 from flexattn.composites import COMPOSITES, Composite
 from flexattn.ir import DType
 from flexattn.ops import OPS, OpDef
 from flexattn import reductions
-from flexattn.proxy import OPERATORS, Proxy, _cast, _operand, apply, tensor_valued
+from flexattn.proxy import OPERATORS, Proxy, cast_proxy, as_proxy, apply, tensor_valued
 from flexattn.semantics import load_dtype
 from flexattn.vectors import broadcast_map, elementwise, getitem, to_vector
 
@@ -42,7 +42,7 @@ def dispatch_key(spelling: str) -> tuple[bool, str]:
 def _primitive(spec: OpDef):
     def lower(*args, **kwargs):
         if kwargs or len(args) != spec.arity:
-            _fail(f"'{spec.name}' takes {spec.arity} operand(s) and no keyword arguments in a traced mod; "
+            fail_at_user_line(f"'{spec.name}' takes {spec.arity} operand(s) and no keyword arguments in a traced mod; "
                   f"got {len(args)} operand(s) and {sorted(kwargs) or 'no'} keyword arguments.")
         return apply(spec, *args)
     return lower
@@ -51,21 +51,21 @@ def _primitive(spec: OpDef):
 def _composite(composite: Composite):
     def lower(*args, **kwargs):
         if len(args) < composite.arity:
-            _fail(f"{composite.spellings[0]} takes {composite.arity} operand(s), got {len(args)}.")
+            fail_at_user_line(f"{composite.spellings[0]} takes {composite.arity} operand(s), got {len(args)}.")
         if any(tensor_valued(a) for a in args[:composite.arity]):
             return broadcast_map(lambda *xs: lower(*xs, *args[composite.arity:], **kwargs), args[:composite.arity])
-        operands = [_operand(a) for a in args[:composite.arity]]
+        operands = [as_proxy(a) for a in args[:composite.arity]]
         return composite.lower(*operands, *args[composite.arity:], **kwargs)
     return lower
 
 
 # ----- dtypes and 0-dim tensors ----------------------------------------------
 
-def _dtype_of(dtype: torch.dtype) -> DType:
+def ir_dtype_of(dtype: torch.dtype) -> DType:
     """The IR dtype a cast to ``dtype`` produces: the same widening as a buffer load."""
     if dtype.is_floating_point or dtype in _CASTABLE:
         return load_dtype(dtype)
-    _fail(f"casting to {dtype} is not supported; use float32, int32, int64 or bool.")
+    fail_at_user_line(f"casting to {dtype} is not supported; use float32, int32, int64 or bool.")
 
 
 def _to(x, *args, dtype=None, **_):
@@ -75,20 +75,20 @@ def _to(x, *args, dtype=None, **_):
             dtype = a
         elif isinstance(a, (Proxy, torch.Tensor)):
             dtype = a.dtype
-    return _operand(x) if dtype is None else _cast(_operand(x), _dtype_of(dtype))
+    return as_proxy(x) if dtype is None else cast_proxy(as_proxy(x), ir_dtype_of(dtype))
 
 
 def _type(x, dtype=None, **_):
     if not isinstance(dtype, torch.dtype):
-        _fail(".type() needs a torch.dtype in a traced mod (its string forms name tensor types); "
+        fail_at_user_line(".type() needs a torch.dtype in a traced mod (its string forms name tensor types); "
               "use .to(dtype).")
     return _to(x, dtype)
 
 
 def _filled(value, dtype: DType | None) -> Proxy:
     """A traced 0-dim tensor holding ``value``: it promotes like the traced values, not as a Python number."""
-    p = _operand(value)
-    return Proxy(_cast(p, dtype or p.node.dtype).node)
+    p = as_proxy(value)
+    return Proxy(cast_proxy(p, dtype or p.node.dtype).node)
 
 
 def _is_scalar_size(size) -> bool:
@@ -104,7 +104,7 @@ def _size(args: tuple, kwargs: dict):
 
 def _dtype_kwarg(kwargs: dict, default: DType | None) -> DType | None:
     dtype = kwargs.get("dtype")
-    return default if dtype is None else _dtype_of(dtype)
+    return default if dtype is None else ir_dtype_of(dtype)
 
 
 def _ir_dtype(x) -> DType:
@@ -116,7 +116,7 @@ def _new(fill):
     def lower(x, *args, **kwargs):
         size = _size(args, kwargs)
         if not _is_scalar_size(size):
-            _fail(f"new tensor of size {list(size)} in a traced mod; traced values are scalars: use size ().")
+            fail_at_user_line(f"new tensor of size {list(size)} in a traced mod; traced values are scalars: use size ().")
         return _filled(fill, _dtype_kwarg(kwargs, _ir_dtype(x)))
     return lower
 
@@ -126,7 +126,7 @@ def _new_full(x, size, fill_value, **kwargs):
 
 
 def _like(fill):
-    return lambda x, **kwargs: _filled(fill, _dtype_kwarg(kwargs, _operand(x).node.dtype))
+    return lambda x, **kwargs: _filled(fill, _dtype_kwarg(kwargs, as_proxy(x).node.dtype))
 
 
 def _full_like(x, fill_value, **kwargs):
@@ -183,7 +183,7 @@ _TYPE_METHODS = {
     "size": lambda x, dim=None: x.shape if dim is None else x.shape[dim],
     "is_floating_point": lambda x: x.dtype.is_floating_point,
     "__getitem__": getitem,
-    "__setitem__": lambda *_, **__: _fail("assigning into a captured tensor inside a mod. Mods must not "
+    "__setitem__": lambda *_, **__: fail_at_user_line("assigning into a captured tensor inside a mod. Mods must not "
                                           "mutate tensors: compute a new value and return it."),
 }
 
@@ -235,7 +235,7 @@ class _ScalarFactories(TorchFunctionMode):
         return func(*args, **kwargs) if value is None else value
 
 
-class _Tracer(Tracer):
+class ModTracer(Tracer):
     """The tracer of ``flexattn.trace``: torch functions and Tensor methods through ``FUNCTIONS``/``METHODS``."""
 
     def __init__(self):
@@ -249,17 +249,17 @@ class _Tracer(Tracer):
             return table[name](*args, **kwargs)
         shown = _shown(func, name, is_method)
         if name.endswith("_") and name[:-1] in table:
-            _fail(f"in-place op {shown}() in a traced mod. Mods must not mutate: use {shown[:-1]}().")
-        _fail(f"{shown} is not supported in a traced mod. Supported: {_supported(name, table)}.")
+            fail_at_user_line(f"in-place op {shown}() in a traced mod. Mods must not mutate: use {shown[:-1]}().")
+        fail_at_user_line(f"{shown} is not supported in a traced mod. Supported: {_supported(name, table)}.")
 
     def attribute(self, value, name: str):
         if name in METHODS:
             return functools.partial(METHODS[name], value)
         if name in ("item", "tolist"):
-            _fail(f".{name}() needs a concrete value, but this is a traced value. "
+            fail_at_user_line(f".{name}() needs a concrete value, but this is a traced value. "
                   "Keep computing with tensors (torch.where instead of if/else).")
         if name.endswith("_") and not name.startswith("_"):
-            _fail(f"in-place op .{name}() on a traced value. Mods must not mutate: "
+            fail_at_user_line(f"in-place op .{name}() on a traced value. Mods must not mutate: "
                   f"use the out-of-place form .{name[:-1]}() and return the result.")
-        _fail(f"Tensor attribute or method .{name} is not supported in a traced mod. "
+        fail_at_user_line(f"Tensor attribute or method .{name} is not supported in a traced mod. "
               f"Supported methods: {_supported(name, METHODS)}.")

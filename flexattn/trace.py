@@ -22,10 +22,11 @@ import torch
 from flexattn import passes
 from flexattn.errors import TraceError
 from flexattn.ir import MASK_MOD_INPUTS, SCORE_MOD_INPUTS, DType, Graph, Node, Op
-from flexattn.capture import _current
+from flexattn.capture import trace_stack
 from flexattn.mod_cache import cached_trace
-from flexattn.proxy import Proxy, _cast, _operand
-from flexattn.spellings import _Tracer
+from flexattn.proxy import Proxy, cast_proxy, as_proxy
+from flexattn.semantics import evaluate
+from flexattn.spellings import ModTracer
 from flexattn.vectors import Vector
 
 
@@ -38,6 +39,23 @@ class TracedMod:
 
     def __str__(self) -> str:
         return str(self.graph)
+
+
+class ReboundMaskMod:
+    """``mask_mod`` with the tensors it captures replaced by ``buffers`` (in the order of its
+    trace's buffer inputs): calling it evaluates its IR over them; tracing it gives that IR with
+    them. A BlockMask passed through ``torch.compile`` carries one, so that the captured tensors
+    are graph inputs (``flexattn.custom_op``). A plain class: dynamo builds it in compiled code.
+
+    Example: ``ReboundMaskMod(padded, (new_lengths,))(0, 0, torch.arange(4)[:, None], torch.arange(4))``.
+    """
+
+    def __init__(self, mask_mod, buffers):
+        self.mask_mod, self.buffers = mask_mod, tuple(buffers)
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        env = {name: torch.as_tensor(value) for name, value in zip(MASK_MOD_INPUTS, (b, h, q_idx, kv_idx))}
+        return evaluate(trace_mask_mod(self).graph, env, self.buffers)
 
 
 def _check_arity(fn, names: tuple[str, ...], kind: str):
@@ -70,14 +88,14 @@ def _definition_site(fn):
 
 def _trace(fn, kind: str, names: tuple[str, ...]) -> TracedMod:
     _check_arity(fn, names, kind)
-    tracer = _Tracer()
+    tracer = ModTracer()
     inputs = [Proxy(Node(Op.INPUT, DType.FLOAT32 if n == "score" else DType.INT64, (), n)) for n in names]
-    _current.append(tracer)
+    trace_stack.append(tracer)
     try:
         result = fn(*inputs)
         out = _output(result, kind, fn)
     finally:
-        _current.pop()
+        trace_stack.pop()
     location, _ = _definition_site(fn)
     origin = f"{location[0]}:{location[1]}" if location else ""
     graph = Graph(kind, out.node, tuple(tracer.buffer_specs), getattr(fn, "__name__", kind), origin)
@@ -90,7 +108,7 @@ def _output(result, kind: str, fn) -> Proxy:
             location, line = _definition_site(fn)
             raise TraceError(f"{kind} returned a tensor of shape {list(result.shape)}; it must return one value "
                              "per (b, h, q_idx, kv_idx): reduce it (.sum(-1), .any(-1)) or index it.", location, line)
-        out = _operand(result)
+        out = as_proxy(result)
     else:
         location, line = _definition_site(fn)
         raise TraceError(f"{kind} returned {type(result).__name__}; it must return a "
@@ -101,7 +119,7 @@ def _output(result, kind: str, fn) -> Proxy:
                          f"& | ~), but '{getattr(fn, '__name__', 'mod')}' returned {out.node.dtype.value}. "
                          "Compare it, e.g. `x != 0`, or return a mask expression.", location, line)
     if kind == "score_mod" and out.node.dtype is not DType.FLOAT32:
-        out = _cast(out, DType.FLOAT32)
+        out = cast_proxy(out, DType.FLOAT32)
     return out
 
 
@@ -122,6 +140,8 @@ def trace_score_mod(score_mod) -> TracedMod:
 
 def trace_mask_mod(mask_mod) -> TracedMod:
     """Trace ``mask_mod(b, h, q_idx, kv_idx) -> bool`` into IR (see ``trace_score_mod``)."""
+    if isinstance(mask_mod, ReboundMaskMod):
+        return TracedMod(trace_mask_mod(mask_mod.mask_mod).graph, mask_mod.buffers)
     return cached_trace(mask_mod, "mask_mod", functools.partial(_trace, kind="mask_mod", names=MASK_MOD_INPUTS))
 
 

@@ -20,10 +20,10 @@ import math
 
 import torch
 
-from flexattn.capture import _fail, _internal, _tracer
+from flexattn.capture import fail_at_user_line, is_internal_frame, active_tracer
 from flexattn.ir import DType, Node, Op
 from flexattn.ops import BY_NAME
-from flexattn.proxy import OPERATORS, Proxy, TensorValue, _cast, _operand, apply, load_proxy, tensor_valued
+from flexattn.proxy import OPERATORS, Proxy, TensorValue, cast_proxy, as_proxy, apply, load_proxy, tensor_valued
 from flexattn.semantics import TORCH_DTYPES
 from flexattn.trace_errors import control_flow_message
 
@@ -31,10 +31,10 @@ from flexattn.trace_errors import control_flow_message
 MAX_ELEMENTS = 64
 
 
-def _check_size(shape) -> None:
+def check_vector_size(shape) -> None:
     n = math.prod(shape)
     if n > MAX_ELEMENTS:
-        _fail(f"a tensor-valued intermediate of shape {list(shape)} ({n} elements): flexattn unrolls tensors "
+        fail_at_user_line(f"a tensor-valued intermediate of shape {list(shape)} ({n} elements): flexattn unrolls tensors "
               f"inside a mod into at most {MAX_ELEMENTS} scalars. Index the captured tensor down further "
               "(table[b, h, q_idx, j] for a few j), or compute the reduction outside the mod into a captured "
               "table and index that (table[b, h, q_idx]).")
@@ -68,29 +68,29 @@ class Vector(TensorValue):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        return _tracer().call(func, args, kwargs or {})
+        return active_tracer().call(func, args, kwargs or {})
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        return _tracer().attribute(self, name)
+        return active_tracer().attribute(self, name)
 
     def __getitem__(self, item):
         return index_vector(self, item)
 
     def __len__(self) -> int:
         if not self.shape:
-            _fail("len() of a 0-d tensor.")
+            fail_at_user_line("len() of a 0-d tensor.")
         return self.shape[0]
 
     def __iter__(self):
         return iter([self[i] for i in range(len(self))])
 
     def __bool__(self):
-        _fail(control_flow_message(_internal))
+        fail_at_user_line(control_flow_message(is_internal_frame))
 
     def __setitem__(self, key, value):
-        _fail("item assignment on a traced tensor. Mods must not mutate: build a new value (torch.where).")
+        fail_at_user_line("item assignment on a traced tensor. Mods must not mutate: build a new value (torch.where).")
 
     def __pos__(self):
         return self
@@ -115,7 +115,7 @@ class BufferView(Vector):
     @property
     def elements(self) -> tuple[Proxy, ...]:
         if self._elements is None:
-            _check_size(self.shape)
+            check_vector_size(self.shape)
             self._elements = tuple(load_proxy(self.buffer, self.indices + tuple(_const(i) for i in where))
                                    for where in itertools.product(*map(range, self.shape)))
         return self._elements
@@ -133,7 +133,7 @@ def wrap(elements, shape):
     elements = list(elements)
     if len(shape) == 0:
         return elements[0]
-    _check_size(shape)
+    check_vector_size(shape)
     return Vector([Proxy(e.node) if e.weak else e for e in elements], shape)
 
 
@@ -142,8 +142,8 @@ def to_vector(value) -> Vector:
     if isinstance(value, Vector):
         return value
     if isinstance(value, torch.Tensor) and not isinstance(value, Proxy) and value.dim() > 0:
-        return BufferView(_tracer().buffer(value), (), value.shape)
-    return Vector((_operand(value),), ())
+        return BufferView(active_tracer().buffer(value), (), value.shape)
+    return Vector((as_proxy(value),), ())
 
 
 def positions(shape) -> torch.Tensor:
@@ -154,7 +154,7 @@ def _torch_call(fn, *args):
     try:
         return fn(*args)
     except (RuntimeError, IndexError, ValueError, TypeError) as error:
-        _fail(f"{error} (on a traced tensor)")
+        fail_at_user_line(f"{error} (on a traced tensor)")
 
 
 def rearranged(value, fn):
@@ -175,7 +175,7 @@ def broadcast_shapes(shapes) -> tuple[int, ...]:
     for d in range(ndim):
         sizes = {s[d - ndim + len(s)] for s in shapes if d - ndim + len(s) >= 0} - {1}
         if len(sizes) > 1:
-            _fail(f"shapes {[list(s) for s in shapes]} do not broadcast (sizes {sorted(sizes)} in one dimension).")
+            fail_at_user_line(f"shapes {[list(s) for s in shapes]} do not broadcast (sizes {sorted(sizes)} in one dimension).")
         out.append(sizes.pop() if sizes else 1)
     return tuple(out)
 
@@ -187,7 +187,7 @@ def broadcast_map(fn, args):
     (by category only), so ``q_idx + int32_table[b]`` is int32 as in torch."""
     vectors = [to_vector(a) for a in args]
     shape = broadcast_shapes([v.shape for v in vectors])
-    _check_size(shape)
+    check_vector_size(shape)
     dimensioned = any(v.ndim for v in vectors)
     where = [positions(v.shape).expand(shape).reshape(-1).tolist() for v in vectors]
     out = []
@@ -195,7 +195,7 @@ def broadcast_map(fn, args):
         operands = [v.elements[w[k]] for v, w in zip(vectors, where)]
         if dimensioned:
             operands = [e if v.ndim else Proxy(e.node, weak=True) for e, v in zip(operands, vectors)]
-        out.append(_operand(fn(*operands)))
+        out.append(as_proxy(fn(*operands)))
     return wrap(out, shape)
 
 
@@ -217,16 +217,16 @@ def _is_scalar(item) -> bool:
 def _index_value(item, size: int):
     """A scalar index as an int64 Proxy, or a constant int (a negative one counts from the end, as in torch)."""
     if isinstance(item, bool):
-        _fail("a bool used as an index (it would be a mask); use an integer.")
+        fail_at_user_line("a bool used as an index (it would be a mask); use an integer.")
     if isinstance(item, int):
         if not -size <= item < size:
-            _fail(f"index {item} is out of bounds for a dimension of size {size}.")
+            fail_at_user_line(f"index {item} is out of bounds for a dimension of size {size}.")
         return item % size
-    p = _operand(item)
+    p = as_proxy(item)
     if not p.node.dtype.is_int:
-        _fail(f"a tensor index must be an integer, got {p.node.dtype.value}; "
+        fail_at_user_line(f"a tensor index must be an integer, got {p.node.dtype.value}; "
               "cast it with .long() (bool indices would be a mask, which mods cannot use).")
-    p = _cast(p, DType.INT64)
+    p = cast_proxy(p, DType.INT64)
     if _nonnegative(p.node):
         return p
     # torch reads a negative index from the end (bias[q_idx - kv_idx] where kv_idx > q_idx).
@@ -266,7 +266,7 @@ def index_buffer(buffer: Node, tensor_shape: tuple, done: tuple[Node, ...], item
     sub = tensor_shape[len(done):]
     if all(_is_scalar(it) for it in items):
         if len(items) > len(sub):
-            _fail(f"too many indices for a captured tensor of {len(tensor_shape)} dimensions.")
+            fail_at_user_line(f"too many indices for a captured tensor of {len(tensor_shape)} dimensions.")
         indices = done + tuple(_node(_index_value(it, size)) for it, size in zip(items, sub))
         if len(indices) < len(tensor_shape):
             return BufferView(buffer, indices, tensor_shape)
@@ -299,7 +299,7 @@ def _select(v: Vector, index: list):
 def _expand_ellipsis(items: tuple, ndim: int) -> list:
     consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
     if consuming > ndim:
-        _fail(f"too many indices ({consuming}) for a tensor of {ndim} dimensions.")
+        fail_at_user_line(f"too many indices ({consuming}) for a tensor of {ndim} dimensions.")
     out, expanded = [], False
     for it in items:
         if it is Ellipsis and not expanded:
@@ -340,7 +340,7 @@ def _index_general(fetch, sub: tuple, items: tuple):
         axes.insert(first, ("group",))
     sizes = [len(dims[a[1]]) if a[0] == "dim" else 1 if a[0] == "new" else math.prod(group) for a in axes]
     shape = [s for a, n in zip(axes, sizes) for s in ((n,) if a[0] != "group" else group)]
-    _check_size(shape)
+    check_vector_size(shape)
     elements = []
     for coords in itertools.product(*map(range, sizes)):
         at_axis = {a[1] if a[0] == "dim" else a[0]: c for a, c in zip(axes, coords)}
@@ -358,7 +358,7 @@ def _is_tensor_index(item) -> bool:
 def _index_elements(item) -> tuple:
     v = to_vector(item)
     if v.elements and v.elements[0].node.dtype is DType.BOOL:
-        _fail("a bool tensor used as an index (a mask); mods cannot index with masks: use torch.where.")
+        fail_at_user_line("a bool tensor used as an index (a mask); mods cannot index with masks: use torch.where.")
     return v.elements
 
 
@@ -367,5 +367,5 @@ def getitem(tensor, item):
     if isinstance(tensor, (Proxy, TensorValue)):
         return index_vector(tensor, item)
     if not isinstance(tensor, torch.Tensor):
-        _fail(f"indexing a {type(tensor).__name__} with a traced value.")
-    return index_buffer(_tracer().buffer(tensor), tuple(tensor.shape), (), item)
+        fail_at_user_line(f"indexing a {type(tensor).__name__} with a traced value.")
+    return index_buffer(active_tracer().buffer(tensor), tuple(tensor.shape), (), item)

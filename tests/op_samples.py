@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from flexattn import passes
-from flexattn.proxy import _operand
+from flexattn.proxy import as_proxy
 from flexattn.semantics import evaluate, index_grid
 from flexattn.trace import trace_score_mod
 
@@ -68,7 +68,7 @@ def trace_values(fn, tensors: list[torch.Tensor]):
     result = []
 
     def mod(score, b, h, q_idx, kv_idx):
-        result.append(_operand(fn(*[t[q_idx] for t in tensors])).node)
+        result.append(as_proxy(fn(*[t[q_idx] for t in tensors])).node)
         return score
 
     traced = trace_score_mod(mod)

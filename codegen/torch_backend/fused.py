@@ -42,6 +42,7 @@ import torch
 
 from codegen.torch_backend import fused_plan
 from codegen.torch_backend.fused_plan import PlanUnit, chunks, evaluate_on_tiles, tile_env
+from flexattn.block_mask import UPPER
 from flexattn.lse import merge
 
 NEG_INF = float("-inf")
@@ -152,7 +153,7 @@ class FusedInputs:
 def _flipper(kind: int | None):
     """An UPPER triangle (q <= kv) is a causal one on both sequences reversed (LOWER, or None
     for a rectangle: as it is)."""
-    return (lambda x: x.flip(2)) if kind == fused_plan.UPPER else (lambda x: x)
+    return (lambda x: x.flip(2)) if kind == UPPER else (lambda x: x)
 
 
 def _tiles_of(x: torch.Tensor, block: int, index: torch.Tensor) -> torch.Tensor:

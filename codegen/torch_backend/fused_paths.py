@@ -105,11 +105,9 @@ def _documents(call: Call):
 def _tiles(call: Call):
     B, Hq, _, L, S = call.shape
     block = call.block_size
-    shapes = None
-    if call.mask_graph is not None and block[0] == block[1]:
-        shapes = fused_plan.tile_shapes(call.mask_graph, call.mask_buffers, B, Hq, L, S, block[0])
     biased = call.score_graph is not None
-    return fused_plan.plan(call.block_mask, B, Hq, L, S, block, shapes, MAX_BIASED_SQUARE if biased else None)
+    return fused_plan.plan(call.block_mask, B, Hq, L, S, block, call.facts.diagonals,
+                           MAX_BIASED_SQUARE if biased else None)
 
 
 def _cached(call: Call, kind, compute):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from codegen.torch_backend.evaluate import index_inputs
-from flexattn.block_mask import EMPTY, FULL, PARTIAL
+from flexattn.block_mask import EMPTY, FULL, LOWER, PARTIAL, UPPER
 from flexattn.semantics import evaluate
 
 MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay,
@@ -165,15 +165,14 @@ class PlanUnit:
                 + [(rect, None) for rect in self.rectangles])
 
 
-LOWER, UPPER = 1, 2  # a diagonal tile holding exactly q >= kv (tril) or q <= kv (triu), position by position
-
 
 def triangle_squares(classes: torch.Tensor, shapes, max_side: int | None = None) -> list[tuple[int, int, int, int]]:
     """Aligned squares (a, c, side, kind) of tiles (rows a.., columns c..) that are exactly a causal
     triangle: diagonal tiles of one ``kind`` (LOWER: FULL below the diagonal, EMPTY above; UPPER:
     the reverse, which the kernel runs causally on flipped sequences). Largest first, disjoint.
 
-    ``shapes(tiles (T, 2)) -> (T,) int`` says which diagonal tiles are LOWER / UPPER (else 0).
+    ``shapes(tiles (T, 2)) -> (T,) int`` says which diagonal tiles are LOWER / UPPER (else NEITHER:
+    the call's ``facts.diagonals``).
     A causal mask is one square; a sliding window a chain of LOWER and UPPER squares.
     """
     nq, nkv = classes.shape
@@ -219,9 +218,9 @@ def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, tile_shapes=No
          max_square: int | None = None) -> list[PlanUnit]:
     """The units of this call (``why_not_pays`` says whether they pay).
 
-    ``tile_shapes(tiles) -> kinds`` (optional) says which tiles hold exactly a causal
-    triangle (see ``triangle_squares``); aligned squares of them run as one causal call
-    each, the fused kernel's fastest case.
+    ``tile_shapes(tiles) -> kinds`` (optional: the call's ``facts.diagonals``) says which tiles
+    hold exactly a causal triangle (see ``triangle_squares``); aligned squares of them run as one
+    causal call each, the fused kernel's fastest case.
     """
     q_block, kv_block = block_size
     if block_mask is not None:
@@ -260,22 +259,3 @@ def evaluate_on_tiles(graph, env: dict, buffers) -> torch.Tensor:
     """``evaluate`` on a ``tile_env``, always 5-D (an input the graph does not read stays size 1)."""
     value = evaluate(graph, env, buffers)
     return value.view((1,) * (5 - value.dim()) + tuple(value.shape))
-
-
-def tile_shapes(mask_graph, mask_buffers, B: int, Hq: int, L: int, S: int, block: int):
-    """``tile_shapes`` for ``plan``: per tile, LOWER if the mask_mod keeps exactly
-    its q >= kv part (position within the tile), UPPER if exactly its q <= kv part, for every
-    batch row and head; 0 otherwise and for tiles cut by the end of a sequence."""
-    lower = torch.ones(block, block, dtype=torch.bool).tril()
-
-    def shapes(tiles: torch.Tensor) -> torch.Tensor:
-        kinds = torch.zeros(len(tiles), dtype=torch.int64)
-        whole = ((tiles[:, 0] + 1) * block <= L) & ((tiles[:, 1] + 1) * block <= S)
-        for chunk in chunks(whole.nonzero().flatten(), B * Hq * block * block):
-            env, _ = tile_env(slice(0, B), slice(0, Hq), tiles[chunk], (block, block), L, S)
-            keep = evaluate_on_tiles(mask_graph, env, mask_buffers).to(torch.bool)
-            for kind, pattern in ((LOWER, lower), (UPPER, lower.T)):
-                exact = (keep == pattern).flatten(-2).all(-1).flatten(0, 1).all(0)  # (P,)
-                kinds[chunk[exact.expand(len(chunk))]] = kind
-        return kinds
-    return shapes

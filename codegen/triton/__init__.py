@@ -32,7 +32,7 @@ GENERATOR_VERSION = hashlib.sha256(b"".join((pathlib.Path(__file__).parent / nam
 _SCRATCH: list[str] = []  # a directory for modules the disk cache could not hold, made on first use
 
 
-def _load(source: str, filename: str):
+def load_kernel_module(source: str, filename: str):
     """The generated source imported as a module from a file, since triton.jit reads a kernel's
     source from its file: the cache's entry ``filename`` when it holds this source, else a file in a
     temporary directory."""
@@ -64,7 +64,7 @@ def compile_kernel(score_graph: Graph | None, mask_graph: Graph | None, options:
         ...                               block_mask=bm, scale=None, enable_gqa=False)
     """
     module = KERNELS.get("triton", kernel_key(score_graph, mask_graph), GENERATOR_VERSION,
-                         build=lambda: kernel_source(score_graph, mask_graph), load=_load)
+                         build=lambda: kernel_source(score_graph, mask_graph), load=load_kernel_module)
     return Kernel(module.__flexattn_source__, module, constant_args(score_graph), constant_args(mask_graph),
                   score_grad_buffers(score_graph), dict(options or {}))
 

@@ -85,16 +85,24 @@ if MASKED:
 score = tl.where(keep, score, float("-inf"))
 '''
 
-# The head of the KV-tile loop shared by the forward and dq kernels: walk the
-# listed sparse blocks, split each into BLOCK_N kernel tiles, load K and V
-# (zero beyond S and beyond the head dims, which are padded to powers of two).
-KV_TILES = '''
-    offs_d = tl.arange(0, D_PAD)
+# The walk over a row's listed sparse blocks (KV blocks: N; for dK/dV, query blocks: M), each
+# split into kernel tiles: offs_n / offs_m are the tile's positions.
+TILE_WALK = '''    offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     for i in range(num):
         sparse_block = tl.load(indices + i * idx_stride)
-        for sub in range(SPARSE_N // BLOCK_N):
-            offs_n = sparse_block * SPARSE_N + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        for sub in range(SPARSE_X // BLOCK_X):
+            offs_x = sparse_block * SPARSE_X + sub * BLOCK_X + tl.arange(0, BLOCK_X)'''
+
+# The parameters of the KV-tile loops of the forward and dQ kernels, after their accumulators.
+KV_WALK_PARAMS = '''b, h, offs_m, K_base, V_base, num, indices, idx_stride, stride_kn, stride_vn, S, L, scale,
+    {MOD_PARAMS} MASKED: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr'''
+
+# The head of the KV-tile loop shared by the forward and dq kernels: walk the
+# listed sparse blocks, split each into BLOCK_N kernel tiles, load K and V
+# (zero beyond S and beyond the head dims, which are padded to powers of two).
+KV_TILES = '''{TILE_WALK_N}
             in_n = offs_n[:, None] < S
             k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
                         mask=in_n & (offs_d[None, :] < D), other=0.0)
@@ -104,11 +112,7 @@ KV_TILES = '''
 
 FORWARD = '''
 @triton.jit
-def _forward_tiles(q, acc, m_i, l_i, b, h, offs_m, K_base, V_base, num, indices, idx_stride,
-                   stride_kn, stride_vn, S, L, scale, {MOD_PARAMS}
-                   MASKED: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+def _forward_tiles(q, acc, m_i, l_i, {KV_WALK_PARAMS}):
 {KV_TILES}
 {SCORE_TILE}
             # Online softmax in fp32; a row with no kept score yet has max -inf, use 0 instead.
@@ -126,11 +130,7 @@ def _forward_tiles(q, acc, m_i, l_i, b, h, offs_m, K_base, V_base, num, indices,
 def attention_forward(Q, K, V, Out, LSE, MAX, scale, L, S, HQ, GROUP,
                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                      kv_num, kv_idx, full_num, full_idx, bm_sb, bm_sh, bm_sm, bi_sb, bi_sh, bi_sm, bi_sn,
-                      {MOD_PARAMS}
-                      SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
-                      DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      {QUERY_PROGRAM_PARAMS}):
     """One program: BLOCK_M query rows of one (batch, query head)."""
 {QUERY_PROGRAM}
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
@@ -156,11 +156,7 @@ def attention_forward(Q, K, V, Out, LSE, MAX, scale, L, S, HQ, GROUP,
 
 BACKWARD_DQ = '''
 @triton.jit
-def _dq_tiles(q, do, lse, delta, dq, b, h, offs_m, K_base, V_base, num, indices, idx_stride,
-              stride_kn, stride_vn, S, L, scale, {MOD_PARAMS}
-              MASKED: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_N: tl.constexpr,
-              D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+def _dq_tiles(q, do, lse, delta, dq, {KV_WALK_PARAMS}):
 {KV_TILES}
 {SCORE_TILE}
 {DSCORE}
@@ -176,11 +172,7 @@ def _dq_tiles(q, do, lse, delta, dq, b, h, offs_m, K_base, V_base, num, indices,
 def attention_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, L, S, HQ, GROUP,
                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                          kv_num, kv_idx, full_num, full_idx, bm_sb, bm_sh, bm_sm, bi_sb, bi_sh, bi_sm, bi_sn,
-                          {MOD_PARAMS}
-                          SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr,
-                          DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          {QUERY_PROGRAM_PARAMS}):
     """One program: dQ for BLOCK_M query rows of one (batch, query head); DQ is laid out like Q."""
 {QUERY_PROGRAM}
     in_m = offs_m < L
@@ -208,12 +200,7 @@ def _dkdv_tiles(k, v, dk, dv, b, h, offs_n, Q_base, DO_base, LSE_base, DELTA_bas
                 MASKED: tl.constexpr, SPARSE_M: tl.constexpr, BLOCK_M: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BUFFER_GRAD: tl.constexpr):
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    for i in range(num):
-        sparse_block = tl.load(indices + i * idx_stride)
-        for sub in range(SPARSE_M // BLOCK_M):
-            offs_m = sparse_block * SPARSE_M + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+{TILE_WALK_M}
             in_m = offs_m < L
             q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
                         mask=in_m[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -281,6 +268,13 @@ def attention_backward_dkdv(Q, K, V, DO, LSE, DELTA, DKEY, DVALUE, scale, L, S, 
     tl.store(DVALUE + v_offsets, dv.to(DVALUE.dtype.element_ty), mask=in_n & (offs_dv[None, :] < DV))
 '''
 
+# The parameters after the strides of a program over query rows (the forward's and dQ's): the
+# BlockMask's KV lists and their strides, the mods' buffers, the block sizes.
+QUERY_PROGRAM_PARAMS = '''kv_num, kv_idx, full_num, full_idx, bm_sb, bm_sh, bm_sm, bi_sb, bi_sh, bi_sm, bi_sn,
+    {MOD_PARAMS}
+    SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr'''
+
 # The start of a program over BLOCK_M query rows of one (batch, query head): the forward's and dQ's.
 QUERY_PROGRAM = '''    start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -296,5 +290,8 @@ QUERY_PROGRAM = '''    start_m = tl.program_id(0)
     row = b * bm_sb + h * bm_sh + sparse_m * bm_sm
     idx_row = b * bi_sb + h * bi_sh + sparse_m * bi_sm'''
 
-FORWARD = FORWARD.replace("{KV_TILES}\n", KV_TILES).replace("{QUERY_PROGRAM}", QUERY_PROGRAM)
-BACKWARD_DQ = BACKWARD_DQ.replace("{KV_TILES}\n", KV_TILES).replace("{QUERY_PROGRAM}", QUERY_PROGRAM)
+KV_TILES = KV_TILES.replace("{TILE_WALK_N}", TILE_WALK.replace("_X", "_N").replace("offs_x", "offs_n"))
+BACKWARD_DKDV = BACKWARD_DKDV.replace("{TILE_WALK_M}", TILE_WALK.replace("_X", "_M").replace("offs_x", "offs_m"))
+FORWARD, BACKWARD_DQ = (template.replace("{KV_TILES}\n", KV_TILES).replace("{QUERY_PROGRAM}", QUERY_PROGRAM)
+                        .replace("{QUERY_PROGRAM_PARAMS}", QUERY_PROGRAM_PARAMS).replace("{KV_WALK_PARAMS}", KV_WALK_PARAMS)
+                        for template in (FORWARD, BACKWARD_DQ))

@@ -29,7 +29,7 @@ from torch.nn.attention import flex_attention as torch_flex
 from flexattn import passes
 from flexattn.analysis.boxes import SPLIT, Boxes, decide, refine_tiles
 from flexattn.analysis.buffer_ranges import BufferRanges
-from flexattn.block_mask import DEFAULT_BLOCK_SIZE, FULL, PARTIAL, BlockMask, pair, positive_int
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, FULL, PARTIAL, BlockMask, TileAnalysis, pair, positive_int
 from flexattn.errors import BlockMaskError
 from flexattn.index_lists import box_lists
 from flexattn.mod_cache import cached_block_mask
@@ -165,6 +165,9 @@ def _check_list_memory(B, H, Q_LEN, KV_LEN, block, separate_full_blocks, device)
         f"BLOCK_SIZE=({block[0] * scale}, {block[1] * scale}), or pass separate_full_blocks=False to halve it.")
 
 
+# Under torch.compile a block mask is built eagerly (one graph break): dynamo must not trace
+# flexattn's tracer and analysis, which read tensor values and Python frames.
+@torch.compiler.disable
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=DEFAULT_BLOCK_SIZE, _compile=False,
                       separate_full_blocks: bool = True, compute_dq_write_order: bool = False,
                       dq_kv_order: bool = True, *, exact: bool = True) -> BlockMask:
@@ -216,7 +219,7 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=DE
     _check_list_memory(B, H, Q_LEN, KV_LEN, (q_block, kv_block), separate_full_blocks, device)
     arguments = (B, H, Q_LEN, KV_LEN, str(device), (q_block, kv_block), separate_full_blocks, compute_dq_write_order,
                  dq_kv_order, exact)
-    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, *arguments))
+    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, *arguments), trace_mask_mod)
 
 
 def _build(mask_mod, B, H, Q_LEN, KV_LEN, device, block, separate_full_blocks, compute_dq_write_order, dq_kv_order,
@@ -238,14 +241,14 @@ def _build(mask_mod, B, H, Q_LEN, KV_LEN, device, block, separate_full_blocks, c
     lists = [tuple(t.expand(B, H, *t.shape[2:]).contiguous() if t.shape[:2] != (B, H) else t for t in pair)
              for pair in plane.lists(separate_full_blocks, device)]
     kv, full_kv, q, full_q = lists if separate_full_blocks else (lists[0], (None, None), lists[1], (None, None))
-    block_mask = BlockMask((Q_LEN, KV_LEN), *kv, *full_kv, *q, *full_q, (q_block, kv_block), mask_mod)
+    total = nb * nh * nq * nkv
+    stats = {"tiles": total, "decided_symbolically": total - refined if exact else total - len(b),
+             "subdivided": len(b) if exact else 0, "refined": refined,
+             "left_partial": 0 if exact else len(b), "depends_on": sorted(deps)}
+    block_mask = BlockMask((Q_LEN, KV_LEN), *kv, *full_kv, *q, *full_q, (q_block, kv_block), mask_mod,
+                           analysis=TileAnalysis(mask_mod, traced, stats))
     if compute_dq_write_order:
         block_mask.dq_write_order, block_mask.dq_write_order_full = \
             torch_flex._compute_dq_write_order_from_block_mask(block_mask, dq_kv_order=dq_kv_order)
         block_mask.dq_kv_order_spt = dq_kv_order
-    total = nb * nh * nq * nkv
-    block_mask.traced_mask = traced
-    block_mask.stats = {"tiles": total, "decided_symbolically": total - refined if exact else total - len(b),
-                        "subdivided": len(b) if exact else 0, "refined": refined,
-                        "left_partial": 0 if exact else len(b), "depends_on": sorted(deps)}
     return block_mask

@@ -56,7 +56,7 @@ class _Part:
 
 
 @dataclass
-class _LocalParts:
+class LocalParts:
     """What a rank needs for a plan and mask: its own part, the remote part (or None), the exchange."""
 
     own: _Part
@@ -80,7 +80,7 @@ def _part(classes, block_mask, plan, q_units, kv_units, device) -> _Part:
     return _Part(mask, q_pos, kv_pos)
 
 
-def local_parts(block_mask: BlockMask, plan: ContextParallelPlan, rank: int, device) -> _LocalParts:
+def local_parts(block_mask: BlockMask, plan: ContextParallelPlan, rank: int, device) -> LocalParts:
     """The local BlockMasks, position tables and exchange of ``rank`` (kept per mask, plan, rank and device)."""
     visited = block_mask.visited_tiles()
     classes = visited.tile_classes()
@@ -92,12 +92,12 @@ def local_parts(block_mask: BlockMask, plan: ContextParallelPlan, rank: int, dev
     own = _part(classes, visited, plan, plan.units[rank], plan.units[rank], device)
     remote = _part(classes, visited, plan, plan.units[rank], exchange.remote_units, device) \
         if exchange.remote_units else None
-    parts = _LocalParts(own, remote, exchange)
+    parts = LocalParts(own, remote, exchange)
     _parts[block_mask][key] = (classes, parts)
     return parts
 
 
-def _grad_buffers(score_mod) -> tuple[torch.Tensor, ...]:
+def grad_buffers_of(score_mod) -> tuple[torch.Tensor, ...]:
     """The float tensors requiring grad that ``score_mod`` captures (views resolved to their base).
 
     Raises ``InputError`` when the mod builds such a tensor anew on every call (then the attention
@@ -125,8 +125,8 @@ def _grad_buffers(score_mod) -> tuple[torch.Tensor, ...]:
 
 
 @dataclass
-class _Call:
-    parts: _LocalParts
+class ShardedCall:
+    parts: LocalParts
     score_mod: object
     group: object
     rank: int
@@ -135,7 +135,7 @@ class _Call:
     grad: bool  # grad mode at the call (inside forward it is always off)
 
 
-def _attend(call: _Call, part: _Part, q, k, v):
+def _attend(call: ShardedCall, part: _Part, q, k, v):
     score = None if call.score_mod is None else _at_global_score(call.score_mod, part.q_pos, part.kv_pos)
     kwargs = dict(call.kwargs)
     kwargs["kernel_options"] = dict(kwargs["kernel_options"] or {})
@@ -148,7 +148,7 @@ def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
     return t.detach().requires_grad_(grad)
 
 
-class _ContextParallel(torch.autograd.Function):
+class ContextParallelFunction(torch.autograd.Function):
     """(query, key, value, *captured float tensors) -> (out, lse) of this rank's queries, across ranks.
 
     The local computation is recorded by autograd inside ``forward`` (so its backward is flexattn's
@@ -157,7 +157,7 @@ class _ContextParallel(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, call: _Call, query, key, value, *buffers):
+    def forward(ctx, call: ShardedCall, query, key, value, *buffers):
         ctx.call, ctx.buffers = call, buffers
         E = key.shape[-1]
         with torch.set_grad_enabled(call.grad):

@@ -11,7 +11,7 @@ from flexattn import dispatch
 from flexattn.analysis import create_block_mask
 from flexattn.api import validate_inputs
 from flexattn.block_mask import BlockMask
-from flexattn.distributed.attention import _Call, _ContextParallel, _grad_buffers, local_parts
+from flexattn.distributed.attention import ShardedCall, ContextParallelFunction, grad_buffers_of, local_parts
 from flexattn.distributed.comm import all_gather_rows, group_rank_and_size
 from flexattn.distributed.layout import DEFAULT_TIMEOUT
 from flexattn.distributed.plan import ContextParallelPlan, plan_context_parallel, plan_for_units
@@ -95,7 +95,7 @@ def context_parallel_attention(query, key, value, score_mod=None, block_mask: Bl
     try:
         plan, block_mask = _plan_and_mask(block_mask, plan, world)
         query, key, value = _check_local(query, key, value, enable_gqa, plan, rank)
-        buffers = _grad_buffers(score_mod)
+        buffers = grad_buffers_of(score_mod)
         parts = local_parts(block_mask, plan, rank, query.device)
         normalize(kernel_options)  # a bad option fails here, on every rank, not inside the exchange
         kwargs = dict(scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options, backend=dispatch.pick_backend(backend, query.device.type))
@@ -104,8 +104,8 @@ def context_parallel_attention(query, key, value, score_mod=None, block_mask: Bl
     rows = all_gather_rows(_row(0 if error is None else 1, None if error else plan, world, query, key, value,
                                 len(buffers)), group, timeout, rank, world, "agreement check before the exchange")
     _agree(rows, rank, plan, error)
-    call = _Call(parts, score_mod, group, rank, timeout, kwargs, torch.is_grad_enabled())
-    out, lse = _ContextParallel.apply(call, query, key, value, *buffers)
+    call = ShardedCall(parts, score_mod, group, rank, timeout, kwargs, torch.is_grad_enabled())
+    out, lse = ContextParallelFunction.apply(call, query, key, value, *buffers)
     return (out, lse) if return_lse else out
 
 

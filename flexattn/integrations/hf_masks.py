@@ -25,7 +25,7 @@ import torch
 
 from flexattn import passes
 from flexattn.analysis import create_block_mask
-from flexattn.block_mask import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, BlockMask
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, BlockMask, TileAnalysis
 from flexattn.mod_cache import cached_block_mask
 from flexattn.semantics import evaluate, index_grid
 from flexattn.trace import trace_mask_mod
@@ -82,15 +82,17 @@ def _lists(classes: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor
     return hit.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
 
-def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod) -> BlockMask:
+def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod, traced=None) -> BlockMask:
     """``BlockMask.from_tile_classes`` by four sorts (the lists are torch's layout), for small tile grids.
 
-    ``classes``: (B, H, Q_BLOCKS, KV_BLOCKS) EMPTY/PARTIAL/FULL codes. Example:
+    ``classes``: (B, H, Q_BLOCKS, KV_BLOCKS) EMPTY/PARTIAL/FULL codes; ``traced``: mask_mod's
+    trace, kept on the mask (attention does not trace it again). Example:
     ``block_mask_of_classes(torch.full((1, 1, 2, 2), FULL, dtype=torch.int8), (128, 128), (256, 256), None)``.
     """
     columns = classes.transpose(-1, -2)
     return BlockMask(seq_lengths, *_lists(classes, PARTIAL), *_lists(classes, FULL), *_lists(columns, PARTIAL),
-                     *_lists(columns, FULL), block, mask_mod)
+                     *_lists(columns, FULL), block, mask_mod,
+                     analysis=None if traced is None else TileAnalysis(mask_mod, traced))
 
 
 _batch_dependence: dict[int, tuple] = {}  # id(graph) -> (graph, reads b): a decoding step asks every step
@@ -130,7 +132,8 @@ def build_block_mask(mask_function, batch_size: int, q_length: int, kv_length: i
     base = _shifted(mask_function, q_off, kv_off)
     mask_mod = base if padding is None else _with_padding(base, padding.to("cpu", torch.bool), kv_off)
     arguments = ("transformers", batch_size, q_length, kv_length, str(device), block)
-    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, base, padding, kv_off, *arguments[1:]))
+    return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, base, padding, kv_off, *arguments[1:]),
+                             trace_mask_mod)
 
 
 def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, device, block) -> BlockMask:
@@ -144,15 +147,24 @@ def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, dev
             start = int(kv_off)
             keys = padding.to("cpu", torch.bool)[:, start:start + kv_length]
             classes = torch.minimum(classes, tile_classes_of(keys[:, None, None, :], (1, block[1])))
-    block_mask = block_mask_of_classes(classes, block, (q_length, kv_length), mask_mod)
-    block_mask.traced_mask = traced
+    block_mask = block_mask_of_classes(classes, block, (q_length, kv_length), mask_mod, traced)
     return block_mask if torch.device(device).type == "cpu" else block_mask.to(device)
 
 
+# Models whose attention combines the mask with its own as a tensor and drops it when it is a
+# BlockMask (transformers' code tests isinstance): they get transformers' dense eager mask, which
+# flexattn's attention reads as a 4-D float mask.
+TENSOR_MASK_MODELS = {"doge": "DogeAttention.prepare_dynamic_mask adds the mask to its dynamic mask only as a tensor"}
+
+
+# Under torch.compile the mask is built eagerly (one graph break): dynamo must not trace flexattn's
+# tracer and analysis, which read tensor values and Python frames.
+@torch.compiler.disable
 def block_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                          mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu",
-                         **kwargs) -> BlockMask:
-    """transformers' ``AttentionMaskInterface`` signature: the flexattn BlockMask of a model's mask.
+                         **kwargs) -> BlockMask | torch.Tensor:
+    """transformers' ``AttentionMaskInterface`` signature: the flexattn BlockMask of a model's mask
+    (for a model of ``TENSOR_MASK_MODELS``, transformers' dense float mask (B, 1, q_length, kv_length)).
 
     ``attention_mask`` is the 2-D padding mask (B, past + Q_LEN), True/1 where a token is real; the
     other keyword arguments transformers passes (``config``, ``dtype``, ``use_vmap``,
@@ -164,6 +176,11 @@ def block_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offse
         >>> block_mask_interface(2, 8, 8, attention_mask=torch.tensor([[0] * 3 + [1] * 5, [1] * 8])).shape
         (2, 1, 8, 8)
     """
+    if getattr(kwargs.get("config"), "model_type", None) in TENSOR_MASK_MODELS:
+        from transformers.masking_utils import causal_mask_function, eager_mask
+
+        return eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function or causal_mask_function,
+                          attention_mask, device=device, **kwargs)
     padding = None
     if attention_mask is not None and not bool(attention_mask.all()):
         padding = attention_mask.to(torch.bool)

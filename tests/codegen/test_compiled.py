@@ -99,6 +99,7 @@ def test_training_loop_with_new_lengths_every_step_compiles_once():
 
 def test_auto_serves_eagerly_until_compiled(monkeypatch):
     monkeypatch.delenv("FLEXATTN_COMPILED", raising=False)  # the suite's default is eager (conftest.py)
+    monkeypatch.setattr(compiled, "MIN_COMPILED_SCORES", 0)  # these shapes are small
 
     def mask(b, h, q_idx, kv_idx):
         return q_idx - kv_idx <= 40
@@ -114,6 +115,21 @@ def test_auto_serves_eagerly_until_compiled(monkeypatch):
     again = _attend(mods, q, k, v, options={"COMPILED": "auto"})
     assert compiled.STATS["served"] == served + 1
     torch.testing.assert_close(again, first, atol=2e-5, rtol=1e-4)
+
+
+def test_auto_never_compiles_a_small_call(monkeypatch):
+    monkeypatch.delenv("FLEXATTN_COMPILED", raising=False)
+    mods = CASES["softcap"].build(L, S, HQ)
+    q, k, v = (t.detach() for t in _inputs())
+    graphs = compiled.STATS["graphs"]
+    for _ in range(tier.COMPILE_AFTER_CALLS + 1):
+        _attend(mods, q, k, v, options={"COMPILED": "auto"})
+    choice = flexattn.explain_call(q, k, v, score_mod=mods.score_mod, enable_gqa=True,
+                                   kernel_options={"COMPILED": "auto"}, print_it=False)
+    assert choice.path.name == "generated_loop"
+    assert "< MIN_COMPILED_SCORES" in dict(choice.skipped)["compiled_loop"]
+    compiled.wait_all()
+    assert compiled.STATS["graphs"] == graphs
 
 
 def test_a_failed_compilation_warns_once_and_eager_keeps_serving(monkeypatch):

@@ -10,7 +10,9 @@ import flexattn
 from codegen.torch_backend import fused_paths, fused_plan
 from codegen.torch_backend.tiles import loop_work
 from flexattn import dispatch
+from flexattn.analysis.diagonals import DiagonalKinds
 from flexattn.api import mask_of
+from flexattn.block_mask import LOWER, UPPER
 
 
 SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])
@@ -125,9 +127,9 @@ def test_causal_triangles_run_in_the_kernels_causal_mode():
     n = 1000  # the last, ragged tile stays a PARTIAL tile
     classes = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n).tile_classes()
     def shapes(tiles):  # every diagonal tile but the ragged last one is exactly causal
-        return torch.where((tiles[:, 0] == tiles[:, 1]) & (tiles[:, 0] < 7), fused_plan.LOWER, 0)
+        return torch.where((tiles[:, 0] == tiles[:, 1]) & (tiles[:, 0] < 7), LOWER, 0)
     squares = fused_plan.triangle_squares(classes[0, 0], shapes)
-    assert squares == [(0, 0, 4, fused_plan.LOWER), (4, 4, 2, fused_plan.LOWER)]  # a lone tile stays PARTIAL
+    assert squares == [(0, 0, 4, LOWER), (4, 4, 2, LOWER)]  # a lone tile stays PARTIAL
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for _ in range(3))
     bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n)
@@ -143,9 +145,9 @@ def test_a_sliding_window_is_a_chain_of_causal_and_reversed_causal_squares():
     n, window = 2048, 512
     bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= window),
                                     None, None, n, n)
-    shapes = fused_plan.tile_shapes(bm.traced_mask.graph, bm.traced_mask.buffers, 1, 1, n, n, 128)
+    shapes = DiagonalKinds(bm.traced_mask.graph, bm.traced_mask.buffers, 1, 1, n, n, 128)
     squares = fused_plan.triangle_squares(bm.tile_classes()[0, 0], shapes)
-    assert {kind for *_, kind in squares} == {fused_plan.LOWER, fused_plan.UPPER}
+    assert {kind for *_, kind in squares} == {LOWER, UPPER}
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for _ in range(3))
     out = _run("torch", q, k, v, bm, {"FUSED": True, "SPLIT_KV": False})[0]
@@ -275,7 +277,7 @@ def test_separable_biases_run_on_causal_and_reversed_causal_squares():
     call = _call(q, k, v, bm, {"FUSED": True, "SPLIT_KV": False}, SEPARABLE["alibi"])
     assert dispatch.choose("torch", call).path.name == "fused_tiles"
     squares = [square for unit in fused_paths.tile_plan(call, True)[0] for square in unit.squares]
-    assert {kind for *_, kind in squares} == {fused_plan.LOWER, fused_plan.UPPER}
+    assert {kind for *_, kind in squares} == {LOWER, UPPER}
     out = dispatch.run("torch", call)[0]
     ref = _run("reference", q, k, v, bm, {}, SEPARABLE["alibi"])[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -1,23 +1,21 @@
 """The Triton back end against the dense reference, under TRITON_INTERPRET=1 on CPU tensors."""
 
 import ast
-import os
 
 # The interpreter must be chosen before any Triton kernel is defined (our modules are
 # loaded lazily, at compile_kernel time, so setting it at import of this module is enough).
-os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton back end cannot run")
 
-from backends import BACKENDS  # noqa: E402
-from codegen.triton import compile_kernel  # noqa: E402
-from flexattn.analysis import create_block_mask  # noqa: E402
-from flexattn.trace import trace_mask_mod, trace_score_mod  # noqa: E402
-from flexattn import AuxRequest, flex_attention  # noqa: E402
-from lse_cases import BIAS, MASKS, SCORE_MODS, dense_attention, grads, make_case, sink_loss  # noqa: E402
+from backends import BACKENDS
+from codegen.triton import compile_kernel
+from flexattn.analysis import create_block_mask
+from flexattn.trace import trace_mask_mod, trace_score_mod
+from flexattn import AuxRequest, flex_attention
+from lse_cases import BIAS, MASKS, SCORE_MODS, dense_attention, grads, make_case, sink_loss
 
 H = 2
 SLOPES = torch.tensor([0.5, 0.25])

@@ -1,23 +1,18 @@
 """The Triton back end's split-KV decoding kernels equal the dense reference and the general
 Triton forward, under TRITON_INTERPRET=1 on CPU tensors (so every shape here is a few tiles)."""
 
-import os
-
-# The interpreter must be chosen before any Triton kernel is defined (see test_triton_backend.py).
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton back end cannot run")
 
-from backends import BACKENDS  # noqa: E402
-from codegen.triton import compile_kernel  # noqa: E402
-from flexattn import dispatch  # noqa: E402
-from flexattn.errors import InputError  # noqa: E402
-from codegen.triton.kernel import Kernel  # noqa: E402
-from flexattn.analysis import create_block_mask  # noqa: E402
-from flexattn.trace import trace_mask_mod, trace_score_mod  # noqa: E402
+from backends import BACKENDS
+from codegen.triton import compile_kernel
+from flexattn import dispatch
+from flexattn.errors import InputError
+from codegen.triton.kernel import Kernel
+from flexattn.analysis import create_block_mask
+from flexattn.trace import trace_mask_mod, trace_score_mod
 
 SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])
 

@@ -58,6 +58,16 @@ def test_block_mask_attributes():
     assert fx.sparsity() == pytest.approx(th.sparsity())
 
 
+def test_is_a_torch_block_mask():
+    """Code written for torch tests ``isinstance(mask, BlockMask)`` (transformers does): a flexattn
+    BlockMask passes it, and torch's flex_attention reads it."""
+    fx, th = both(offset_causal, 1, 2, 256, 256)
+    assert isinstance(fx, tfa.BlockMask) and isinstance(fx[0], tfa.BlockMask)
+    q = torch.randn(1, 2, 256, 16)
+    torch.testing.assert_close(tfa.flex_attention(q, q, q, block_mask=fx),
+                               tfa.flex_attention(q, q, q, block_mask=th))
+
+
 INDICES = {
     "int": 0, "int_pair": (0, 1), "slices": (slice(0, 2), slice(1, 2)),
     "q_tensor": (slice(0, 2), slice(1, 2), torch.tensor([1], dtype=torch.int32)),

@@ -1,7 +1,7 @@
 """flex_attention inside torch.compile(fullgraph=True): one custom op, same values and gradients as eager.
 
-torch._dynamo (and so flexattn.custom_op) is imported inside the tests: importing it imports Triton,
-which must come after the Triton tests' modules set TRITON_INTERPRET=1 at collection.
+torch._dynamo (and so flexattn.custom_op) is imported inside the tests: importing it imports Triton
+(the suite's TRITON_INTERPRET setting is in tests/conftest.py).
 """
 
 import importlib
@@ -106,3 +106,16 @@ def test_lse_under_compile(aux):
 
     q = torch.randn(1, 2, 16, 8)
     torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(q), call(q))
+
+
+def test_ops_fake_layouts_match_the_real_ones_for_strided_inputs():
+    """inductor checks each op's outputs against its fake's strides: a key that is a transposed view
+    (as transformers' are) must get a gradient laid out as the fake says."""
+    custom_op = _custom_op()
+    module = SlopedAttention(2)
+    number, score_buffers, _ = custom_op.plan(module.score_mod, None, "torch")
+    q = torch.randn(1, 6, 2, 4).transpose(1, 2)  # (B, H, L, E) with strides of (B, L, H, E)
+    k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 6, 2, 4).transpose(1, 2)
+    args = (q, k, v, list(score_buffers), [], [], torch.randn(1, 2, 6, 4), torch.zeros(1, 2, 6), number, 0.5, False)
+    torch.library.opcheck(torch.ops.flexattn.attention_backward, args, test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.flexattn.attention, args[:6] + args[8:], test_utils=("test_faketensor",))

@@ -120,7 +120,7 @@ def _int_operand(draw, position: int, domain: str):
     return lambda q, kv, b, h: q * a + kv * c + h * e + d
 
 
-def _operand(draw, spec, position: int):
+def as_proxy(draw, spec, position: int):
     kind = "bool" if spec.promote == "select" and position == 0 else draw(st.sampled_from(["int", "bool", "int"]))
     affine = _int_operand(draw, position, spec.int_domain if kind == "int" else "")
     if kind == "bool":
@@ -139,7 +139,7 @@ def _box_values(graph, b, h, q_lo, q_hi, kv_lo, kv_hi) -> np.ndarray:
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_interval_rule_is_sound(spec, data):
-    makers = [_operand(data.draw, spec, i) for i in range(spec.arity)]
+    makers = [as_proxy(data.draw, spec, i) for i in range(spec.arity)]
     try:
         traced = trace_score_mod(lambda s, b, h, q, kv: apply(spec, *[m(q, kv, b, h) for m in makers]))
     except TraceError:

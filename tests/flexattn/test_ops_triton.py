@@ -6,30 +6,25 @@ derivatives torch autograd's. The interpreter has no libdevice, so here each lib
 function is torch's: that checks what the printer composes, not libdevice's rounding.
 """
 
-import os
+import itertools
+from dataclasses import replace
 
-# The interpreter must be chosen before any Triton kernel is defined.
-os.environ["TRITON_INTERPRET"] = "1"
-
-import itertools  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton printer cannot run")
 tl = pytest.importorskip("triton.language")
-from triton.runtime.interpreter import TensorHandle  # noqa: E402
+from triton.runtime.interpreter import TensorHandle
 
-from codegen.triton import _load, templates  # noqa: E402
-from codegen.triton.printer import TL_DTYPE, ModPrinter, constant_args  # noqa: E402
-from flexattn.errors import LoweringError  # noqa: E402
-from flexattn.ir import SPECS, DType, Op  # noqa: E402
-from flexattn.ops import OPS  # noqa: E402
-from flexattn.proxy import apply  # noqa: E402
-from flexattn.semantics import TORCH_DTYPES, apply_op  # noqa: E402
-from op_samples import COMBOS, N, close, evaluate_values, sample, trace_values  # noqa: E402
+from codegen.triton import load_kernel_module, templates
+from codegen.triton.printer import TL_DTYPE, ModPrinter, constant_args
+from flexattn.errors import LoweringError
+from flexattn.ir import SPECS, DType, Op
+from flexattn.ops import OPS
+from flexattn.proxy import apply
+from flexattn.semantics import TORCH_DTYPES, apply_op
+from op_samples import COMBOS, N, close, evaluate_values, sample, trace_values
 
 # The inputs include infinities and NaN, on which numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -68,7 +63,7 @@ def kernel(out_ptr, {params}{', ' if params else ''}N: tl.constexpr):
     score = tl.zeros([N, 1], tl.float32)
     {body}
 """
-    module = _load(source, f"ops_test_{next(_KERNELS)}")
+    module = load_kernel_module(source, f"ops_test_{next(_KERNELS)}")
     module.libdevice = _Libdevice()
     return module.kernel
 

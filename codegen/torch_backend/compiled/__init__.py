@@ -11,7 +11,9 @@ is False: the caller then runs the eager kernel. Matmuls stay on BLAS.
 (mask-only calls keep the eager loop, faster there), the compilation
 requested from a signature's ``tier.COMPILE_AFTER_CALLS``-th call on (a mod called a few times,
 a test or a one-off script, never starts the compiler, which competes with the calls it serves
-for the CPU and the GIL);
+for the CPU and the GIL), and only for calls that compute at least ``MIN_COMPILED_SCORES`` scores
+(small calls gain a few percent of a short call, less than the compiler's time costs the calls
+it slows while it runs);
 ``True`` waits for the compiled kernel (benchmarks, tests); ``False`` never
 compiles. The environment variable ``FLEXATTN_COMPILED=0`` makes the default
 ``"auto"`` behave as False (the test suite sets it: tests of this path ask
@@ -32,6 +34,8 @@ from codegen.torch_backend.tiles import plan_rows
 from flexattn.call import Call
 from flexattn.errors import LoweringError
 from flexattn.ir import constants_of
+
+MIN_COMPILED_SCORES = 1 << 21  # "auto" compiles calls computing this many scores (tiles x tile area x B x H)
 
 
 def kernel_for(call: Call) -> Kernel | str:
@@ -59,6 +63,10 @@ def kernel_for(call: Call) -> Kernel | str:
     slots = [i for i, t in enumerate(call.score_buffers) if t.requires_grad] if call.needs_grad else None
     sig = tier.signature(call.query, call.score_buffers, call.mask_buffers, call.block_mask, slots)
     if mode == "auto":  # counted before the tile source is printed: a mod called a few times costs nothing
+        scores = computed_scores(call)
+        if scores < MIN_COMPILED_SCORES:
+            return (f"the call computes {scores} scores < MIN_COMPILED_SCORES ({MIN_COMPILED_SCORES}): "
+                    "compiling would cost more than it saves (kernel_options COMPILED=True forces it)")
         calls = tier.count_call(key, sig)
         if calls < tier.COMPILE_AFTER_CALLS:
             return (f"call {calls} of this mod and signature; its kernel is compiled from call "
@@ -78,6 +86,18 @@ def kernel_for(call: Call) -> Kernel | str:
     if state != tier.READY:
         return "its compiled kernel is being built in the background; the eager loop serves meanwhile"
     return Kernel(item.namespace_for(), constants_of(call.score_graph), constants_of(call.mask_graph))
+
+
+def computed_scores(call: Call) -> int:
+    """How many scores the loop computes for ``call``: its non-empty tiles times the tile area,
+    over every batch and query head (all of L x S without a BlockMask)."""
+    B, Hq, _, L, S = call.shape
+    mask = call.block_mask
+    if mask is None:
+        return B * Hq * L * S
+    tiles = int(mask.kv_num_blocks.sum()) + (0 if mask.full_kv_num_blocks is None else int(mask.full_kv_num_blocks.sum()))
+    mask_b, mask_h = mask.kv_num_blocks.shape[:2]
+    return tiles * mask.BLOCK_SIZE[0] * mask.BLOCK_SIZE[1] * (B // mask_b) * (Hq // mask_h)
 
 
 def _compile(item, call: Call, slots):
