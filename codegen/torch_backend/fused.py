@@ -32,8 +32,8 @@ The torch back end takes these paths (``fused_documents``, ``fused_tiles`` in
 ``codegen.torch_backend.paths``) when the score_mod is absent or separable
 (with no buffer needing a gradient), head dims of q/k/v are equal, max_scores
 is not requested (the fused kernel does not return it) (``fused_paths.why_not_fused``),
-and the plan is one the fused kernel is fast on (``fused_plan.why_not_pays``:
-tall rectangles, few PARTIAL tiles).
+and the plan is one the fused kernel is fast on (``fused_plan.why_not_pays``: its FULL area in
+tall rectangles or wide strips, and an estimated cost below the generated loop's).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ import torch
 
 from codegen.autograd import differentiable
 from codegen.torch_backend import fused, fused_plan
+from codegen.torch_backend.kernel import DEFAULT_MAX_TILES
 from codegen.torch_backend.fused import MAX_BIAS_SPAN, MAX_BIASED_SQUARE, Features, FusedInputs
+from codegen.torch_backend.tiles import loop_work
 from flexattn.call import Call, needs_grad
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -66,10 +68,13 @@ def document_plan(call: Call):
 
 def tile_plan(call: Call, forced: bool):
     """(units, None) of causal squares, FULL rectangles and PARTIAL batches, or (None, why not):
-    the plan does not pay (``fused_plan.why_not_pays``) and ``forced`` is False."""
+    the plan does not pay against the generated loop (``fused_plan.why_not_pays``) and ``forced`` is False."""
     def make():
         units = _cached(call, ("tiles", call.score_graph is not None), _tiles)
-        reason = fused_plan.why_not_pays(units)
+        B, Hq, _, L, S = call.shape
+        loop = loop_work(call.block_mask, B, Hq, L, S, call.block_size,
+                         int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
+        reason = fused_plan.why_not_pays(units, call.block_size, L, S, loop)
         return (units, None) if reason is None or forced else (None, reason)
     return call.derived(("fused_tiles", forced), make)
 

@@ -14,19 +14,26 @@ from flexattn.semantics import evaluate
 
 MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for the fused kernel to pay,
 MIN_TILES_OF_STRIPS = 6  # or this many tiles in all (a wide band: one kernel call still covers many keys)
-MAX_PARTIAL_SHARE = 0.25  # ... and PARTIAL tiles (small batched calls) at most this share of the FULL ones
+# Estimated costs, in query-key products of the generated loop (measured, docs/performance.md):
+PARTIAL_PRODUCT = 2.0  # one product of a batched PARTIAL tile on the fused kernel (tiles copied, additive mask)
+FUSED_CALL = 25_000  # one fused call and the merge of its result by lse
+LOOP_PIECE = 250_000  # one piece of the generated loop (its elementwise passes and row updates)
 MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pay
 MASK_CHUNK = 1 << 24  # mask elements evaluated (and materialised) at once for a batch of tiles
 
 
-def why_not_pays(units: list["PlanUnit"]) -> str | None:
+def why_not_pays(units: list["PlanUnit"], block, L: int, S: int, loop: tuple[int, int]) -> str | None:
     """Why the fused kernel would not beat the generated loop on this plan (None: it would;
-    measured, docs/performance.md).
+    measured, docs/performance.md). ``loop``: the loop's (products, pieces) for the same call
+    (``tiles.loop_work``).
 
-    The fused kernel is fast on tall rectangles (a causal triangle's squares, no
-    mask at all) and on wide strips (the band of a window of 1024 or more), and
-    slower than batched matmuls on narrow strips and on batches of single tiles
-    (a window of 512 or less, a NATTEN mask).
+    Two rules. The shape of the FULL area: the fused kernel is fast on tall rectangles
+    (a causal triangle's squares, no mask at all) and on wide strips (the band of a
+    window of 1024 or more), and slower than batched matmuls on narrow strips (a window
+    of 512 or less). Then the estimated cost of both paths (``fused_cost`` against
+    ``loop`` products plus LOOP_PIECE per piece): PARTIAL tiles cost the fused path
+    more per product than the loop, and each fused call a fixed amount; the loop pays
+    for padding (per-head tile lists are padded to the longest of their row) and per piece.
     """
     rects = [r for u in units for r in u.rectangles] + [(a, a + n, c, c + (n + 1) // 2)
                                                          for u in units for a, c, n, _ in u.squares]
@@ -39,11 +46,31 @@ def why_not_pays(units: list["PlanUnit"]) -> str | None:
     if mean_rows < MIN_ROWS_OF_TILES and mean_tiles < MIN_TILES_OF_STRIPS:
         return (f"FULL rectangles average {mean_rows:.1f} q tiles tall < MIN_ROWS_OF_TILES ({MIN_ROWS_OF_TILES}) "
                 f"and {mean_tiles:.1f} tiles < MIN_TILES_OF_STRIPS ({MIN_TILES_OF_STRIPS})")
-    partial_tiles = sum(len(batch) for u in units for batch in u.batches)
-    if partial_tiles > MAX_PARTIAL_SHARE * full_tiles:
-        return (f"{partial_tiles} PARTIAL tiles are more than MAX_PARTIAL_SHARE ({MAX_PARTIAL_SHARE}) of the "
-                f"{full_tiles} FULL ones")
+    full, partial, calls = fused_cost(units, block, L, S)
+    fused_total = full + PARTIAL_PRODUCT * partial + FUSED_CALL * calls
+    loop_total = loop[0] + LOOP_PIECE * loop[1]
+    if fused_total >= loop_total:
+        return (f"estimated cost {fused_total:.3g} fused ({full:.3g} FULL + PARTIAL_PRODUCT x {partial:.3g} PARTIAL "
+                f"products + FUSED_CALL x {calls} calls) >= {loop_total:.3g} in the loop ({loop[0]:.3g} products + "
+                f"LOOP_PIECE x {loop[1]} pieces)")
     return None
+
+
+def fused_cost(units: list["PlanUnit"], block, L: int, S: int) -> tuple[int, int, int]:
+    """(FULL products, PARTIAL products, kernel calls) of the plan, over all its (batch, head) pairs;
+    a causal square counts the products it keeps (half)."""
+    q_block, kv_block = block
+    full = partial = calls = 0
+    for u in units:
+        pairs = (u.b.stop - u.b.start) * (u.h.stop - u.h.start)
+        for (q0, q1, k0, k1), kind in u.pieces():
+            area = (min(q1 * q_block, L) - q0 * q_block) * (min(k1 * kv_block, S) - k0 * kv_block)
+            full += pairs * (area // 2 if kind is not None else area)
+            calls += 1
+        for batch in u.batches:
+            partial += pairs * len(batch) * q_block * kv_block
+            calls += len(chunks(batch, pairs * q_block * kv_block))
+    return full, partial, calls
 
 
 def full_rectangles(full: torch.Tensor) -> list[tuple[int, int, int, int]]:

@@ -126,7 +126,8 @@ class Kernel:
         """The kernel call (see the class docstring), without the torch.compile guard."""
         _, _, _, L, S = call.shape
         block_size = call.block_size
-        rows = plan_rows(call.block_mask, L, S, block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
+        rows = plan_rows(call.block_mask, L, S, block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)),
+                         call.group)
         launch = _Launch(self.namespace, rows, block_size[1], call.scale, self.constants, call.mask_buffers)
         if not call.needs_grad:
             return launch.forward(call.query, call.key, call.value, call.score_buffers)

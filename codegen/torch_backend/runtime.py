@@ -20,8 +20,8 @@ def pad_to_tiles(x: torch.Tensor, kv_block: int) -> torch.Tensor:
 def gather(x: torch.Tensor, piece, kv_block: int, group: int) -> torch.Tensor:
     """The rows of the padded ``x`` (B, Hkv, S_pad, D) that ``piece`` visits, as one chunk.
 
-    Returns (B, Hkv, N, D) for shared tiles (a view when they are consecutive)
-    or (B, Hq, N, D) for per-(b, h) tiles, N = tiles * kv_block.
+    Returns (B, Hkv, N, D) for shared tiles (a view when they are consecutive) and lists per KV
+    head, or (B, Hq, N, D) for lists per query head, N = tiles * kv_block.
     """
     B, Hkv, S_pad, D = x.shape
     if piece.span is not None:
@@ -30,12 +30,18 @@ def gather(x: torch.Tensor, piece, kv_block: int, group: int) -> torch.Tensor:
     tiled = x.view(B, Hkv, S_pad // kv_block, kv_block, D)
     if piece.tiles.dim() == 1:
         return tiled.index_select(2, piece.tiles).flatten(2, 3)
-    n = piece.tiles.shape[-1]
-    Hq = Hkv * group
-    tiles = piece.tiles.expand(B, Hq, n)
-    batch = torch.arange(B).view(B, 1, 1)
-    kv_head = (torch.arange(Hq) // group).view(1, Hq, 1)
+    tiles, batch, kv_head = _listed(piece, B, Hkv, group)
     return tiled[batch, kv_head, tiles].flatten(2, 3)
+
+
+def _listed(piece, B: int, Hkv: int, group: int):
+    """Per-(b, h) tiles (B, H, n) and the batch and KV head indices to gather them with: H = Hkv for
+    lists per KV head (or one list for all heads), else H = Hq and each query head reads its KV head."""
+    n = piece.tiles.shape[-1]
+    per_kv_head = piece.tiles.shape[1] in (1, Hkv)
+    H = Hkv if per_kv_head else Hkv * group
+    kv_head = torch.arange(H) if per_kv_head else torch.arange(H) // group
+    return piece.tiles.expand(B, H, n), torch.arange(B).view(B, 1, 1), kv_head.view(1, H, 1)
 
 
 def scatter_add(grad: torch.Tensor, chunk_grad: torch.Tensor, piece, kv_block: int, group: int) -> None:
@@ -53,10 +59,7 @@ def scatter_add(grad: torch.Tensor, chunk_grad: torch.Tensor, piece, kv_block: i
     if piece.tiles.dim() == 1:
         tiled.index_add_(2, piece.tiles, chunk_grad.view(B, Hkv, n, kv_block, D))
         return
-    Hq = Hkv * group
-    tiles = piece.tiles.expand(B, Hq, n)
-    batch = torch.arange(B).view(B, 1, 1)
-    kv_head = (torch.arange(Hq) // group).view(1, Hq, 1)
+    tiles, batch, kv_head = _listed(piece, B, Hkv, group)
     flat = (batch * Hkv + kv_head) * (S_pad // kv_block) + tiles
     tiled.view(-1, kv_block, D).index_add_(0, flat.flatten(), chunk_grad.reshape(-1, kv_block, D))
 

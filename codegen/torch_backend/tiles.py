@@ -10,7 +10,9 @@ never listed, so work is proportional to the non-empty tiles.
 When the BlockMask has batch/head dimensions of 1 every (b, h) visits the same
 tiles (``Piece.tiles`` is 1-D). Otherwise each (b, h) lists its own tiles,
 padded to the longest list of that row; padded slots point at tile 0 and are
-switched off by ``Piece.valid``.
+switched off by ``Piece.valid``. Under GQA, lists that are the same for every
+query head of a KV head (a selection shared by the group) are kept per KV head,
+so the kernel gathers each KV head's tiles once for its whole group.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import torch
 class Piece:
     """A run of KV tiles of one query block row.
 
-    ``tiles``: int64 (n,) shared by all (b, h), or (Bm, Hm, n) per (b, h).
+    ``tiles``: int64 (n,) shared by all (b, h), or (Bm, Hm, n) per (b, h): Hm is 1 or the
+    number of KV heads (a list per KV head, for all its query heads) or of query heads.
     ``span``: ``(first, stop)`` when the shared tiles are consecutive (the
     kernel then slices K/V instead of gathering them), else None.
     ``partial_runs``: ``(start, stop)`` column ranges that come from PARTIAL
     tiles (the mask is applied there only); every other column is FULL.
-    ``kv_idx``: int64 (1, 1, 1, cols) or (Bm, Hm, 1, cols): the key position of each column.
-    ``valid``: bool (Bm, Hm, 1, cols) or None: False at padded slots and at
+    ``kv_idx``: int64 (1, 1, 1, cols) or (Bm, 1 or Hq, 1, cols): the key position of each column.
+    ``valid``: bool (Bm, 1 or Hq, 1, cols) or None: False at padded slots and at
     key positions past KV_LEN (the last tile of an odd length).
     """
 
@@ -65,7 +68,7 @@ def _runs(flags: list[bool], kv_block: int) -> list[tuple[int, int]]:
 
 
 def _piece(full: torch.Tensor, partial: torch.Tensor, full_count, partial_count,
-           kv_block: int, kv_len: int) -> Piece:
+           kv_block: int, kv_len: int, group: int = 1) -> Piece:
     tiles = torch.cat([full, partial], dim=-1).long()
     n_full = full.shape[-1]
     span = None
@@ -86,20 +89,25 @@ def _piece(full: torch.Tensor, partial: torch.Tensor, full_count, partial_count,
         slot = torch.arange(tiles.shape[-1])
         listed = torch.where(slot < n_full, slot < full_count.unsqueeze(-1),
                              (slot - n_full) < partial_count.unsqueeze(-1))
-        listed = listed.repeat_interleave(kv_block, dim=-1)
-        valid = listed if valid is None else valid & listed
+        if not bool(listed.all()):  # every (b, h) lists as many tiles: no slot to switch off
+            listed = listed.repeat_interleave(kv_block, dim=-1)
+            valid = listed if valid is None else valid & listed
     if tiles.dim() == 1:
         kv_idx = kv_idx.view(1, 1, 1, -1)
         valid = valid.view(1, 1, 1, -1) if valid is not None else None
     else:
-        kv_idx = kv_idx.unsqueeze(-2)
-        valid = valid.unsqueeze(-2) if valid is not None else None
+        # Lists per KV head: their columns repeat for each query head of the group (the mods see h).
+        per_query_head = (lambda x: x.repeat_interleave(group, dim=1)) if group > 1 and tiles.shape[1] > 1 \
+            else (lambda x: x)
+        kv_idx = per_query_head(kv_idx.unsqueeze(-2))
+        valid = per_query_head(valid.unsqueeze(-2)) if valid is not None else None
     return Piece(tiles, span, partial_runs, kv_idx, valid)
 
 
 def plan_rows(block_mask, q_len: int, kv_len: int, block_size: tuple[int, int],
-              max_tiles: int) -> list[Row]:
-    """The rows (and their pieces of at most ``max_tiles`` tiles) a kernel visits.
+              max_tiles: int, group: int = 1) -> list[Row]:
+    """The rows (and their pieces of at most ``max_tiles`` tiles) a kernel visits; ``group``: query
+    heads per KV head (GQA).
 
     ``block_mask`` None means every tile is FULL. Tile indices past the last KV
     tile are clamped into range, so a malformed mask cannot make the kernel
@@ -129,6 +137,12 @@ def plan_rows(block_mask, q_len: int, kv_len: int, block_size: tuple[int, int],
         full_num = torch.zeros_like(partial_num)
         full_idx = partial_idx[..., :0]
     shared = partial_num.shape[0] == 1 and partial_num.shape[1] == 1
+    kv_group = 1  # query heads of one list
+    if not shared and group > 1 and partial_num.shape[1] > 1 and _same_within_groups(
+            group, partial_num, partial_idx, full_num, full_idx):
+        partial_num, partial_idx, full_num, full_idx = (x[:, ::group] for x in (partial_num, partial_idx,
+                                                                                 full_num, full_idx))
+        kv_group = group
     full_max = full_num.amax(dim=(0, 1)).tolist()
     partial_max = partial_num.amax(dim=(0, 1)).tolist()
     rows = []
@@ -148,6 +162,42 @@ def plan_rows(block_mask, q_len: int, kv_len: int, block_size: tuple[int, int],
             else:
                 pieces.append(_piece(full_idx[:, :, i, f0:f1], partial_idx[:, :, i, p0:p1],
                                      full_num[:, :, i] - f0, partial_num[:, :, i] - p0,
-                                     kv_block, kv_len))
+                                     kv_block, kv_len, kv_group))
         rows.append(Row(i * q_block, min((i + 1) * q_block, q_len), pieces))
     return rows
+
+
+def _same_within_groups(group: int, partial_num, partial_idx, full_num, full_idx) -> bool:
+    """Whether every query head lists the same tiles as the first head of its GQA group (slots
+    past a list's count are not compared)."""
+    for num, idx in ((partial_num, partial_idx), (full_num, full_idx)):
+        listed = torch.where(torch.arange(idx.shape[-1]) < num.unsqueeze(-1), idx, -1)
+        for x in (num, listed):
+            grouped = x.unflatten(1, (-1, group))
+            if not bool((grouped == grouped[:, :, :1]).all()):
+                return False
+    return True
+
+
+def loop_work(block_mask, batch: int, heads: int, q_len: int, kv_len: int, block_size: tuple[int, int],
+              max_tiles: int) -> tuple[int, int]:
+    """(query-key products, pieces) the generated loop computes for a call, from the tile counts
+    alone (what ``plan_rows`` would list): every (b, h) of a query block row visits as many tiles as
+    the longest FULL list plus the longest PARTIAL list of that row (shorter lists are padded), in pieces of at most ``max_tiles``.
+
+    Example::
+
+        >>> loop_work(None, 1, 8, 300, 300, (128, 128), max_tiles=16)
+        (921600, 3)
+    """
+    q_block, kv_block = block_size
+    q_blocks, kv_blocks = math.ceil(q_len / q_block), math.ceil(kv_len / kv_block)
+    if block_mask is None:
+        tiles = torch.full((q_blocks,), kv_blocks)
+    else:
+        tiles = block_mask.kv_num_blocks[..., :q_blocks].long().amax(dim=(0, 1))
+        if block_mask.full_kv_num_blocks is not None:
+            tiles = tiles + block_mask.full_kv_num_blocks[..., :q_blocks].long().amax(dim=(0, 1))
+    rows = (torch.arange(1, q_blocks + 1) * q_block).clamp(max=q_len) - torch.arange(q_blocks) * q_block
+    products = int((rows * tiles).sum()) * kv_block * batch * heads
+    return products, int((-(-tiles // max_tiles)).sum())

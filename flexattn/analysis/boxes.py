@@ -20,6 +20,10 @@ from flexattn.semantics import evaluate
 SPLIT = 4  # an undecided box becomes SPLIT x SPLIT children
 DENSE_AREA = 16  # boxes this small are evaluated position by position (cheaper than ranges)
 DENSE_CHUNK = 1 << 22  # positions evaluated at once: bounds memory
+# Levels of boxes a tile is refined through before the rest of it is evaluated position by position:
+# cuts that peel thin slivers off a box (a mask of div/mod coordinates) would otherwise go on for
+# as many levels as the tile has rows, each a range evaluation of every box left.
+MAX_LEVELS = 6
 
 
 @dataclass
@@ -177,7 +181,9 @@ def refine_tiles(graph, buffers, load_range, tiles: Boxes, ragged: np.ndarray, c
     some_true, some_false, used_positions = (np.zeros(len(tiles), dtype=bool) for _ in range(3))
     boxes, owner = tiles, np.arange(len(tiles))
     q_cut, kv_cut = cuts
+    level = 0
     while len(boxes):
+        level += 1
         boxes, parent = boxes.split(q_cut, kv_cut)
         owner = owner[parent]
         small_mask = boxes.area() <= DENSE_AREA
@@ -198,9 +204,11 @@ def refine_tiles(graph, buffers, load_range, tiles: Boxes, ragged: np.ndarray, c
         go_on = ~small_mask & ~true & ~false & ~both & ~settled[owner]
         # Ranges pay only while they decide boxes: a tile none of whose boxes this level decided
         # (a table lookup with no structure at this scale) has its boxes evaluated at every position.
-        # Such a tile is evaluated whole (one box of one size per tile: no bounds to check).
+        # Such a tile is evaluated whole (one box of one size per tile: no bounds to check), and so
+        # is every tile still undecided after MAX_LEVELS levels.
         informative = np.zeros(len(tiles), dtype=bool)
-        informative[owner[big[true[big] | false[big] | both[big]]]] = True
+        if level < MAX_LEVELS:
+            informative[owner[big[true[big] | false[big] | both[big]]]] = True
         exhaustive = np.unique(owner[go_on & ~informative[owner]])
         if len(exhaustive):
             found_true, found_false = evaluate_positions(graph, buffers, tiles.select(exhaustive))

@@ -8,6 +8,7 @@ from mask_programs import as_mask_mod, mask_expr
 
 import flexattn
 from codegen.torch_backend import fused_paths, fused_plan
+from codegen.torch_backend.tiles import loop_work
 from flexattn import dispatch
 from flexattn.analysis.diagonals import DiagonalKinds
 from flexattn.api import mask_of
@@ -157,15 +158,45 @@ def test_a_sliding_window_is_a_chain_of_causal_and_reversed_causal_squares():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _why_not_pays(block_mask, B=1, H=1):
+    L, S = block_mask.seq_lengths
+    loop = loop_work(block_mask, B, H, L, S, block_mask.BLOCK_SIZE, 16)
+    return fused_plan.why_not_pays(fused_plan.plan_units(block_mask.tile_classes(), B, H), block_mask.BLOCK_SIZE,
+                                   L, S, loop)
+
+
 def test_the_fused_kernel_is_chosen_where_it_pays():
     causal = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 4096, 4096)
     def band(width):
         return flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < width),
-                                          None, None, 8192, 8192).tile_classes()
+                                          None, None, 8192, 8192)
 
-    assert fused_plan.why_not_pays(fused_plan.plan_units(causal.tile_classes(), 1, 1)) is None
-    assert fused_plan.why_not_pays(fused_plan.plan_units(band(2048), 1, 1)) is None  # a wide band: long strips
-    assert "MIN_TILES_OF_STRIPS" in fused_plan.why_not_pays(fused_plan.plan_units(band(256), 1, 1))
+    assert _why_not_pays(causal) is None
+    assert _why_not_pays(band(2048)) is None  # a wide band: long strips
+    assert "MIN_TILES_OF_STRIPS" in _why_not_pays(band(256))
+
+
+def test_the_cost_estimate_counts_the_loops_padding_and_the_fused_calls():
+    # Per-head windows (MoA): the loop pads every head to the widest one of its row, the fused
+    # plan computes each head's own tiles, so the fused path pays despite many PARTIAL tiles.
+    n, spans = 4096, torch.tensor([64, 128, 256, 2048])
+    per_head = flexattn.create_block_mask(
+        lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx < spans[h]) | (kv_idx < 64)),
+        None, 4, n, n)
+    assert _why_not_pays(per_head, H=4) is None
+    # Scattered 64 x 64 tiles with a per-head selection: one fused call per small rectangle costs more
+    # than the loop's one piece per row.
+    g = torch.Generator().manual_seed(0)
+    n_blocks, causal_tiles = 128, torch.ones(128, 128, dtype=torch.bool).tril()
+    scores = torch.rand(1, 4, n_blocks, n_blocks, generator=g).masked_fill(~causal_tiles, -1.0)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(4, dim=-1).indices, True)
+    chosen = (chosen | torch.eye(n_blocks, dtype=torch.bool)) & causal_tiles
+    chosen[..., 0] = True
+    lists = lambda sel: (sel.sum(-1).int(), torch.argsort(~sel, dim=-1, stable=True).int())  # noqa: E731
+    diagonal = torch.eye(n_blocks, dtype=torch.bool)
+    scattered = flexattn.BlockMask.from_kv_blocks(*lists(chosen & diagonal), *lists(chosen & ~diagonal), BLOCK_SIZE=64,
+                                                  mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+    assert "estimated cost" in _why_not_pays(scattered, H=4)
 
 
 def test_max_scores_request_takes_the_generated_loop():

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from backends import BACKENDS
 import flexattn
+from codegen.torch_backend.tiles import plan_rows
 from flexattn.api import mask_of
 
 MASK_TERMS = [
@@ -102,5 +103,44 @@ def test_backward_equals_reference(L, S, group, block_size, max_tiles, per_head,
     grad_out = torch.randn(out.shape, generator=g)
     ours = torch.autograd.grad(out, [q, k, v], grad_out)
     theirs = torch.autograd.grad(ref, [q, k, v], grad_out)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    blocks=st.integers(1, 6), tail=st.integers(0, 7), batch=st.integers(1, 2), kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 4]), shared_in_group=st.booleans(), causal=st.booleans(),
+    max_tiles=st.integers(1, 3), seed=st.integers(0, 2**16),
+)
+def test_selected_tiles_per_kv_head_equal_reference_forward_and_backward(blocks, tail, batch, kv_heads, group,
+                                                                         shared_in_group, causal, max_tiles, seed):
+    # A run-time selection of KV tiles (NSA-like, ``from_kv_blocks``), uneven per row and head; when
+    # every query head of a group selects alike, the loop keeps one list per KV head.
+    g = torch.Generator().manual_seed(seed)
+    n, block = blocks * 8 + tail, 8
+    nb = -(-n // block)
+    heads = kv_heads if shared_in_group else kv_heads * group
+    chosen = torch.rand(batch, heads, nb, nb, generator=g) < 0.5
+    full = chosen & (torch.rand(chosen.shape, generator=g) < 0.5)
+    if shared_in_group:
+        chosen, full = (x.repeat_interleave(group, dim=1) for x in (chosen, full))
+    lists = lambda sel: (sel.sum(-1).int(), torch.argsort(~sel, dim=-1, stable=True).int())  # noqa: E731
+    bm = flexattn.BlockMask.from_kv_blocks(*lists(chosen & ~full), *lists(full), BLOCK_SIZE=block,
+                                           mask_mod=(lambda b, h, q, kv: q >= kv) if causal else None,
+                                           seq_lengths=(n, n))
+    if shared_in_group:
+        rows = plan_rows(bm, n, n, (block, block), max_tiles, group)
+        assert {p.tiles.shape[1] for row in rows for p in row.pieces if p.tiles.dim() == 3} <= {kv_heads}
+    q = torch.randn(batch, kv_heads * group, n, 8, generator=g, requires_grad=True)
+    k = torch.randn(batch, kv_heads, n, 8, generator=g, requires_grad=True)
+    v = torch.randn(batch, kv_heads, n, 4, generator=g, requires_grad=True)
+    outs = [flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend=backend,
+                                    kernel_options={"max_tiles": max_tiles, "PATH": "generated_loop"}
+                                    if backend == "torch" else None)
+            for backend in ("torch", "reference")]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn(outs[0].shape, generator=g)
+    ours, theirs = (torch.autograd.grad(out, [q, k, v], grad_out) for out in outs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

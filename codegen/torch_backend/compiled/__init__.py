@@ -7,7 +7,8 @@ the score_mod) runs as ``torch.compile``d C++ (``source``, ``loop``), or None
 while that kernel is still compiling in the background, when compilation
 failed (a one-time warning says why) or when ``kernel_options["COMPILED"]``
 is False: the caller then runs the eager kernel. Matmuls stay on BLAS.
-``kernel_options["COMPILED"]``: ``"auto"`` (default) tiered as above, the compilation
+``kernel_options["COMPILED"]``: ``"auto"`` (default) tiered as above for calls with a score_mod
+(mask-only calls keep the eager loop, faster there), the compilation
 requested from a signature's ``tier.COMPILE_AFTER_CALLS``-th call on (a mod called a few times,
 a test or a one-off script, never starts the compiler, which competes with the calls it serves
 for the CPU and the GIL), and only for calls that compute at least ``MIN_COMPILED_SCORES`` scores
@@ -54,6 +55,10 @@ def kernel_for(call: Call) -> Kernel | str:
         return "kernel_options COMPILED=False"
     if call.forces("compiled_loop"):
         mode = True  # forced: wait for the compiler
+    if mode == "auto" and call.score_graph is None:
+        # Mask-only calls: the eager loop computes scores in log2 units with fewer passes, and was
+        # faster than the compiled kernel on every mask-only call measured (docs/performance.md).
+        return "no score_mod: the eager loop is faster on mask-only calls (COMPILED=True compiles anyway)"
     if mode == "auto" and os.environ.get("FLEXATTN_COMPILED", "").lower() in ("0", "false", "no", "off"):
         return "FLEXATTN_COMPILED=0 in the environment"
     # The tile source depends on the mods only (tile sizes are run-time values).
@@ -106,7 +111,7 @@ def _build(item, sig, call: Call, slots):
     def examples():
         _, _, _, L, S = call.shape
         rows = plan_rows(call.block_mask, L, S, call.block_size,
-                         int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
+                         int(call.options.get("max_tiles", DEFAULT_MAX_TILES)), call.group)
         return tier.examples(item, call.query, call.key, call.value, rows, call.block_size[1], call.scale,
                              tuple(call.score_buffers), constants_of(call.score_graph), tuple(call.mask_buffers),
                              constants_of(call.mask_graph), slots)

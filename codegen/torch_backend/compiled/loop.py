@@ -71,7 +71,8 @@ def keep(fns, b, h, q_idx, piece, mask_buffers, mask_consts, cf):
     n = piece.kv_idx.shape[-1]
     valid = piece.valid if piece.valid is not None else torch.ones(1, 1, 1, n, dtype=torch.bool)
     reads_b, reads_h = fns.mask_reads
-    shape = (b.shape[0] if reads_b else valid.shape[0], h.shape[1] if reads_h else valid.shape[1], q_idx.shape[2], n)
+    listed = piece.kv_idx.shape  # (1, 1, ...) for shared tiles, (Bm, Hm, ...) per (b, h), padded or not
+    shape = (b.shape[0] if reads_b else listed[0], h.shape[1] if reads_h else listed[1], q_idx.shape[2], n)
     out = valid.expand(shape).clone()
     for start, stop in piece.partial_runs if fns.mask_mod is not None else ():
         out[..., start:stop] &= torch.as_tensor(fns.mask_mod(b, h, q_idx, piece.kv_idx[..., start:stop], mask_buffers,
