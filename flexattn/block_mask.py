@@ -119,8 +119,7 @@ class BlockMask(torch_flex.BlockMask):
         demoted.mask_mod = demoted._tiles_mask_mod = self.mask_mod
         return demoted
 
-    def _analysis(self) -> TileAnalysis | None:
-        # Reassigning mask_mod (as torch allows) leaves the analysis describing the old one.
+    def _analysis(self) -> TileAnalysis | None:  # a reassigned mask_mod (torch allows it) voids it
         return self.analysis if self.analysis is not None and self.analysis.mask_mod is self.mask_mod else None
 
     @property
@@ -139,9 +138,8 @@ class BlockMask(torch_flex.BlockMask):
         return MappingProxyType({}) if analysis is None else analysis.stats
 
     def relabelled(self, mask_mod, traced) -> "BlockMask":
-        """A shallow copy carrying ``mask_mod`` and its trace, which the caller knows computes the same
-        mask (the same code over equal captured values: ``flexattn.mod_cache``): its tiles and stats
-        hold for it."""
+        """A shallow copy for ``mask_mod`` and its trace, known to compute the same mask (same code, equal
+        captured values: ``flexattn.mod_cache``), so that its tiles and stats hold."""
         copied = copy.copy(self)
         copied.mask_mod = copied._tiles_mask_mod = mask_mod
         copied.analysis = replace(self.analysis or TileAnalysis(mask_mod), mask_mod=mask_mod, traced=traced)
