@@ -284,3 +284,20 @@ def test_separable_biases_run_on_causal_and_reversed_causal_squares():
     grad = torch.randn(out.shape, generator=g)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kept_documents_plan_is_not_served_to_a_call_with_a_score_mod():
+    """Plans are kept per BlockMask: a plan made for a mask-only call must not serve a later call on
+    the same BlockMask with a separable score_mod (it ran without the bias: a silent divergence)."""
+    doc = torch.repeat_interleave(torch.arange(4), torch.tensor([300, 200, 400, 124]))
+    slope = torch.linspace(-0.5, 0.5, 2)
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx], 1, 1, 1024, 1024)
+    q, k, v = (torch.randn(1, 2, 1024, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    flexattn.flex_attention(q, k, v, block_mask=bm)  # plans fused_documents for this BlockMask
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slope[h] * (kv_idx - q_idx)
+
+    out = flexattn.flex_attention(q, k, v, score_mod=alibi, block_mask=bm)
+    ref = flexattn.flex_attention(q, k, v, score_mod=alibi, block_mask=bm, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
