@@ -19,6 +19,7 @@ from torch.nn.attention import flex_attention as torch_flex
 from flexattn.block_mask_text import EMPTY, FULL, PARTIAL, tile_picture, torch_picture
 from flexattn.errors import BlockMaskError, SlicedBlockMaskError
 from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
+from flexattn.memo import Memo
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -96,6 +97,22 @@ class BlockMask:
         # and how the tiles were decided (see explain()).
         self._traced = (None, None)
         self.stats: dict = {}
+        self._memo = Memo()  # shared by shallow copies (flexattn.mod_cache hands out copies)
+
+    def derived(self, name, key, compute, tensors=()):
+        """``compute()``, kept with this mask (and its shallow copies) under ``name`` until ``key``
+        changes or the kv tile lists or ``tensors`` are replaced or changed in place (``flexattn.memo``).
+
+        For what a back end derives from the mask alone (the rows a kernel visits, a fused plan):
+        computed once for every layer and step that shares the mask, never served stale.
+        Example: ``rows = block_mask.derived("rows", (L, S), lambda: plan_rows(block_mask, L, S))``.
+        """
+        lists = [t for t in (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
+                 if t is not None]
+        memo = self.__dict__.get("_memo")
+        if memo is None:  # a mask made without __init__ (unpickled, or a subclass)
+            memo = self._memo = Memo()
+        return memo.get(name, key, [*lists, *tensors], compute)
 
     def visited_tiles(self) -> "BlockMask":
         """The tiles attention visits, and where it applies ``mask_mod``.
