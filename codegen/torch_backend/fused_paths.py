@@ -21,6 +21,8 @@ from flexattn.call import Call, needs_grad
 from flexattn.memo import Memo
 
 _UNMASKED = Memo(limit=64)  # plans of calls without a BlockMask, by shapes
+_BY_CLASSES = Memo(limit=64)  # plans by tile classes (``_by_classes``)
+MAX_CLASSES_KEY = 4096  # tile matrices up to this many tiles are keys by value
 
 
 def why_not_fused(call: Call) -> str | None:
@@ -72,9 +74,30 @@ def tile_plan(call: Call, forced: bool):
     """(units, None) of causal squares, FULL rectangles and PARTIAL batches, or (None, why not):
     the plan does not pay (``fused_plan.why_not_pays``) and ``forced`` is False."""
     def make():
-        units, reason = _cached(call, ("tiles", call.score_graph is not None), _paying_tiles)
+        units, reason = _by_classes(call) or _cached(call, ("tiles", call.score_graph is not None), _paying_tiles)
         return (units, None) if reason is None or forced else (None, reason)
     return call.derived(("fused_tiles", forced), make)
+
+
+def _by_classes(call: Call):
+    """The tile plan kept by the values of the BlockMask's tile classes, where the plan reads
+    nothing else of the call than B and Hq: no causal square can be planned (``fused_plan.plan``
+    asks the mask_mod only for squares of 2 tiles or more of a (1, 1) tile matrix with square
+    tiles). A decoding loop builds a new BlockMask every step, with the classes of the step before
+    for a tile's worth of steps. None where this does not apply (a large tile matrix too)."""
+    bm = call.block_mask
+    if bm is None:
+        return None
+    classes = bm.tile_classes()
+    nq, nkv = classes.shape[-2:]
+    block = call.block_size
+    consults_mask = (call.mask_graph is not None and block[0] == block[1] and tuple(classes.shape[:2]) == (1, 1)
+                     and min(nq, nkv) >= 2)
+    if consults_mask or classes.numel() > MAX_CLASSES_KEY:
+        return None
+    B, Hq = call.shape[:2]
+    key = (B, Hq, call.score_graph is not None, tuple(classes.shape), classes.cpu().numpy().tobytes())
+    return _BY_CLASSES.get(key, (), (), lambda: _paying_tiles(call))
 
 
 def _documents(call: Call):

@@ -51,3 +51,14 @@ def test_score_buffer_changed_in_place_and_new_closure_value():
         slopes.mul_(4)  # the bias features kept for the previous call are stale now
     for slope in (0.5, 2.0):
         _check(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: s + slope * (q_idx - kv_idx))
+
+
+def test_fused_plan_by_tile_classes_follows_the_classes():
+    """A per-batch mask's fused plan is kept by its tile classes' values: a mask changed in place
+    gets the plan of its new classes."""
+    q, k, v = (x.expand(2, -1, -1, -1).contiguous() for x in _qkv(128, 128))
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 16 * b, 2, None, 128, 128, BLOCK_SIZE=32)
+    forced = {"PATH": "fused_tiles"}
+    _check(q, k, v, block_mask=bm, kernel_options=forced)
+    bm.full_kv_num_blocks[1] = 0  # the second sequence's FULL tiles now skipped
+    _check(q, k, v, block_mask=bm, kernel_options=forced)
