@@ -44,7 +44,7 @@ def matches(stamped: tuple, tensors) -> bool:
 class Memo:
     """Values kept by name, each with the key and the stamp of the tensors it was computed from.
 
-    ``limit`` bounds the names kept (the least recently used go first). Thread-safe: the compiled
+    ``limit`` bounds the names kept (the least recently computed go first). Thread-safe: the compiled
     tier plans calls in a background thread.
 
     Example::
@@ -72,6 +72,11 @@ class Memo:
             while len(self._entries) > self._limit:
                 self._entries.popitem(last=False)
         return value
+
+    def __reduce__(self):
+        # Pickled or deep-copied (a BlockMask sent to another process, copy.deepcopy): an empty memo,
+        # since the stamps refer to this process's tensors.
+        return (Memo, (self._limit,))
 
     def clear(self) -> None:
         """Forget every kept value."""

@@ -67,7 +67,9 @@ def why_not_bias_span(call: Call) -> str | None:
 
 def document_plan(call: Call):
     """(units, None) running one fused call per packed document, or (None, why not)."""
-    return call.derived("fused_documents", lambda: _cached(call, "documents", _documents))
+    # The plan reads whether there is a score_mod and whether the mask is exact, besides the mask.
+    kind = ("documents", call.score_graph is not None, call.facts.exact)
+    return call.derived("fused_documents", lambda: _cached(call, kind, _documents))
 
 
 def tile_plan(call: Call, forced: bool):

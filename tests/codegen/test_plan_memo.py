@@ -2,6 +2,8 @@
 BlockMask changed in place, a score_mod buffer changed in place and a new closure value each give
 the result of a fresh computation (the dense reference)."""
 
+import copy
+
 import torch
 
 import flexattn
@@ -29,6 +31,7 @@ def test_memo_detects_replaced_and_mutated_tensors():
     t = torch.zeros(3)  # another tensor: recomputed
     assert value() == 3
     assert memo.get("x", (2,), [t], lambda: 9) == 9  # another key
+    assert copy.deepcopy(memo).get("x", (2,), [t], lambda: 10) == 10  # a copy keeps no stamps
 
 
 def test_block_mask_changed_in_place_plans_again():
@@ -62,3 +65,14 @@ def test_fused_plan_by_tile_classes_follows_the_classes():
     _check(q, k, v, block_mask=bm, kernel_options=forced)
     bm.full_kv_num_blocks[1] = 0  # the second sequence's FULL tiles now skipped
     _check(q, k, v, block_mask=bm, kernel_options=forced)
+
+
+def test_documents_plan_of_a_mask_then_a_score_mod_on_it():
+    """A documents mask's plan (fused, no score_mod) is not served to a call that adds a score_mod."""
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([150, 100, 134]))
+    q, k, v = _qkv(384, 384)
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx),
+                                    None, None, 384, 384, BLOCK_SIZE=64)
+    assert flexattn.explain_call(q, k, v, block_mask=bm, print_it=False).path.name == "fused_documents"
+    _check(q, k, v, block_mask=bm)
+    _check(q, k, v, block_mask=bm, score_mod=lambda s, b, h, q_idx, kv_idx: s + 0.5 * (kv_idx - q_idx))
