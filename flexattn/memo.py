@@ -24,6 +24,9 @@ from typing import Callable, Iterable, TypeVar
 import torch
 
 T = TypeVar("T")
+# One lock for every memo: a memo is made with each BlockMask, also while torch.compile traces one
+# (custom_op), which cannot trace making a lock; the lock guards a few dict operations only.
+_LOCK = threading.Lock()
 
 
 def stamp(tensors: Iterable[torch.Tensor]) -> tuple:
@@ -56,17 +59,16 @@ class Memo:
     def __init__(self, limit: int = 32):
         self._entries: OrderedDict = OrderedDict()
         self._limit = limit
-        self._lock = threading.Lock()
 
     def get(self, name, key, tensors, compute: Callable[[], T]) -> T:
         """``compute()``, or the value kept under ``name`` if it was computed for an equal ``key`` and
         these very ``tensors`` (a sequence), none changed in place since."""
-        with self._lock:
+        with _LOCK:
             entry = self._entries.get(name)
         if entry is not None and entry[0] == key and matches(entry[1], tensors):
             return entry[2]
         value = compute()
-        with self._lock:
+        with _LOCK:
             self._entries[name] = (key, stamp(tensors), value)
             self._entries.move_to_end(name)
             while len(self._entries) > self._limit:
@@ -80,5 +82,5 @@ class Memo:
 
     def clear(self) -> None:
         """Forget every kept value."""
-        with self._lock:
+        with _LOCK:
             self._entries.clear()
