@@ -4,7 +4,8 @@ Runs the same cases on two checkouts, each in its own worker process, taking tur
 rounds (the package cannot be imported twice in one process): --base (e.g. the commit before the
 caches: ``git archive 6fe4438 | tar -x -C /tmp/base19``) and this checkout. Every case builds
 what a model builds per forward: a fresh closure over fresh tensors (same values), as transformers'
-mask functions are remade on every forward. Prints a markdown table of median ms per call.
+mask functions are remade on every forward. Prints a markdown table of ms per call: per worker the
+median of its calls, then the median over rounds.
 One intra-op thread (these are Python costs; on a shared machine spinning threads add noise).
 Usage: python benchmarks/overhead.py --base /tmp/base19 [--rounds 3]
 """
@@ -36,11 +37,15 @@ def _hf_mask(mu, torch, pad: int, length: int = 512, q_offset: int = 0):
 
 
 def _time(fn, reps: int) -> float:
+    """The median ms of ``reps`` calls (after one warm-up): on a shared machine a mean is ruled
+    by the few calls that wait for the CPU or a garbage collection."""
     fn()
-    start = time.perf_counter()
+    times = []
     for i in range(reps):
+        start = time.perf_counter()
         fn(i)
-    return (time.perf_counter() - start) / reps * 1e3
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def worker() -> dict:

@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--torch-flex", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # a shared machine: one intra-op thread for every implementation alike
     flex_hf.register()
     print("| model | seq | attention | first forward (s) | forward (ms) | train step (ms) | generate (ms/token) |")
     print("|---|---|---|---|---|---|---|")

@@ -24,6 +24,7 @@ from flexattn.block_mask_text import EMPTY, FULL, LOWER, NEITHER, PARTIAL, UPPER
 from flexattn.errors import BlockMaskError, SlicedBlockMaskError
 from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
 from flexattn.tile_analysis import TileAnalysis
+from flexattn.memo import Memo
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -98,6 +99,22 @@ class BlockMask(torch_flex.BlockMask):
         self.mask_mod = mask_mod if mask_mod is not None else noop_mask
         self._tiles_mask_mod = self.mask_mod  # the mask_mod the tile classes were made for
         self.analysis = analysis
+        self._memo = Memo()  # shared by shallow copies (flexattn.mod_cache hands out copies)
+
+    def derived(self, name, key, compute, tensors=()):
+        """``compute()``, kept with this mask (and its shallow copies) under ``name`` until ``key``
+        changes or the kv tile lists or ``tensors`` are replaced or changed in place (``flexattn.memo``).
+
+        For what a back end derives from the mask alone (the rows a kernel visits, a fused plan):
+        computed once for every layer and step that shares the mask, never served stale.
+        Example: ``rows = block_mask.derived("rows", (L, S), lambda: plan_rows(block_mask, L, S))``.
+        """
+        lists = [t for t in (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
+                 if t is not None]
+        memo = self.__dict__.get("_memo")
+        if memo is None:  # a mask made without __init__ (unpickled, or a subclass)
+            memo = self._memo = Memo()
+        return memo.get(name, key, [*lists, *tensors], compute)
 
     def visited_tiles(self) -> "BlockMask":
         """The tiles attention visits, and where it applies ``mask_mod``.

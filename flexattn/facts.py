@@ -32,8 +32,10 @@ def analyse(score_graph: Graph | None, mask_graph: Graph | None, mask_buffers, b
         1
     """
     exact = block_mask is not None and mask_graph is not None and block_mask.stats.get("left_partial") == 0
-    return Facts(score_reads=depends_on(score_graph) if score_graph is not None else frozenset(),
-                 mask_reads=depends_on(mask_graph) if mask_graph is not None else frozenset(),
-                 bias=separate(score_graph) if score_graph is not None else None,
-                 segments=segment_mask(mask_graph) if mask_graph is not None else None,
-                 exact=exact, diagonals=diagonal_kinds(mask_graph, mask_buffers, B, H, block_mask))
+    # The analyses of the graphs alone run once per graph (graphs are immutable).
+    score = score_graph.derived("score facts", lambda: (depends_on(score_graph), separate(score_graph))) \
+        if score_graph is not None else (frozenset(), None)
+    mask = mask_graph.derived("mask facts", lambda: (depends_on(mask_graph), segment_mask(mask_graph))) \
+        if mask_graph is not None else (frozenset(), None)
+    return Facts(score_reads=score[0], mask_reads=mask[0], bias=score[1], segments=mask[1], exact=exact,
+                 diagonals=diagonal_kinds(mask_graph, mask_buffers, B, H, block_mask))

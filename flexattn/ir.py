@@ -29,7 +29,7 @@ import enum
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Callable
 
 from flexattn.ops import OPS, OpDef
 
@@ -130,6 +130,14 @@ class Graph:
     def __str__(self) -> str:
         return format_graph(self)
 
+    def derived(self, name, compute: Callable[[], Any]) -> Any:
+        """``compute()``, computed once for this graph and kept with it under ``name``: a graph is
+        immutable, so what is computed from it alone (its key, its analysis) never changes."""
+        memo = self.__dict__.setdefault("_derived", {})
+        if name not in memo:
+            memo[name] = compute()
+        return memo[name]
+
     def structural_key(self, *, constants: bool = True, shapes: bool = True) -> str:
         """A hash of the graph's structure.
 
@@ -138,6 +146,9 @@ class Graph:
         out (back ends that pass constants at run time use it); ``shapes=False``
         keeps only each buffer's rank and dtype (lengths are run-time values).
         """
+        return self.derived(("structural_key", constants, shapes), lambda: self._structural_key(constants, shapes))
+
+    def _structural_key(self, constants: bool, shapes: bool) -> str:
         numbering = {id(n): i for i, n in enumerate(self.nodes)}
         parts = [self.kind]
         for spec in self.buffers:
@@ -186,4 +197,6 @@ def constants_of(graph: Graph | None) -> list:
 
     Example: ``constants_of(trace_mask_mod(lambda b, h, q, kv: q - kv < 64).graph) == [64]``.
     """
-    return [] if graph is None else [node.arg for node in graph.nodes if node.op is Op.CONST]
+    if graph is None:
+        return []
+    return list(graph.derived("constants", lambda: tuple(node.arg for node in graph.nodes if node.op is Op.CONST)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
+import threading
 import types
 import weakref
 from collections import OrderedDict
@@ -43,6 +44,7 @@ _METADATA = {"__get__", "stride", "size", "dim", "data_ptr", "numel", "__len__",
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _traces: OrderedDict = OrderedDict()
 _block_masks: OrderedDict = OrderedDict()
+_building = threading.local()  # (mod, fingerprint) while cached_block_mask builds a mask of mod
 
 
 class _Uncacheable(Exception):
@@ -149,7 +151,8 @@ def cached_trace(fn, kind: str, trace):
     """
     from flexattn.trace import TracedMod
 
-    found = fingerprint(fn)
+    building = getattr(_building, "mod", None)
+    found = building[1] if building is not None and building[0] is fn else fingerprint(fn)
     if found is None:
         return trace(fn)
     key, tensors = (kind, found[0]), found[1]
@@ -195,7 +198,11 @@ def cached_block_mask(mask_mod, arguments: tuple, build, trace):
     if entry is not None and _same_values(tensors, entry[1]):
         _block_masks.move_to_end(key)
         return entry[0].relabelled(mask_mod, trace(mask_mod))
-    block_mask = build()
+    outer, _building.mod = getattr(_building, "mod", None), (mask_mod, found)  # the build traces this mod
+    try:
+        block_mask = build()
+    finally:
+        _building.mod = outer
     stored = tuple((weakref.ref(t), t._version,
                     t.detach().cpu().clone() if t.numel() <= VALUE_KEY_ELEMENTS else None) for t in tensors)
     _remember(_block_masks, key, (copy.copy(block_mask), stored), BLOCK_MASK_ENTRIES)

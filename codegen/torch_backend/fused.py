@@ -70,11 +70,14 @@ class Features:
                      for t in bias.products]
         self.columns = [bias.factor(t.columns, cols_env, score_buffers).expand(B, Hq, S) for t in bias.products]
         self.row_only = bias.row_only(rows_env, score_buffers).expand(B, Hq, L)
+        self._span: float | None = None
 
     def span(self) -> float:
         """The largest |row factor| x (range of its column factor): how big the features get."""
-        return max((float(r.abs().max() * (c.max() - c.min())) for r, c in zip(self.rows, self.columns)),
-                   default=0.0)
+        if self._span is None:
+            self._span = max((float(r.abs().max() * (c.max() - c.min())) for r, c in zip(self.rows, self.columns)),
+                             default=0.0)
+        return self._span
 
 
 class FusedInputs:

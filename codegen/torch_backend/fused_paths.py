@@ -2,15 +2,15 @@
 (per document, or causal squares, rectangles of FULL tiles and batches of PARTIAL tiles) and
 whether that plan pays. ``codegen.torch_backend.paths`` turns these into the table's entries.
 
-Plans are kept per BlockMask: a training or serving loop calls attention with one BlockMask many
-times, and planning (the causal squares' tile checks evaluate the mask_mod) is a visible share of
-a call (docs/performance.md). Entries go with their BlockMask; the key holds every input's
-in-place version, so a changed buffer or index list plans again.
+Plans are kept per BlockMask (``BlockMask.derived``): a training or serving loop calls attention
+with one BlockMask many times, and planning (the causal squares' tile checks evaluate the
+mask_mod) is a visible share of a call (docs/performance.md). Entries go with their BlockMask and
+are stamped with its tile lists and the mask's buffers (``flexattn.memo``), so a changed buffer or
+index list plans again; the evaluated bias features are kept with the score_mod's graph, stamped
+with its buffers.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 
@@ -20,8 +20,11 @@ from codegen.torch_backend.kernel import DEFAULT_MAX_TILES
 from codegen.torch_backend.fused import MAX_BIAS_SPAN, MAX_BIASED_SQUARE, Features, FusedInputs
 from codegen.torch_backend.tiles import loop_work
 from flexattn.call import Call, needs_grad
+from flexattn.memo import Memo
 
-_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_UNMASKED = Memo(limit=64)  # plans of calls without a BlockMask, by shapes
+_BY_CLASSES = Memo(limit=64)  # plans by tile classes (``_by_classes``)
+MAX_CLASSES_KEY = 4096  # tile matrices up to this many tiles are keys by value
 
 
 def why_not_fused(call: Call) -> str | None:
@@ -49,7 +52,10 @@ def features(call: Call) -> Features | None:
         if call.score_graph is None:
             return None
         B, Hq, _, L, S = call.shape
-        return Features(call.facts.bias, [t.detach() for t in call.score_buffers], B, Hq, L, S)
+        # Kept with the graph for these buffers (unchanged) and shapes: a layer's every call reuses it.
+        memo = call.score_graph.derived("fused features", Memo)
+        return memo.get("features", (B, Hq, L, S), call.score_buffers,
+                        lambda: Features(call.facts.bias, [t.detach() for t in call.score_buffers], B, Hq, L, S))
     return call.derived("fused_features", make)
 
 
@@ -72,13 +78,33 @@ def tile_plan(call: Call, forced: bool):
     """(units, None) of causal squares, FULL rectangles and PARTIAL batches, or (None, why not):
     the plan does not pay against the generated loop (``fused_plan.why_not_pays``) and ``forced`` is False."""
     def make():
-        units = _cached(call, ("tiles", call.score_graph is not None), _tiles)
-        B, Hq, _, L, S = call.shape
-        loop = loop_work(call.block_mask, B, Hq, L, S, call.block_size,
-                         int(call.options.get("max_tiles", DEFAULT_MAX_TILES)))
-        reason = fused_plan.why_not_pays(units, call.block_size, L, S, loop)
+        units, reason = _by_classes(call) or _cached(call, ("tiles", call.score_graph is not None, _max_tiles(call)),
+                                                     _paying_tiles)
         return (units, None) if reason is None or forced else (None, reason)
     return call.derived(("fused_tiles", forced), make)
+
+
+def _by_classes(call: Call):
+    """The tile plan kept by the values of the BlockMask's tile classes, where the plan reads
+    nothing else of the call than B and Hq: no causal square can be planned (``fused_plan.plan``
+    asks the mask_mod only for squares of 2 tiles or more of a (1, 1) tile matrix with square
+    tiles), and whether it pays reads the tile counts, the lengths, the tile size and max_tiles.
+    A decoding loop builds a new BlockMask every step, with the classes of the step before for a
+    tile's worth of steps. None where this does not apply (a large tile matrix too)."""
+    bm = call.block_mask
+    if bm is None:
+        return None
+    classes = bm.tile_classes()
+    nq, nkv = classes.shape[-2:]
+    block = call.block_size
+    consults_mask = (call.mask_graph is not None and block[0] == block[1] and tuple(classes.shape[:2]) == (1, 1)
+                     and min(nq, nkv) >= 2)
+    if consults_mask or classes.numel() > MAX_CLASSES_KEY:
+        return None
+    B, Hq, _, L, S = call.shape
+    key = (B, Hq, L, S, block, _max_tiles(call), call.score_graph is not None, tuple(classes.shape),
+           classes.cpu().numpy().tobytes())
+    return _BY_CLASSES.get(key, (), (), lambda: _paying_tiles(call))
 
 
 def _documents(call: Call):
@@ -104,6 +130,18 @@ def _documents(call: Call):
                             segments=[(start, stop, causal) for start, stop in runs])], None
 
 
+def _max_tiles(call: Call) -> int:
+    return int(call.options.get("max_tiles", DEFAULT_MAX_TILES))
+
+
+def _paying_tiles(call: Call):
+    """(units, why they do not pay against the generated loop, None: they do)."""
+    units = _tiles(call)
+    B, Hq, _, L, S = call.shape
+    loop = loop_work(call.block_mask, B, Hq, L, S, call.block_size, _max_tiles(call))
+    return units, fused_plan.why_not_pays(units, call.block_size, L, S, loop)
+
+
 def _tiles(call: Call):
     B, Hq, _, L, S = call.shape
     block = call.block_size
@@ -113,20 +151,14 @@ def _tiles(call: Call):
 
 
 def _cached(call: Call, kind, compute):
-    """``compute(call)``, kept per BlockMask and ``kind`` until an input changes (see the module docstring)."""
-    bm = call.block_mask
-    if bm is None:
-        return compute(call)
-    tensors = [t for t in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
-               if t is not None] + list(call.mask_buffers)
+    """``compute(call)``, kept per BlockMask and ``kind`` until an input changes (see the module
+    docstring); without a BlockMask, by shapes (the plan then depends on nothing else)."""
     B, Hq, _, L, S = call.shape
     key = (B, Hq, L, S, call.block_size,
-           call.mask_graph.structural_key() if call.mask_graph is not None else None,
-           tuple((t.data_ptr(), t._version) for t in tensors))
-    entries = _PLANS.setdefault(bm, {})
-    if kind not in entries or entries[kind][0] != key:  # one plan per kind: the shapes of the latest call
-        entries[kind] = (key, compute(call))
-    return entries[kind][1]
+           call.mask_graph.structural_key() if call.mask_graph is not None else None)
+    if call.block_mask is None:
+        return _UNMASKED.get((kind, key), (), (), lambda: compute(call))
+    return call.block_mask.derived(("fused", kind), key, lambda: compute(call), call.mask_buffers)
 
 
 class _FusedLaunch:

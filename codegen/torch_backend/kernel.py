@@ -35,6 +35,7 @@ from codegen.torch_backend.template import kernel_source
 from codegen.torch_backend.tiles import plan_rows
 from flexattn.call import Call, compute_dtype
 from flexattn.ir import Graph, constants_of
+from flexattn.memo import Memo
 
 DEFAULT_MAX_TILES = 16
 # Kernels written by another version of the generator are stale (rebuilt, never used).
@@ -124,14 +125,27 @@ class Kernel:
 
     def run(self, call: Call):
         """The kernel call (see the class docstring), without the torch.compile guard."""
-        _, _, _, L, S = call.shape
-        block_size = call.block_size
-        rows = plan_rows(call.block_mask, L, S, block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)),
-                         call.group)
-        launch = _Launch(self.namespace, rows, block_size[1], call.scale, self.constants, call.mask_buffers)
+        launch = _Launch(self.namespace, rows_of(call), call.block_size[1], call.scale, self.constants,
+                         call.mask_buffers)
         if not call.needs_grad:
             return launch.forward(call.query, call.key, call.value, call.score_buffers)
         return differentiable(launch, call.query, call.key, call.value, call.score_buffers)
+
+
+_UNMASKED_ROWS = Memo(limit=64)  # the rows of calls without a BlockMask, by shapes
+
+
+def rows_of(call: Call) -> list:
+    """``tiles.plan_rows`` of the call: kept with its BlockMask (``BlockMask.derived``), or by shapes
+    without one; a plan depends on the mask's tile lists, the lengths, the tile size, max_tiles and
+    the GQA group."""
+    _, _, _, L, S = call.shape
+    block_mask, block_size = call.block_mask, call.block_size
+    key = (L, S, block_size, int(call.options.get("max_tiles", DEFAULT_MAX_TILES)), call.group)
+    compute = lambda: plan_rows(block_mask, *key)  # noqa: E731
+    if block_mask is None:
+        return _UNMASKED_ROWS.get(key, (), (), compute)
+    return block_mask.derived("rows", key, compute)
 
 
 _disabled: dict = {}

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flexattn.block_mask import EMPTY, FULL
+
 
 @dataclass
 class Piece:
@@ -145,8 +147,14 @@ def plan_rows(block_mask, q_len: int, kv_len: int, block_size: tuple[int, int],
         kv_group = group
     full_max = full_num.amax(dim=(0, 1)).tolist()
     partial_max = partial_num.amax(dim=(0, 1)).tolist()
+    uniform = [False] * q_blocks if shared else _uniform_rows(block_mask, q_blocks, kv_blocks)
     rows = []
     for i in range(q_blocks):
+        if uniform[i]:  # every (b, h) visits the same tiles: shared pieces (none for a row visiting none)
+            if len(uniform[i][0]) + len(uniform[i][1]):
+                rows.append(Row(i * q_block, min((i + 1) * q_block, q_len),
+                                _shared_pieces(*uniform[i], max_tiles, kv_block, kv_len)))
+            continue
         nf, np_ = full_max[i], partial_max[i]
         if nf + np_ == 0:
             continue
@@ -201,3 +209,33 @@ def loop_work(block_mask, batch: int, heads: int, q_len: int, kv_len: int, block
     rows = (torch.arange(1, q_blocks + 1) * q_block).clamp(max=q_len) - torch.arange(q_blocks) * q_block
     products = int((rows * tiles).sum()) * kv_block * batch * heads
     return products, int((-(-tiles // max_tiles)).sum())
+
+
+def _uniform_rows(block_mask, q_blocks: int, kv_blocks: int) -> list:
+    """Per q-block row of a per-(b, h) BlockMask: (FULL tiles, PARTIAL tiles) shared by every (b, h)
+    when they all visit the same tiles, else False.
+
+    Such a row runs as shared pieces: a tile FULL for some (b, h) and PARTIAL for others is
+    PARTIAL for all (the mask_mod holds everywhere in a FULL tile, so applying it there changes
+    nothing), and K/V are sliced or gathered once for the batch instead of per (b, h). Padding
+    masks are like this: the padded sequence's tiles are PARTIAL, the others' FULL.
+    """
+    classes = block_mask.tile_classes()
+    if classes.shape[-2] < q_blocks or classes.shape[-1] != kv_blocks:
+        return [False] * q_blocks
+    classes = classes[..., :q_blocks, :].flatten(0, 1)  # (B * H, rows, tiles)
+    visited = classes != EMPTY
+    same = (visited == visited[:1]).all(dim=0).all(dim=-1).tolist()
+    full = (classes == FULL).all(dim=0)
+    partial = visited[0] & ~full
+    return [(full[i].nonzero().flatten(), partial[i].nonzero().flatten()) if same[i] else False
+            for i in range(q_blocks)]
+
+
+def _shared_pieces(full: torch.Tensor, partial: torch.Tensor, max_tiles: int, kv_block: int,
+                   kv_len: int) -> list[Piece]:
+    """Pieces of at most ``max_tiles`` tiles of one row's shared FULL and PARTIAL tiles."""
+    tiles = torch.cat([full, partial])
+    n_full = len(full)
+    return [_piece(tiles[s:min(s + max_tiles, n_full)], tiles[max(s, n_full):s + max_tiles], None, None,
+                   kv_block, kv_len) for s in range(0, len(tiles), max_tiles)]

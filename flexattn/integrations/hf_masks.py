@@ -65,9 +65,12 @@ def tile_classes_of(allowed: torch.Tensor, block: tuple[int, int]) -> torch.Tens
     """
     nb, nh, Q, KV = allowed.shape
     (bq, bk), nq, nkv = block, math.ceil(Q / block[0]), math.ceil(KV / block[1])
-    padded = torch.zeros(nb, nh, nq * bq, nkv * bk, dtype=torch.int32)
-    padded[..., :Q, :KV] = allowed
-    counts = padded.view(nb, nh, nq, bq, nkv, bk).sum((3, 5), dtype=torch.int32)
+    # Counted along keys, then along queries, each padded to whole tiles only where it is ragged (a
+    # decoding step's single query is not padded to a tile of rows).
+    keys = torch.nn.functional.pad(allowed.to(torch.int32), (0, nkv * bk - KV))
+    per_row = keys.view(nb, nh, Q, nkv, bk).sum(-1, dtype=torch.int32)
+    per_row = torch.nn.functional.pad(per_row, (0, 0, 0, nq * bq - Q))
+    counts = per_row.view(nb, nh, nq, bq, nkv).sum(3, dtype=torch.int32)
     rows = torch.full((nq,), bq, dtype=torch.int32)
     cols = torch.full((nkv,), bk, dtype=torch.int32)
     rows[-1], cols[-1] = Q - (nq - 1) * bq, KV - (nkv - 1) * bk

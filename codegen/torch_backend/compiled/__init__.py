@@ -32,8 +32,7 @@ import os
 from codegen.cache import kernel_key
 from codegen.torch_backend.compiled import tier
 from codegen.torch_backend.compiled.tier import STATS
-from codegen.torch_backend.kernel import DEFAULT_MAX_TILES, Kernel
-from codegen.torch_backend.tiles import plan_rows
+from codegen.torch_backend.kernel import Kernel, rows_of
 from flexattn.call import Call
 from flexattn.errors import LoweringError
 from flexattn.ir import constants_of
@@ -61,15 +60,16 @@ def kernel_for(call: Call) -> Kernel | str:
         return "no score_mod: the eager loop is faster on mask-only calls (COMPILED=True compiles anyway)"
     if mode == "auto" and os.environ.get("FLEXATTN_COMPILED", "").lower() in ("0", "false", "no", "off"):
         return "FLEXATTN_COMPILED=0 in the environment"
+    if mode == "auto":
+        scores = computed_scores(call)
+        if scores < MIN_COMPILED_SCORES:
+            return (f"the call computes {scores} scores < MIN_COMPILED_SCORES ({MIN_COMPILED_SCORES}): "
+                    "compiling would cost more than it saves (kernel_options COMPILED=True forces it)")
     # The tile source depends on the mods only (tile sizes are run-time values).
     key = kernel_key(call.score_graph, call.mask_graph)
     slots = [i for i, t in enumerate(call.score_buffers) if t.requires_grad] if call.needs_grad else None
     sig = tier.signature(call.query, call.score_buffers, call.mask_buffers, call.block_mask, slots)
     if mode == "auto":  # counted before the tile source is printed: a mod called a few times costs nothing
-        scores = computed_scores(call)
-        if scores < MIN_COMPILED_SCORES:
-            return (f"the call computes {scores} scores < MIN_COMPILED_SCORES ({MIN_COMPILED_SCORES}): "
-                    "compiling would cost more than it saves (kernel_options COMPILED=True forces it)")
         calls = tier.count_call(key, sig)
         if calls < tier.COMPILE_AFTER_CALLS and not tier.on_disk(key, sig):
             return (f"call {calls} of this mod and signature; its kernel is compiled from call "
@@ -100,7 +100,8 @@ def computed_scores(call: Call) -> int:
     mask = call.block_mask
     if mask is None:
         return B * Hq * L * S
-    tiles = int(mask.kv_num_blocks.sum()) + (0 if mask.full_kv_num_blocks is None else int(mask.full_kv_num_blocks.sum()))
+    tiles = mask.derived("visited tiles", (), lambda: int(mask.kv_num_blocks.sum()) + (
+        0 if mask.full_kv_num_blocks is None else int(mask.full_kv_num_blocks.sum())))
     mask_b, mask_h = mask.kv_num_blocks.shape[:2]
     return tiles * mask.BLOCK_SIZE[0] * mask.BLOCK_SIZE[1] * (B // mask_b) * (Hq // mask_h)
 
@@ -109,10 +110,7 @@ def _build(item, sig, call: Call, slots):
     """The background job: ``tier.build``, its compile examples from the call's rows planned as
     ``Kernel.run`` plans them."""
     def examples():
-        _, _, _, L, S = call.shape
-        rows = plan_rows(call.block_mask, L, S, call.block_size,
-                         int(call.options.get("max_tiles", DEFAULT_MAX_TILES)), call.group)
-        return tier.examples(item, call.query, call.key, call.value, rows, call.block_size[1], call.scale,
+        return tier.examples(item, call.query, call.key, call.value, rows_of(call), call.block_size[1], call.scale,
                              tuple(call.score_buffers), constants_of(call.score_graph), tuple(call.mask_buffers),
                              constants_of(call.mask_graph), slots)
     tier.build(item, sig, examples)
