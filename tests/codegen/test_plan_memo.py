@@ -76,3 +76,16 @@ def test_documents_plan_of_a_mask_then_a_score_mod_on_it():
     assert flexattn.explain_call(q, k, v, block_mask=bm, print_it=False).path.name == "fused_documents"
     _check(q, k, v, block_mask=bm)
     _check(q, k, v, block_mask=bm, score_mod=lambda s, b, h, q_idx, kv_idx: s + 0.5 * (kv_idx - q_idx))
+
+
+def test_full_tiles_are_attended_whole_in_rows_shared_by_the_batch():
+    """A row whose (b, h) visit the same tiles runs as shared pieces; a tile FULL for one sequence
+    and PARTIAL for another keeps FULL's meaning (attended whole, as torch's kernels do) even where
+    the mask_mod now says otherwise (its captured tensor changed after the build)."""
+    q, k, v = (x.expand(2, -1, -1, -1).contiguous() for x in _qkv(96, 96))
+    lengths = torch.tensor([96, 70])
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], 2, None, 96, 96,
+                                    BLOCK_SIZE=32)
+    _check(q, k, v, block_mask=bm, kernel_options={"PATH": "generated_loop"})
+    lengths[0] = 40  # sequence 0's last tiles are still FULL in the BlockMask
+    _check(q, k, v, block_mask=bm, kernel_options={"PATH": "generated_loop"})
