@@ -13,7 +13,7 @@ import torch
 import flexattn
 from codegen.cache import KERNELS, kernel_key
 from codegen.torch_backend import compiled
-from codegen.torch_backend.compiled import artefacts, loop, source, tier
+from codegen.torch_backend.compiled import artefacts, source, tier
 from mods import MODS
 
 B, HQ, HKV, L, S, E, EV, BLOCK = 2, 4, 2, 77, 93, 8, 11, 16
@@ -217,8 +217,11 @@ def test_corrupt_or_stale_compiled_functions_on_disk_are_rebuilt_never_used(tmp_
     graph = flexattn.trace_score_mod(lambda score, b, h, q_idx, kv_idx: score * torch.cos(score)).graph
     item = tier.entry(kernel_key(graph, None), graph, None)
     sig = ("float32", "a test signature")
-    x, row = torch.randn(2, 2, 3, 5), torch.randn(2, 2, 3)
-    examples = lambda: {"update": (x, row, row + 1, row.abs())}  # noqa: E731 - the cheapest function to compile
+    s, row = torch.randn(2, 2, 3, 5), torch.randn(2, 2, 3)
+    indices = (torch.arange(2).view(2, 1, 1, 1), torch.arange(2).view(1, 2, 1, 1), torch.arange(3).view(1, 1, 3, 1),
+               torch.arange(5).view(1, 1, 1, 5))
+    keep = torch.rand(2, 2, 3, 5, generator=torch.Generator().manual_seed(0)) > 0.3
+    examples = lambda: {"tile_forward": (s, *indices, keep, row, row.abs(), [], [])}  # noqa: E731 - one function
     graphs = compiled.STATS["graphs"]
     tier.build(item, sig, examples)
     assert compiled.STATS["graphs"] == graphs + 1
@@ -240,6 +243,7 @@ def test_corrupt_or_stale_compiled_functions_on_disk_are_rebuilt_never_used(tmp_
     functions = artefacts.load(item.key, sig, tier.GENERATOR_VERSION, item.plain)
     fallbacks = compiled.STATS["fallbacks"]
     with torch.no_grad():  # as the loop calls it
-        torch.testing.assert_close(functions["update"](*examples()["update"]), loop.update(*examples()["update"]))
+        got = functions["tile_forward"](*examples()["tile_forward"])
+        torch.testing.assert_close(got, item.plain["tile_forward"](*examples()["tile_forward"]))
     assert compiled.STATS["fallbacks"] == fallbacks
     KERNELS.clear_memory()
