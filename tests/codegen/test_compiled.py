@@ -13,7 +13,7 @@ import torch
 import flexattn
 from codegen.cache import KERNELS, kernel_key
 from codegen.torch_backend import compiled
-from codegen.torch_backend.compiled import artefacts, source, tier
+from codegen.torch_backend.compiled import artefacts, loop, source, tier
 from mods import MODS
 
 B, HQ, HKV, L, S, E, EV, BLOCK = 2, 4, 2, 77, 93, 8, 11, 16
@@ -58,6 +58,27 @@ def test_compiled_equals_eager_and_reference_forward_and_backward(name):
     for a, b, c in zip(ours, eager, reference):
         torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_compiled_forward_merges_many_pieces_and_empty_rows_as_the_reference():
+    """The compiled forward merges a row's pieces one at a time (max_tiles 1: a piece per tile,
+    rescaling the earlier ones) and keeps rows with no key at all (-inf maxima before and after a
+    piece) at zero weight; forward and backward equal the reference."""
+    softcap = lambda score, b, h, q_idx, kv_idx: 4.0 * torch.tanh(score / 4.0)  # noqa: E731
+    mask = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx % 7 != 3)  # noqa: E731 - rows 3, 10, ... empty
+    bm = flexattn.create_block_mask(mask, None, None, L, S, BLOCK_SIZE=BLOCK)
+    results = {}
+    for backend, options in (("torch", {**COMPILED, "max_tiles": 1}), ("reference", None)):
+        q, k, v = _inputs()
+        served = compiled.STATS["served"]
+        out = flexattn.flex_attention(q, k, v, score_mod=softcap, block_mask=bm, enable_gqa=True, backend=backend,
+                                      kernel_options=options)
+        if backend == "torch":
+            assert compiled.STATS["served"] == served + 1
+        results[backend] = [out, *torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), (q, k, v))]
+    assert results["torch"][0][:, :, 3].abs().max() == 0  # an empty row
+    for ours, reference in zip(results["torch"], results["reference"]):
+        torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
 
 
 def test_full_tiles_of_rows_shared_by_the_batch_are_attended_whole():
@@ -217,11 +238,8 @@ def test_corrupt_or_stale_compiled_functions_on_disk_are_rebuilt_never_used(tmp_
     graph = flexattn.trace_score_mod(lambda score, b, h, q_idx, kv_idx: score * torch.cos(score)).graph
     item = tier.entry(kernel_key(graph, None), graph, None)
     sig = ("float32", "a test signature")
-    s, row = torch.randn(2, 2, 3, 5), torch.randn(2, 2, 3)
-    indices = (torch.arange(2).view(2, 1, 1, 1), torch.arange(2).view(1, 2, 1, 1), torch.arange(3).view(1, 1, 3, 1),
-               torch.arange(5).view(1, 1, 1, 5))
-    keep = torch.rand(2, 2, 3, 5, generator=torch.Generator().manual_seed(0)) > 0.3
-    examples = lambda: {"tile_forward": (s, *indices, keep, row, row.abs(), [], [])}  # noqa: E731 - one function
+    x, row = torch.randn(2, 2, 3, 5), torch.randn(2, 2, 3)
+    examples = lambda: {"update": (x, row, row + 1, row.abs())}  # noqa: E731 - the cheapest function to compile
     graphs = compiled.STATS["graphs"]
     tier.build(item, sig, examples)
     assert compiled.STATS["graphs"] == graphs + 1
@@ -243,7 +261,6 @@ def test_corrupt_or_stale_compiled_functions_on_disk_are_rebuilt_never_used(tmp_
     functions = artefacts.load(item.key, sig, tier.GENERATOR_VERSION, item.plain)
     fallbacks = compiled.STATS["fallbacks"]
     with torch.no_grad():  # as the loop calls it
-        got = functions["tile_forward"](*examples()["tile_forward"])
-        torch.testing.assert_close(got, item.plain["tile_forward"](*examples()["tile_forward"]))
+        torch.testing.assert_close(functions["update"](*examples()["update"]), loop.update(*examples()["update"]))
     assert compiled.STATS["fallbacks"] == fallbacks
     KERNELS.clear_memory()

@@ -2,14 +2,13 @@
 
 The loop is the eager loop's (``template``): per query block row it visits
 the row's pieces (``tiles.plan_rows``), multiplies on BLAS (``runtime``) and
-merges pieces by online softmax. The elementwise work of a piece is one
-compiled call forward (``tile_forward``: the mods, row maxima, weights, their
-row sums and the rescale of earlier pieces) and one backward (``tile_grad``).
-The forward's scores of every piece go to one reused buffer (``query_key``'s
-workspace). ``TileFunctions`` holds a kernel's functions, each compiled and
-plain; a piece of one query row or one column takes the plain one, because
-``torch.compile`` specialises sizes 0 and 1 (that would be a new compilation
-on the caller's thread).
+merges pieces by online softmax. The elementwise work of a piece is two
+compiled calls forward (``tile_scores``: the mods and row maxima; ``update``:
+the weights, their row sums and the rescale of earlier pieces) and one
+backward (``tile_grad``). ``TileFunctions`` holds a kernel's functions, each
+compiled and plain; a piece of one query row or one column takes the plain
+one, because ``torch.compile`` specialises sizes 0 and 1 (that would be a
+new compilation on the caller's thread).
 
 ``forward``/``backward`` take the arguments of the eager module's functions,
 so ``kernel.Kernel`` runs them unchanged (with its autograd.Function).
@@ -22,7 +21,19 @@ import torch
 from codegen.torch_backend.runtime import gather, grad_chunk, pad_to_tiles, query_key, scatter_add, weights_value
 
 NEG_INF = float("-inf")
+LOG2E = 1.4426950408889634
+EXP2_FLOOR = -126.0
 _FLOAT_CONSTS = torch.float64  # float constants keep full precision for float64 inputs
+
+
+def update(x, row_max, new_max, row_sum):
+    """Online softmax over one piece: x (B, Hq, r, N) masked scores; row_max the maxima before this
+    piece, new_max after it (B, Hq, r). Returns the weights exp(x - new_max), the new row sums and
+    the factor (B, Hq, r) for the accumulator of earlier pieces (0 where there were none)."""
+    shift = torch.where(new_max == NEG_INF, 0.0, new_max)
+    p = torch.where(x == NEG_INF, 0.0, torch.exp2(((x - shift.unsqueeze(-1)) * LOG2E).clamp(min=EXP2_FLOOR)))
+    rescale = torch.where(row_max == NEG_INF, 0.0, torch.exp2((row_max - shift) * LOG2E))
+    return p, row_sum * rescale + p.sum(dim=-1), rescale
 
 
 class TileFunctions:
@@ -89,9 +100,6 @@ def forward(fns, q, k, v, rows, kv_block, scale, score_buffers, score_consts, ma
     q = q * scale
     consts = tensor_consts(score_consts, q)
     buffers = [buf.detach() for buf in score_buffers]
-    widest = max((row.q_stop - row.q_start) * piece.kv_idx.shape[-1] for row in rows for piece in row.pieces) \
-        if any(row.pieces for row in rows) else 0
-    workspace = q.new_empty(B * Hq * widest)
     for row in rows:
         r = row.q_stop - row.q_start
         q_row = q[:, :, row.q_start:row.q_stop]
@@ -102,9 +110,9 @@ def forward(fns, q, k, v, rows, kv_block, scale, score_buffers, score_consts, ma
         for piece in row.pieces:
             tile = fns.pick(r, piece.kv_idx.shape[-1])
             kept = keep(fns, b, h, q_idx, piece, mask_buffers, mask_consts, q.dtype)
-            s = query_key(q_row, gather(k_pad, piece, kv_block, group), workspace)
-            p, new_max, row_sum, rescale, _ = tile["tile_forward"](s, b, h, q_idx, piece.kv_idx, kept, row_max,
-                                                                   row_sum, buffers, consts)
+            s = query_key(q_row, gather(k_pad, piece, kv_block, group))
+            x, new_max = tile["tile_scores"](s, b, h, q_idx, piece.kv_idx, kept, row_max, buffers, consts)
+            p, row_sum, rescale = tile["update"](x, row_max, new_max, row_sum)
             pv = weights_value(p, gather(v_pad, piece, kv_block, group))
             acc = pv if acc is None else pv.add_(acc * rescale.unsqueeze(-1))
             row_max = new_max

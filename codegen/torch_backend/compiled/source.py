@@ -5,11 +5,11 @@ the same torch expressions the eager loop runs) and two functions over one
 tile of scores (B, Hq, r, N), each compiled by ``torch.compile`` into one
 fused C++ loop nest per tile (``codegen.torch_backend.compiled.tier``):
 
-* ``tile_forward``: the score_mod, the mask (a bool tile ``keep``, which the
+* ``tile_scores``: the score_mod, the mask (a bool tile ``keep``, which the
   loop evaluates from the printed ``mask_mod`` at its own broadcast shape, on
   columns of PARTIAL tiles only: a mask that ignores ``h`` is not evaluated
-  per head), the row maxima and the online softmax (weights, row sums, the
-  rescale of earlier pieces), which inductor fuses per row;
+  per head) and the row maxima, in one pass; it returns the modified, masked
+  scores (-inf where masked) and the new row maxima;
 * ``tile_grad``: the backward's elementwise work: the scores recomputed,
   P = exp(S - lse), dS = P * (dP - delta) and dS pulled back through the
   score_mod (``torch.func.vjp``, which inductor fuses with the rest), plus the
@@ -59,19 +59,10 @@ def masked_scores(s, b, h, q_idx, kv_idx, keep, score_buffers, score_consts):
 {score_line}    return torch.where(keep, x, NEG_INF)
 
 
-def tile_forward(s, b, h, q_idx, kv_idx, keep, row_max, row_sum, score_buffers, score_consts):
-    """The forward's elementwise work on one piece, in one call: the weights exp(x - new max) of the
-    masked scores x, their new row maxima (merged with row_max, the maxima before this piece, (B, Hq,
-    r)), the new row sums, the factor for the accumulator of earlier pieces (0 where there were none),
-    and x itself. Returning x makes inductor store it and read it back in the exp pass; without it,
-    inductor recomputes the score_mod in each pass (twice the time on softcapping). exp2 with
-    log2(e) folded in."""
+def tile_scores(s, b, h, q_idx, kv_idx, keep, row_max, score_buffers, score_consts):
+    """One pass over a tile: (masked scores, max(row_max, their row maxima) (B, Hq, r))."""
     x = masked_scores(s, b, h, q_idx, kv_idx, keep, score_buffers, score_consts)
-    new_max = torch.maximum(x.amax(dim=-1), row_max)
-    shift = torch.where(new_max == NEG_INF, 0.0, new_max) * LOG2E
-    p = torch.where(x == NEG_INF, 0.0, torch.exp2((x * LOG2E - shift.unsqueeze(-1)).clamp(min=EXP2_FLOOR)))
-    rescale = torch.where(row_max == NEG_INF, 0.0, torch.exp2(row_max * LOG2E - shift))
-    return p, new_max, row_sum * rescale + p.sum(dim=-1), rescale, x
+    return x, torch.maximum(x.amax(dim=-1), row_max)
 
 
 def tile_grad(raw, grad_p, lse, delta, b, h, q_idx, kv_idx, keep, score_buffers, grad_slots, score_consts):
@@ -105,7 +96,7 @@ SCORE_LINE = ("    x = torch.broadcast_to(score_mod(s, b, h, q_idx, kv_idx, scor
 
 def tile_source(score_graph: Graph | None, mask_graph: Graph | None) -> str:
     """The Python source of the tile module for these mods (``mask_mod`` when given, ``masked_scores``,
-    ``tile_forward``, ``tile_grad``).
+    ``tile_scores``, ``tile_grad``).
 
     Example: ``print(tile_source(trace_score_mod(softcap).graph, None))``.
     Raises ``LoweringError`` (from the printer) for an op it cannot lower.

@@ -56,7 +56,8 @@ class Entry:
 
     def __init__(self, key: str, namespace: dict, mask_reads: tuple[bool, bool]):
         self.key, self.namespace, self.mask_reads = key, namespace, mask_reads
-        self.plain = {name: namespace[name] for name in ("tile_forward", "tile_grad")}
+        self.plain = {name: namespace[name] for name in ("tile_scores", "tile_grad")}
+        self.plain["update"] = loop.update
         self.compiled: dict = {}  # signature -> name -> artefacts.Guarded
         self.bound: dict = {}
         self.states: dict = {}
