@@ -25,6 +25,7 @@ dynamo breaks the graph.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -34,20 +35,22 @@ import torch.utils._pytree as pytree
 from flexattn import dispatch
 from flexattn import kernel_options as options
 from flexattn.block_mask import BlockMask
+from flexattn.ir import Graph
 from flexattn.trace import ReboundMaskMod, trace_mask_mod, trace_score_mod
 
-# plan number -> (score graph, mask graph, BLOCK_SIZE, seq_lengths, which BlockMask fields are there, backend)
+# plan number -> (score graph, mask graph, BLOCK_SIZE, which BlockMask fields are there, backend)
 _PLANS: dict[int, tuple] = {}
 _NUMBERS: dict[tuple, int] = {}
 _BLOCK_FIELDS = BlockMask._TENSOR_ATTRS[:8]
 
 
 def _flatten_block_mask(bm: BlockMask):
-    """Leaves: the tile lists there are, then the tensors the mask_mod captures (so that under
-    torch.compile they are graph inputs, not constants baked into the op); the context keeps the
-    mask_mod, which ``_unflatten_block_mask`` rebinds to those tensors (``ReboundMaskMod``)."""
+    """Leaves: the two sequence lengths, the tile lists there are, then the tensors the mask_mod
+    captures (so that under torch.compile they are graph inputs, not constants baked into the op;
+    lengths symbolic in a mask built inside the graph); the context keeps the mask_mod, which
+    ``_unflatten_block_mask`` rebinds to those tensors (``ReboundMaskMod``)."""
     present = tuple(getattr(bm, name) is not None for name in _BLOCK_FIELDS)
-    lists = _tile_lists(bm)
+    lists = list(bm.seq_lengths) + _tile_lists(bm)
     # Attributes only, never a trace: dynamo runs this function itself.
     mask_mod = bm.mask_mod
     if isinstance(mask_mod, ReboundMaskMod):
@@ -55,8 +58,8 @@ def _flatten_block_mask(bm: BlockMask):
     elif bm.traced_mask is not None:
         buffers = bm.traced_mask.buffers
     else:  # no trace kept (a BlockMask built by hand): the mask_mod is a constant, plan() traces it
-        return lists, (bm.seq_lengths, bm.BLOCK_SIZE, present, mask_mod, None)
-    return lists + list(buffers), (bm.seq_lengths, bm.BLOCK_SIZE, present, mask_mod, len(buffers))
+        return lists, (bm.BLOCK_SIZE, present, mask_mod, None)
+    return lists + list(buffers), (bm.BLOCK_SIZE, present, mask_mod, len(buffers))
 
 
 def _tile_lists(bm: BlockMask) -> list[torch.Tensor]:
@@ -64,8 +67,8 @@ def _tile_lists(bm: BlockMask) -> list[torch.Tensor]:
 
 
 def _unflatten_block_mask(values, context) -> BlockMask:
-    seq_lengths, block_size, present, mask_mod, n_buffers = context
-    values = list(values)
+    block_size, present, mask_mod, n_buffers = context
+    seq_lengths, values = values[:2], list(values[2:])
     if n_buffers is not None:
         mask_mod = ReboundMaskMod(mask_mod, values[len(values) - n_buffers:])
         values = values[:len(values) - n_buffers]
@@ -95,16 +98,18 @@ def plan(score_mod, block_mask: BlockMask | None, backend: str) -> tuple[int, tu
     """
     score = trace_score_mod(score_mod) if score_mod is not None else None
     mask = trace_mask_mod(block_mask.mask_mod) if block_mask is not None else None
-    layout = (None, None, ()) if block_mask is None else (
-        block_mask.BLOCK_SIZE, block_mask.seq_lengths, tuple(getattr(block_mask, f) is not None for f in _BLOCK_FIELDS))
+    # The lengths are not part of a plan (symbolic for a mask built inside the graph): the op takes them.
+    layout = (None, ()) if block_mask is None else (
+        block_mask.BLOCK_SIZE, tuple(getattr(block_mask, f) is not None for f in _BLOCK_FIELDS))
     entry = (score.graph if score else None, mask.graph if mask else None, *layout, backend)
     number = _NUMBERS.setdefault(entry, len(_NUMBERS))  # AOTAutograd traces a call more than once
     _PLANS[number] = entry
     return number, (score.buffers if score else ()), (mask.buffers if mask else ())
 
 
-def _run(query, key, value, score_buffers, mask_buffers, block_tensors, number, scale, enable_gqa):
-    score_graph, mask_graph, block_size, seq_lengths, present, backend = _PLANS[number]
+def _run(query, key, value, score_buffers, mask_buffers, block_tensors, seq_lengths, number, scale, enable_gqa):
+    score_graph, mask_graph, block_size, present, backend = _PLANS[number]
+    score_graph, mask_graph = _shaped(score_graph, score_buffers), _shaped(mask_graph, mask_buffers)
     block_mask = None
     if present:
         given = iter(block_tensors)
@@ -117,17 +122,39 @@ def _run(query, key, value, score_buffers, mask_buffers, block_tensors, number, 
     return out, lse
 
 
+_SHAPED: dict[tuple, Graph] = {}  # (id(graph), buffer shapes) -> (graph with those shapes, graph)
+
+
+def _shaped(graph: Graph | None, buffers) -> Graph | None:
+    """``graph`` with its buffer specs' shapes those of ``buffers``: a plan is traced once for symbolic
+    shapes (new lengths run the same compiled graph), so its buffers may have other shapes than the
+    tensors the mod was traced with; the IR reads buffers by index, never by a traced shape."""
+    shapes = tuple(tuple(t.shape) for t in buffers)
+    if graph is None or all(spec.shape == shape for spec, shape in zip(graph.buffers, shapes)):
+        return graph
+    key = (id(graph), shapes)
+    entry = _SHAPED.get(key)
+    if entry is None or entry[1] is not graph:
+        specs = tuple(dataclasses.replace(spec, shape=shape) for spec, shape in zip(graph.buffers, shapes))
+        if len(_SHAPED) >= 256:  # a graph per sequence length seen: kept for the recent ones
+            _SHAPED.clear()
+        entry = _SHAPED[key] = (dataclasses.replace(graph, buffers=specs), graph)
+    return entry[0]
+
+
 @torch.library.custom_op("flexattn::attention", mutates_args=())
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_buffers: list[torch.Tensor],
-              mask_buffers: list[torch.Tensor], block_tensors: list[torch.Tensor], number: int, scale: float,
-              enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              mask_buffers: list[torch.Tensor], block_tensors: list[torch.Tensor], seq_lengths: list[int], number: int,
+              scale: float, enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """flexattn's attention as one op: (out (B, Hq, L, Ev), lse (B, Hq, L) float32) for plan ``number``."""
-    out, lse = _run(query, key, value, score_buffers, mask_buffers, block_tensors, number, scale, enable_gqa)
+    out, lse = _run(query, key, value, score_buffers, mask_buffers, block_tensors, seq_lengths, number, scale,
+                    enable_gqa)
     return out.contiguous(), lse.contiguous()
 
 
 @attention.register_fake
-def _attention_fake(query, key, value, score_buffers, mask_buffers, block_tensors, number, scale, enable_gqa):
+def _attention_fake(query, key, value, score_buffers, mask_buffers, block_tensors, seq_lengths, number, scale,
+                    enable_gqa):
     B, Hq, L, _ = query.shape
     return query.new_empty(B, Hq, L, value.shape[-1]), query.new_empty(B, Hq, L, dtype=torch.float32)
 
@@ -142,8 +169,8 @@ def _differentiable(buffers) -> list[int]:
 @torch.library.custom_op("flexattn::attention_backward", mutates_args=())
 def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        score_buffers: list[torch.Tensor], mask_buffers: list[torch.Tensor],
-                       block_tensors: list[torch.Tensor], grad_out: torch.Tensor, grad_lse: torch.Tensor,
-                       number: int, scale: float, enable_gqa: bool) -> list[torch.Tensor]:
+                       block_tensors: list[torch.Tensor], seq_lengths: list[int], grad_out: torch.Tensor,
+                       grad_lse: torch.Tensor, number: int, scale: float, enable_gqa: bool) -> list[torch.Tensor]:
     """Gradients of ``attention`` for query, key, value and the float score buffers, in that order."""
     # An op's implementation runs below autograd (its keys excluded from dispatch); the recompute
     # needs autograd back, with the caller's other exclusions kept.
@@ -152,7 +179,7 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
             torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (query, key, value)]
         buffers = [t.detach().requires_grad_() if t.is_floating_point() else t for t in score_buffers]
-        out, lse = _run(*inputs, buffers, mask_buffers, block_tensors, number, scale, enable_gqa)
+        out, lse = _run(*inputs, buffers, mask_buffers, block_tensors, seq_lengths, number, scale, enable_gqa)
         wrt = inputs + [buffers[i] for i in _differentiable(score_buffers)]
         grads = torch.autograd.grad((out, lse), wrt, (grad_out, grad_lse), allow_unused=True)
     # Laid out like their inputs, as the fake says (an input may be a strided view, e.g. transformers' key).
@@ -160,27 +187,28 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(query, key, value, score_buffers, mask_buffers, block_tensors, grad_out, grad_lse,
-                             number, scale, enable_gqa):
+def _attention_backward_fake(query, key, value, score_buffers, mask_buffers, block_tensors, seq_lengths, grad_out,
+                             grad_lse, number, scale, enable_gqa):
     return [torch.empty_like(t) for t in (query, key, value, *(score_buffers[i] for i in _differentiable(score_buffers)))]
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3])
-    ctx.score_buffers, ctx.mask_buffers, ctx.block_tensors = inputs[3], inputs[4], inputs[5]
-    ctx.number, ctx.scale, ctx.enable_gqa = inputs[6:]
+    ctx.score_buffers, ctx.mask_buffers, ctx.block_tensors, ctx.seq_lengths = inputs[3:7]
+    ctx.number, ctx.scale, ctx.enable_gqa = inputs[7:]
 
 
 def _backward(ctx, grad_out, grad_lse):
     query, key, value = ctx.saved_tensors
     grad_lse = torch.zeros_like(grad_lse) if grad_lse is None else grad_lse
     grads = attention_backward(query, key, value, ctx.score_buffers, ctx.mask_buffers, ctx.block_tensors,
-                               grad_out.contiguous(), grad_lse.contiguous(), ctx.number, ctx.scale, ctx.enable_gqa)
+                               ctx.seq_lengths, grad_out.contiguous(), grad_lse.contiguous(), ctx.number, ctx.scale, ctx.enable_gqa)
     buffer_grads = [None] * len(ctx.score_buffers)
     for i, g in zip(_differentiable(ctx.score_buffers), grads[3:]):
         buffer_grads[i] = g
+    # torch's op autograd takes a list of ints as one leaf (its gradient None), an empty list as a list.
     return (*grads[:3], buffer_grads, [None] * len(ctx.mask_buffers), [None] * len(ctx.block_tensors),
-            None, None, None)
+            None if ctx.seq_lengths else [], None, None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -195,8 +223,9 @@ def _planned_attention(query, key, value, module, method: str, block_masks: tupl
     block_mask = block_masks[0] if block_masks else None
     number, score_buffers, mask_buffers = plan(score_mod, block_mask, backend)
     block_tensors = [] if block_mask is None else _tile_lists(block_mask)
+    seq_lengths = [] if block_mask is None else list(block_mask.seq_lengths)
     return torch.ops.flexattn.attention(query, key, value, list(score_buffers), list(mask_buffers), block_tensors,
-                                        number, scale, enable_gqa)
+                                        seq_lengths, number, scale, enable_gqa)
 
 
 def compiled_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, backend: str):

@@ -28,8 +28,8 @@ import torch
 from flexattn.api import AuxRequest, flex_attention
 from flexattn.block_mask import BlockMask
 from flexattn.errors import InputError
-from flexattn.errors import InputError
-from flexattn.integrations.hf_masks import block_mask_interface
+from flexattn.integrations.hf_compiled import compiled_block_mask
+from flexattn.integrations.hf_masks import TENSOR_MASK_MODELS, block_mask_interface
 
 NAME = "flexattn"
 
@@ -38,7 +38,7 @@ def register(name: str = NAME) -> str:
     """Register flexattn with transformers as ``attn_implementation=name``; returns ``name``.
 
     Registers ``attention_forward`` with ``transformers.AttentionInterface`` and
-    ``block_mask_interface`` with ``transformers.AttentionMaskInterface`` (global, for every model).
+    ``mask_interface`` with ``transformers.AttentionMaskInterface`` (global, for every model).
     Calling it again is harmless.
 
     Raises ``ImportError`` naming the extra to install when transformers is missing.
@@ -56,8 +56,27 @@ def register(name: str = NAME) -> str:
         raise ImportError("flexattn.integrations.transformers needs transformers: "
                           "pip install 'flexattn[transformers]'") from error
     transformers.AttentionInterface.register(name, attention_forward)
-    transformers.AttentionMaskInterface.register(name, block_mask_interface)
+    transformers.AttentionMaskInterface.register(name, mask_interface)
     return name
+
+
+def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask: torch.Tensor | None = None, device="cpu", **kwargs):
+    """transformers' ``AttentionMaskInterface`` entry: ``hf_masks.block_mask_interface``, or while
+    dynamo compiles, ``hf_compiled.compiled_block_mask`` (traced into the graph: no graph break).
+
+    Same arguments and result as ``block_mask_interface``. Under ``torch.compile`` a model of
+    ``TENSOR_MASK_MODELS`` keeps the eager build (one graph break).
+
+    Example: ``mask_interface(2, 8, 8, attention_mask=torch.ones(2, 8)).shape == (1, 1, 8, 8)``.
+    """
+    if torch.compiler.is_compiling() and getattr(kwargs.get("config"), "model_type", None) not in TENSOR_MASK_MODELS:
+        from transformers.masking_utils import causal_mask_function
+
+        return compiled_block_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                   mask_function or causal_mask_function, attention_mask, device)
+    return block_mask_interface(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                                device, **kwargs)
 
 
 def _score_mod(softcap: float | None, biases: tuple):
