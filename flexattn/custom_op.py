@@ -1,8 +1,8 @@
 """flex_attention inside ``torch.compile``: one custom op, no graph break, no re-trace of the mods.
 
 ``flex_attention`` called while dynamo compiles (``torch.compiler.is_compiling()``) comes here
-when its score_mod is None or a method of an ``nn.Module`` (``self.score_mod`` reading
-``self.param``) and its block_mask is None or a flexattn BlockMask. Then:
+when its score_mod is None, a method of an ``nn.Module`` (``self.score_mod`` reading
+``self.param``) or a callable registered as a pytree (its tensors the leaves) and its block_mask is None or a flexattn BlockMask. Then:
 
 - dynamo never looks inside flexattn: ``_planned_attention`` is ``torch._dynamo.nonstrict_trace``,
   so dynamo puts one opaque call in its graph, passing the module (its parameters are tracked for
@@ -87,7 +87,15 @@ def routable(score_mod, block_mask) -> bool:
     Example: ``routable(module.score_mod, None)`` is True, ``routable(lambda s, b, h, q, kv: s, None)`` False.
     """
     method_of_module = isinstance(score_mod, types.MethodType) and isinstance(score_mod.__self__, torch.nn.Module)
-    return (score_mod is None or method_of_module) and (block_mask is None or isinstance(block_mask, BlockMask))
+    return (score_mod is None or method_of_module or _is_pytree_mod(score_mod)) and (
+        block_mask is None or isinstance(block_mask, BlockMask))
+
+
+def _is_pytree_mod(score_mod) -> bool:
+    """A callable registered as a pytree node (its tensors leaves, the rest constant context, as
+    ``integrations.transformers.HFScoreMod``): built inside the compiled region, it still crosses
+    into the op, its tensors as graph inputs."""
+    return type(score_mod) in pytree.SUPPORTED_NODES and callable(score_mod)
 
 
 def plan(score_mod, block_mask: BlockMask | None, backend: str) -> tuple[int, tuple, tuple]:
@@ -218,8 +226,9 @@ _NO_MODULE = torch.nn.Module()  # nonstrict_trace takes no None: the module of "
 
 
 @torch._dynamo.nonstrict_trace
-def _planned_attention(query, key, value, module, method: str, block_masks: tuple, scale, enable_gqa, backend):
-    score_mod = getattr(module, method) if method else None
+def _planned_attention(query, key, value, module, method: str, score_mods: tuple, block_masks: tuple, scale,
+                       enable_gqa, backend):
+    score_mod = getattr(module, method) if method else (score_mods[0] if score_mods else None)
     block_mask = block_masks[0] if block_masks else None
     number, score_buffers, mask_buffers = plan(score_mod, block_mask, backend)
     block_tensors = [] if block_mask is None else _tile_lists(block_mask)
@@ -234,9 +243,11 @@ def compiled_flex_attention(query, key, value, score_mod, block_mask, scale, ena
     Example: inside ``torch.compile(fullgraph=True)``, ``flexattn.flex_attention(q, k, v,
     score_mod=self.score_mod)`` comes here. Raises ``TraceError`` while compiling for untraceable mods.
     """
-    module, method = (score_mod.__self__, score_mod.__func__.__name__) if score_mod is not None else (_NO_MODULE, "")
+    score_mods = (score_mod,) if _is_pytree_mod(score_mod) else ()
+    module, method = (score_mod.__self__, score_mod.__func__.__name__) if score_mod is not None and not score_mods \
+        else (_NO_MODULE, "")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
         backend = dispatch.default_backend(query.device.type)
     block_masks = () if block_mask is None else (block_mask,)
-    return _planned_attention(query, key, value, module, method, block_masks, scale, enable_gqa, backend)
+    return _planned_attention(query, key, value, module, method, score_mods, block_masks, scale, enable_gqa, backend)

@@ -24,6 +24,7 @@ Nothing of transformers is imported until ``register()`` is called.
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 from flexattn.api import AuxRequest, flex_attention
 from flexattn.block_mask import BlockMask
@@ -93,6 +94,34 @@ def _score_mod(softcap: float | None, biases: tuple):
     return hf_score_mod
 
 
+class HFScoreMod:
+    """``_score_mod(softcap, biases)`` as a pytree (softcap, a 0-dim float32 tensor, and the bias
+    tensors its leaves, the strides its context): under ``torch.compile`` it is made inside the graph and still reaches
+    ``flexattn.custom_op``'s op, its tensors graph inputs (a closure would break the graph there)."""
+
+    def __init__(self, softcap: torch.Tensor | None, biases: tuple):
+        self.softcap, self.biases = softcap, tuple(biases)
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return _score_mod(self.softcap, self.biases)(score, b, h, q_idx, kv_idx)
+
+
+def _flatten_score_mod(mod: HFScoreMod):
+    # The softcap a 0-dim tensor leaf: dynamo may trace a config's float as a symbol, never a constant.
+    softcap = [] if mod.softcap is None else [mod.softcap]
+    return softcap + [bias[0] for bias in mod.biases], (bool(softcap), tuple(bias[1:] for bias in mod.biases))
+
+
+def _unflatten_score_mod(tensors, context) -> HFScoreMod:
+    has_softcap, layouts = context
+    softcap, tensors = (tensors[0], tensors[1:]) if has_softcap else (None, tensors)
+    return HFScoreMod(softcap, tuple((tensor, *layout) for tensor, layout in zip(tensors, layouts)))
+
+
+pytree.register_pytree_node(HFScoreMod, _flatten_score_mod, _unflatten_score_mod,
+                            serialized_type_name="flexattn.integrations.transformers.HFScoreMod")
+
+
 def _bias(tensor: torch.Tensor, name: str, batch: int, heads: int, q_len: int, kv_len: int) -> tuple:
     if tensor.dim() != 4:
         raise InputError(f"{name} must be 4-D (B or 1, H or 1, Q_LEN, KV_LEN), got shape {list(tensor.shape)}")
@@ -134,7 +163,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling: float 
         biases.append(_bias(attention_mask, "attention_mask", B, Hq, L, S))
     if position_bias is not None:
         biases.append(_bias(position_bias, "position_bias", B, Hq, L, S))
-    score_mod = _score_mod(softcap, tuple(biases)) if softcap is not None or biases else None
+    score_mod = None
+    if softcap is not None or biases:  # a closure is cached by what it captures; under compile, a pytree
+        score_mod = _score_mod(softcap, tuple(biases))
+        if torch.compiler.is_compiling():
+            cap = None if softcap is None else torch.as_tensor(softcap, dtype=torch.float32, device=query.device)
+            score_mod = HFScoreMod(cap, biases)
     common = dict(score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=Hq != key.shape[1],
                   kernel_options=kwargs.get("kernel_options"))
     if s_aux is None:

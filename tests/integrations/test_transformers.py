@@ -218,3 +218,32 @@ def test_fullgraph_compile_packed_documents_and_cache():
         logits_e = eager(input_ids=ids, attention_mask=mask).logits  # a DynamicCache: offsets from the cache
         logits_c = compiled(input_ids=ids, attention_mask=mask).logits
         assert _rel(logits_e[real], logits_c[real]) < 1e-5
+
+
+def test_fullgraph_compile_softcap_and_sliding_window_train_like_eager():
+    """gemma2: softcapping (a score_mod made inside the graph: ``HFScoreMod``, a pytree) and sliding
+    windows, with left padding; fullgraph forward and backward equal eager attention."""
+    torch._dynamo.reset()
+    eager, flex = _pair("gemma2")
+    compiled = torch.compile(flex, fullgraph=True, dynamic=True, backend="aot_eager")
+    ids, mask = _ids(2, 20), _left_padding(2, 20)
+    logits_e, loss_e, grads_e = _compiled_step(eager, ids, mask, mask.bool(), use_cache=False)
+    logits_c, loss_c, grads_c = _compiled_step(compiled, ids, mask, mask.bool(), use_cache=False)
+    assert _rel(logits_e, logits_c) < 1e-5 and abs(loss_e.item() - loss_c.item()) < 1e-5 * abs(loss_e.item())
+    assert grads_e.keys() == grads_c.keys()
+    for name in grads_e:
+        assert _rel(grads_e[name], grads_c[name]) < 1e-5, name
+
+
+def test_fullgraph_compile_4d_float_mask():
+    """A user's 4-D float mask becomes a bias of an ``HFScoreMod`` inside the graph: no graph break."""
+    torch._dynamo.reset()
+    eager, flex = _pair("llama")
+    L = 16
+    allowed = torch.ones(L, L).tril().bool() & (torch.rand(L, L, generator=torch.Generator().manual_seed(3)) > 0.3)
+    allowed |= torch.eye(L, dtype=torch.bool)
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None].expand(2, 1, L, L)
+    compiled = torch.compile(flex, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        inputs = dict(input_ids=_ids(2, L), attention_mask=mask, use_cache=False)
+        assert _rel(eager(**inputs).logits, compiled(**inputs).logits) < 1e-5
