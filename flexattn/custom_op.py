@@ -50,7 +50,7 @@ def _flatten_block_mask(bm: BlockMask):
     lengths symbolic in a mask built inside the graph); the context keeps the mask_mod, which
     ``_unflatten_block_mask`` rebinds to those tensors (``ReboundMaskMod``)."""
     present = tuple(getattr(bm, name) is not None for name in _BLOCK_FIELDS)
-    lists = list(bm.seq_lengths) + _tile_lists(bm)
+    lists = list(bm.seq_lengths) + bm.tile_lists()
     # Attributes only, never a trace: dynamo runs this function itself.
     mask_mod = bm.mask_mod
     if isinstance(mask_mod, ReboundMaskMod):
@@ -60,10 +60,6 @@ def _flatten_block_mask(bm: BlockMask):
     else:  # no trace kept (a BlockMask built by hand): the mask_mod is a constant, plan() traces it
         return lists, (bm.BLOCK_SIZE, present, mask_mod, None)
     return lists + list(buffers), (bm.BLOCK_SIZE, present, mask_mod, len(buffers))
-
-
-def _tile_lists(bm: BlockMask) -> list[torch.Tensor]:
-    return [getattr(bm, name) for name in _BLOCK_FIELDS if getattr(bm, name) is not None]
 
 
 def _unflatten_block_mask(values, context) -> BlockMask:
@@ -231,7 +227,7 @@ def _planned_attention(query, key, value, module, method: str, score_mods: tuple
     score_mod = getattr(module, method) if method else (score_mods[0] if score_mods else None)
     block_mask = block_masks[0] if block_masks else None
     number, score_buffers, mask_buffers = plan(score_mod, block_mask, backend)
-    block_tensors = [] if block_mask is None else _tile_lists(block_mask)
+    block_tensors = [] if block_mask is None else block_mask.tile_lists()
     seq_lengths = [] if block_mask is None else list(block_mask.seq_lengths)
     return torch.ops.flexattn.attention(query, key, value, list(score_buffers), list(mask_buffers), block_tensors,
                                         seq_lengths, number, scale, enable_gqa)

@@ -114,7 +114,8 @@ def _documents(call: Call):
     if call.mask_graph is None:
         return None, "no mask_mod: no documents"
     if not call.facts.exact:
-        return None, "the BlockMask is not the exact block reduction of this mask_mod (create_block_mask)"
+        return None, ("the BlockMask is not the exact block reduction of this mask_mod (create_block_mask), "
+                      "or a tensor the mask_mod captures changed since it was built")
     if call.facts.segments is None:
         return None, "the mask_mod is not a packed-documents mask (doc[q] == doc[kv], optionally causal)"
     if L != S:

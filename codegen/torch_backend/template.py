@@ -49,6 +49,8 @@ MASK_CALL = '''\
     for start, stop in piece.partial_runs:
         # Only columns of PARTIAL tiles need the mask.
         drop = torch.logical_not(mask_mod(b, h, q_idx, piece.kv_idx[..., start:stop], mask_buffers, mask_consts, cf))
+        if piece.full_cols is not None:  # FULL for some (b, h): attended whole there
+            drop = drop & torch.logical_not(piece.full_cols[..., start:stop])
         if inplace:
             s[..., start:stop].masked_fill_(drop, NEG_INF)
         else:

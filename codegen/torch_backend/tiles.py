@@ -38,6 +38,9 @@ class Piece:
     ``kv_idx``: int64 (1, 1, 1, cols) or (Bm, 1 or Hq, 1, cols): the key position of each column.
     ``valid``: bool (Bm, 1 or Hq, 1, cols) or None: False at padded slots and at
     key positions past KV_LEN (the last tile of an odd length).
+    ``full_cols``: bool (Bm, Hm, 1, cols) or None: True where a column of a PARTIAL run is FULL
+    for that (b, h) (shared pieces of rows whose (b, h) class their tiles differently): kept
+    there without the mask, since a FULL tile is attended whole whatever the mask_mod says.
     """
 
     tiles: torch.Tensor
@@ -45,6 +48,7 @@ class Piece:
     partial_runs: list[tuple[int, int]]
     kv_idx: torch.Tensor
     valid: torch.Tensor | None
+    full_cols: torch.Tensor | None = None
 
 
 @dataclass
@@ -70,10 +74,11 @@ def _runs(flags: list[bool], kv_block: int) -> list[tuple[int, int]]:
 
 
 def _piece(full: torch.Tensor, partial: torch.Tensor, full_count, partial_count,
-           kv_block: int, kv_len: int, group: int = 1) -> Piece:
+           kv_block: int, kv_len: int, group: int = 1, full_for: torch.Tensor | None = None) -> Piece:
+    """``full_for`` (shared tiles only): bool (Bm, Hm, KV tiles), which tiles are FULL per (b, h)."""
     tiles = torch.cat([full, partial], dim=-1).long()
     n_full = full.shape[-1]
-    span = None
+    span, full_cols = None, None
     if tiles.dim() == 1:
         # Shared tiles in ascending order: FULL and PARTIAL tiles usually form one
         # consecutive span (causal, sliding window), so K/V are sliced, not copied.
@@ -82,7 +87,10 @@ def _piece(full: torch.Tensor, partial: torch.Tensor, full_count, partial_count,
         listed = tiles.tolist()
         if listed == list(range(listed[0], listed[0] + len(listed))):
             span = (listed[0], listed[0] + len(listed))
-        partial_runs = _runs((order >= n_full).tolist(), kv_block)
+        in_partial = order >= n_full
+        partial_runs = _runs(in_partial.tolist(), kv_block)
+        if full_for is not None and bool(full_for[..., tiles[in_partial]].any()):
+            full_cols = full_for[..., tiles].repeat_interleave(kv_block, dim=-1).unsqueeze(-2)
     else:
         partial_runs = [(n_full * kv_block, tiles.shape[-1] * kv_block)] if partial.shape[-1] else []
     kv_idx = (tiles.unsqueeze(-1) * kv_block + torch.arange(kv_block)).flatten(-2)
@@ -103,7 +111,7 @@ def _piece(full: torch.Tensor, partial: torch.Tensor, full_count, partial_count,
             else (lambda x: x)
         kv_idx = per_query_head(kv_idx.unsqueeze(-2))
         valid = per_query_head(valid.unsqueeze(-2)) if valid is not None else None
-    return Piece(tiles, span, partial_runs, kv_idx, valid)
+    return Piece(tiles, span, partial_runs, kv_idx, valid, full_cols)
 
 
 def plan_rows(block_mask, q_len: int, kv_len: int, block_size: tuple[int, int],
@@ -148,12 +156,13 @@ def plan_rows(block_mask, q_len: int, kv_len: int, block_size: tuple[int, int],
     full_max = full_num.amax(dim=(0, 1)).tolist()
     partial_max = partial_num.amax(dim=(0, 1)).tolist()
     uniform = [False] * q_blocks if shared else _uniform_rows(block_mask, q_blocks, kv_blocks)
+    full_of_rows = block_mask.tile_classes()[..., :q_blocks, :] == FULL if any(uniform) else None
     rows = []
     for i in range(q_blocks):
         if uniform[i]:  # every (b, h) visits the same tiles: shared pieces (none for a row visiting none)
             if len(uniform[i][0]) + len(uniform[i][1]):
                 rows.append(Row(i * q_block, min((i + 1) * q_block, q_len),
-                                _shared_pieces(*uniform[i], max_tiles, kv_block, kv_len)))
+                                _shared_pieces(*uniform[i], max_tiles, kv_block, kv_len, full_of_rows[:, :, i])))
             continue
         nf, np_ = full_max[i], partial_max[i]
         if nf + np_ == 0:
@@ -215,10 +224,11 @@ def _uniform_rows(block_mask, q_blocks: int, kv_blocks: int) -> list:
     """Per q-block row of a per-(b, h) BlockMask: (FULL tiles, PARTIAL tiles) shared by every (b, h)
     when they all visit the same tiles, else False.
 
-    Such a row runs as shared pieces: a tile FULL for some (b, h) and PARTIAL for others is
-    PARTIAL for all (the mask_mod holds everywhere in a FULL tile, so applying it there changes
-    nothing), and K/V are sliced or gathered once for the batch instead of per (b, h). Padding
-    masks are like this: the padded sequence's tiles are PARTIAL, the others' FULL.
+    Such a row runs as shared pieces: a tile FULL for some (b, h) and PARTIAL for others is listed
+    PARTIAL, and its piece's ``full_cols`` keeps it whole for the (b, h) it is FULL for (the
+    mask_mod need not hold in a FULL tile: a BlockMask from ``from_kv_blocks``, or a captured
+    tensor changed after the build); K/V are sliced or gathered once for the batch instead of per
+    (b, h). Padding masks are like this: the padded sequence's tiles are PARTIAL, the others' FULL.
     """
     classes = block_mask.tile_classes()
     if classes.shape[-2] < q_blocks or classes.shape[-1] != kv_blocks:
@@ -233,9 +243,10 @@ def _uniform_rows(block_mask, q_blocks: int, kv_blocks: int) -> list:
 
 
 def _shared_pieces(full: torch.Tensor, partial: torch.Tensor, max_tiles: int, kv_block: int,
-                   kv_len: int) -> list[Piece]:
-    """Pieces of at most ``max_tiles`` tiles of one row's shared FULL and PARTIAL tiles."""
+                   kv_len: int, full_for: torch.Tensor) -> list[Piece]:
+    """Pieces of at most ``max_tiles`` tiles of one row's shared FULL and PARTIAL tiles;
+    ``full_for``: bool (Bm, Hm, KV tiles), the row's FULL tiles per (b, h)."""
     tiles = torch.cat([full, partial])
     n_full = len(full)
     return [_piece(tiles[s:min(s + max_tiles, n_full)], tiles[max(s, n_full):s + max_tiles], None, None,
-                   kv_block, kv_len) for s in range(0, len(tiles), max_tiles)]
+                   kv_block, kv_len, full_for=full_for) for s in range(0, len(tiles), max_tiles)]

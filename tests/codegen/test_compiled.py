@@ -60,6 +60,25 @@ def test_compiled_equals_eager_and_reference_forward_and_backward(name):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def test_full_tiles_of_rows_shared_by_the_batch_are_attended_whole():
+    """Shared pieces of a row whose tiles are FULL for one sequence and PARTIAL for the other
+    (a padding mask) keep FULL tiles whole, also where the mask_mod no longer holds there."""
+    lengths = torch.tensor([96, 90])
+    mask = lambda b, h, q_idx, kv_idx: kv_idx < lengths[b]  # noqa: E731
+    softcap = lambda score, b, h, q_idx, kv_idx: 4.0 * torch.tanh(score / 4.0)  # noqa: E731
+    q, k, v = (x.detach() for x in _inputs(64, 96))
+    bm = flexattn.create_block_mask(mask, B, None, 64, 96, BLOCK_SIZE=BLOCK)
+    classes = bm.tile_classes()[:, 0, 0]
+    assert classes[0, -1] != classes[1, -1]  # the last tile: FULL for sequence 0, PARTIAL for 1
+    lengths[0] = 84  # the BlockMask still lists sequence 0's last tile FULL
+    served = compiled.STATS["served"]
+    ours, reference = (flexattn.flex_attention(q, k, v, score_mod=softcap, block_mask=bm, enable_gqa=True,
+                                               backend=backend, kernel_options=COMPILED if backend == "torch" else None)
+                       for backend in ("torch", "reference"))
+    assert compiled.STATS["served"] == served + 1
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+
+
 def test_gradcheck_float64_through_the_compiled_path():
     mods = CASES["relative_bias"].build(20, 24, HQ)
     q, k, v = _inputs(20, 24, torch.float64)

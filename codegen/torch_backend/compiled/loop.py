@@ -71,12 +71,15 @@ def keep(fns, b, h, q_idx, piece, mask_buffers, mask_consts, cf):
     n = piece.kv_idx.shape[-1]
     valid = piece.valid if piece.valid is not None else torch.ones(1, 1, 1, n, dtype=torch.bool)
     reads_b, reads_h = fns.mask_reads
-    listed = piece.kv_idx.shape  # (1, 1, ...) for shared tiles, (Bm, Hm, ...) per (b, h), padded or not
+    # (1, 1, ...) for shared tiles (full_cols per (b, h) where their classes differ), (Bm, Hm, ...) per (b, h)
+    listed = piece.kv_idx.shape if piece.full_cols is None else piece.full_cols.shape
     shape = (b.shape[0] if reads_b else listed[0], h.shape[1] if reads_h else listed[1], q_idx.shape[2], n)
     out = valid.expand(shape).clone()
     for start, stop in piece.partial_runs if fns.mask_mod is not None else ():
-        out[..., start:stop] &= torch.as_tensor(fns.mask_mod(b, h, q_idx, piece.kv_idx[..., start:stop], mask_buffers,
-                                                             mask_consts, cf))
+        kept = torch.as_tensor(fns.mask_mod(b, h, q_idx, piece.kv_idx[..., start:stop], mask_buffers, mask_consts, cf))
+        if piece.full_cols is not None:  # FULL for some (b, h): attended whole there
+            kept = kept | piece.full_cols[..., start:stop]
+        out[..., start:stop] &= kept
     return out
 
 
