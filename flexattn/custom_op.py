@@ -17,8 +17,11 @@ when its score_mod is None, a method of an ``nn.Module`` (``self.score_mod`` rea
   so gradients reach query, key, value and every float tensor the score_mod reads.
 
 Shapes stay symbolic (``torch.compile(dynamic=True)``, or dynamo's automatic dynamic shapes), so a
-new sequence length does not recompile; a BlockMask's lengths are Python ints that dynamo guards
-on. A plan number lives in this process only: compiled graphs with flexattn ops are not portable.
+new sequence length does not recompile; a BlockMask's lengths are pytree leaves passed to the op
+(``seq_lengths``), never part of a plan: constants dynamo guards on for a mask made outside the
+graph, symbols for one built inside it (``flexattn.integrations.hf_compiled``). A plan's IR is
+rebound at run time to the shapes of the buffers it is given (``_shaped``). A plan number lives in
+this process only: compiled graphs with flexattn ops are not portable.
 Other mods (closures created inside the compiled region) take flex_attention's eager path, where
 dynamo breaks the graph.
 """
