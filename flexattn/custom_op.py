@@ -1,8 +1,8 @@
 """flex_attention inside ``torch.compile``: one custom op, no graph break, no re-trace of the mods.
 
 ``flex_attention`` called while dynamo compiles (``torch.compiler.is_compiling()``) comes here
-when its score_mod is None or a method of an ``nn.Module`` (``self.score_mod`` reading
-``self.param``) and its block_mask is None or a flexattn BlockMask. Then:
+when its score_mod is None, a method of an ``nn.Module`` (``self.score_mod`` reading
+``self.param``) or a callable registered as a pytree (its tensors the leaves) and its block_mask is None or a flexattn BlockMask. Then:
 
 - dynamo never looks inside flexattn: ``_planned_attention`` is ``torch._dynamo.nonstrict_trace``,
   so dynamo puts one opaque call in its graph, passing the module (its parameters are tracked for
@@ -17,14 +17,18 @@ when its score_mod is None or a method of an ``nn.Module`` (``self.score_mod`` r
   so gradients reach query, key, value and every float tensor the score_mod reads.
 
 Shapes stay symbolic (``torch.compile(dynamic=True)``, or dynamo's automatic dynamic shapes), so a
-new sequence length does not recompile; a BlockMask's lengths are Python ints that dynamo guards
-on. A plan number lives in this process only: compiled graphs with flexattn ops are not portable.
+new sequence length does not recompile; a BlockMask's lengths are pytree leaves passed to the op
+(``seq_lengths``), never part of a plan: constants dynamo guards on for a mask made outside the
+graph, symbols for one built inside it (``flexattn.integrations.hf_compiled``). A plan's IR is
+rebound at run time to the shapes of the buffers it is given (``_shaped``). A plan number lives in
+this process only: compiled graphs with flexattn ops are not portable.
 Other mods (closures created inside the compiled region) take flex_attention's eager path, where
 dynamo breaks the graph.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -34,20 +38,22 @@ import torch.utils._pytree as pytree
 from flexattn import dispatch
 from flexattn import kernel_options as options
 from flexattn.block_mask import BlockMask
+from flexattn.ir import Graph
 from flexattn.trace import ReboundMaskMod, trace_mask_mod, trace_score_mod
 
-# plan number -> (score graph, mask graph, BLOCK_SIZE, seq_lengths, which BlockMask fields are there, backend)
+# plan number -> (score graph, mask graph, BLOCK_SIZE, which BlockMask fields are there, backend)
 _PLANS: dict[int, tuple] = {}
 _NUMBERS: dict[tuple, int] = {}
 _BLOCK_FIELDS = BlockMask._TENSOR_ATTRS[:8]
 
 
 def _flatten_block_mask(bm: BlockMask):
-    """Leaves: the tile lists there are, then the tensors the mask_mod captures (so that under
-    torch.compile they are graph inputs, not constants baked into the op); the context keeps the
-    mask_mod, which ``_unflatten_block_mask`` rebinds to those tensors (``ReboundMaskMod``)."""
+    """Leaves: the two sequence lengths, the tile lists there are, then the tensors the mask_mod
+    captures (so that under torch.compile they are graph inputs, not constants baked into the op;
+    lengths symbolic in a mask built inside the graph); the context keeps the mask_mod, which
+    ``_unflatten_block_mask`` rebinds to those tensors (``ReboundMaskMod``)."""
     present = tuple(getattr(bm, name) is not None for name in _BLOCK_FIELDS)
-    lists = bm.tile_lists()
+    lists = list(bm.seq_lengths) + bm.tile_lists()
     # Attributes only, never a trace: dynamo runs this function itself.
     mask_mod = bm.mask_mod
     if isinstance(mask_mod, ReboundMaskMod):
@@ -55,13 +61,13 @@ def _flatten_block_mask(bm: BlockMask):
     elif bm.traced_mask is not None:
         buffers = bm.traced_mask.buffers
     else:  # no trace kept (a BlockMask built by hand): the mask_mod is a constant, plan() traces it
-        return lists, (bm.seq_lengths, bm.BLOCK_SIZE, present, mask_mod, None)
-    return lists + list(buffers), (bm.seq_lengths, bm.BLOCK_SIZE, present, mask_mod, len(buffers))
+        return lists, (bm.BLOCK_SIZE, present, mask_mod, None)
+    return lists + list(buffers), (bm.BLOCK_SIZE, present, mask_mod, len(buffers))
 
 
 def _unflatten_block_mask(values, context) -> BlockMask:
-    seq_lengths, block_size, present, mask_mod, n_buffers = context
-    values = list(values)
+    block_size, present, mask_mod, n_buffers = context
+    seq_lengths, values = values[:2], list(values[2:])
     if n_buffers is not None:
         mask_mod = ReboundMaskMod(mask_mod, values[len(values) - n_buffers:])
         values = values[:len(values) - n_buffers]
@@ -80,7 +86,15 @@ def routable(score_mod, block_mask) -> bool:
     Example: ``routable(module.score_mod, None)`` is True, ``routable(lambda s, b, h, q, kv: s, None)`` False.
     """
     method_of_module = isinstance(score_mod, types.MethodType) and isinstance(score_mod.__self__, torch.nn.Module)
-    return (score_mod is None or method_of_module) and (block_mask is None or isinstance(block_mask, BlockMask))
+    return (score_mod is None or method_of_module or _is_pytree_mod(score_mod)) and (
+        block_mask is None or isinstance(block_mask, BlockMask))
+
+
+def _is_pytree_mod(score_mod) -> bool:
+    """A callable registered as a pytree node (its tensors leaves, the rest constant context, as
+    ``integrations.transformers.HFScoreMod``): built inside the compiled region, it still crosses
+    into the op, its tensors as graph inputs."""
+    return type(score_mod) in pytree.SUPPORTED_NODES and callable(score_mod)
 
 
 def plan(score_mod, block_mask: BlockMask | None, backend: str) -> tuple[int, tuple, tuple]:
@@ -91,16 +105,18 @@ def plan(score_mod, block_mask: BlockMask | None, backend: str) -> tuple[int, tu
     """
     score = trace_score_mod(score_mod) if score_mod is not None else None
     mask = trace_mask_mod(block_mask.mask_mod) if block_mask is not None else None
-    layout = (None, None, ()) if block_mask is None else (
-        block_mask.BLOCK_SIZE, block_mask.seq_lengths, tuple(getattr(block_mask, f) is not None for f in _BLOCK_FIELDS))
+    # The lengths are not part of a plan (symbolic for a mask built inside the graph): the op takes them.
+    layout = (None, ()) if block_mask is None else (
+        block_mask.BLOCK_SIZE, tuple(getattr(block_mask, f) is not None for f in _BLOCK_FIELDS))
     entry = (score.graph if score else None, mask.graph if mask else None, *layout, backend)
     number = _NUMBERS.setdefault(entry, len(_NUMBERS))  # AOTAutograd traces a call more than once
     _PLANS[number] = entry
     return number, (score.buffers if score else ()), (mask.buffers if mask else ())
 
 
-def _run(query, key, value, score_buffers, mask_buffers, block_tensors, number, scale, enable_gqa):
-    score_graph, mask_graph, block_size, seq_lengths, present, backend = _PLANS[number]
+def _run(query, key, value, score_buffers, mask_buffers, block_tensors, seq_lengths, number, scale, enable_gqa):
+    score_graph, mask_graph, block_size, present, backend = _PLANS[number]
+    score_graph, mask_graph = _shaped(score_graph, score_buffers), _shaped(mask_graph, mask_buffers)
     block_mask = None
     if present:
         given = iter(block_tensors)
@@ -113,17 +129,39 @@ def _run(query, key, value, score_buffers, mask_buffers, block_tensors, number, 
     return out, lse
 
 
+_SHAPED: dict[tuple, Graph] = {}  # (id(graph), buffer shapes) -> (graph with those shapes, graph)
+
+
+def _shaped(graph: Graph | None, buffers) -> Graph | None:
+    """``graph`` with its buffer specs' shapes those of ``buffers``: a plan is traced once for symbolic
+    shapes (new lengths run the same compiled graph), so its buffers may have other shapes than the
+    tensors the mod was traced with; the IR reads buffers by index, never by a traced shape."""
+    shapes = tuple(tuple(t.shape) for t in buffers)
+    if graph is None or all(spec.shape == shape for spec, shape in zip(graph.buffers, shapes)):
+        return graph
+    key = (id(graph), shapes)
+    entry = _SHAPED.get(key)
+    if entry is None or entry[1] is not graph:
+        specs = tuple(dataclasses.replace(spec, shape=shape) for spec, shape in zip(graph.buffers, shapes))
+        if len(_SHAPED) >= 256:  # a graph per sequence length seen: kept for the recent ones
+            _SHAPED.clear()
+        entry = _SHAPED[key] = (dataclasses.replace(graph, buffers=specs), graph)
+    return entry[0]
+
+
 @torch.library.custom_op("flexattn::attention", mutates_args=())
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_buffers: list[torch.Tensor],
-              mask_buffers: list[torch.Tensor], block_tensors: list[torch.Tensor], number: int, scale: float,
-              enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              mask_buffers: list[torch.Tensor], block_tensors: list[torch.Tensor], seq_lengths: list[int], number: int,
+              scale: float, enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """flexattn's attention as one op: (out (B, Hq, L, Ev), lse (B, Hq, L) float32) for plan ``number``."""
-    out, lse = _run(query, key, value, score_buffers, mask_buffers, block_tensors, number, scale, enable_gqa)
+    out, lse = _run(query, key, value, score_buffers, mask_buffers, block_tensors, seq_lengths, number, scale,
+                    enable_gqa)
     return out.contiguous(), lse.contiguous()
 
 
 @attention.register_fake
-def _attention_fake(query, key, value, score_buffers, mask_buffers, block_tensors, number, scale, enable_gqa):
+def _attention_fake(query, key, value, score_buffers, mask_buffers, block_tensors, seq_lengths, number, scale,
+                    enable_gqa):
     B, Hq, L, _ = query.shape
     return query.new_empty(B, Hq, L, value.shape[-1]), query.new_empty(B, Hq, L, dtype=torch.float32)
 
@@ -138,8 +176,8 @@ def _differentiable(buffers) -> list[int]:
 @torch.library.custom_op("flexattn::attention_backward", mutates_args=())
 def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        score_buffers: list[torch.Tensor], mask_buffers: list[torch.Tensor],
-                       block_tensors: list[torch.Tensor], grad_out: torch.Tensor, grad_lse: torch.Tensor,
-                       number: int, scale: float, enable_gqa: bool) -> list[torch.Tensor]:
+                       block_tensors: list[torch.Tensor], seq_lengths: list[int], grad_out: torch.Tensor,
+                       grad_lse: torch.Tensor, number: int, scale: float, enable_gqa: bool) -> list[torch.Tensor]:
     """Gradients of ``attention`` for query, key, value and the float score buffers, in that order."""
     # An op's implementation runs below autograd (its keys excluded from dispatch); the recompute
     # needs autograd back, with the caller's other exclusions kept.
@@ -148,7 +186,7 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
             torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (query, key, value)]
         buffers = [t.detach().requires_grad_() if t.is_floating_point() else t for t in score_buffers]
-        out, lse = _run(*inputs, buffers, mask_buffers, block_tensors, number, scale, enable_gqa)
+        out, lse = _run(*inputs, buffers, mask_buffers, block_tensors, seq_lengths, number, scale, enable_gqa)
         wrt = inputs + [buffers[i] for i in _differentiable(score_buffers)]
         grads = torch.autograd.grad((out, lse), wrt, (grad_out, grad_lse), allow_unused=True)
     # Laid out like their inputs, as the fake says (an input may be a strided view, e.g. transformers' key).
@@ -156,27 +194,28 @@ def attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(query, key, value, score_buffers, mask_buffers, block_tensors, grad_out, grad_lse,
-                             number, scale, enable_gqa):
+def _attention_backward_fake(query, key, value, score_buffers, mask_buffers, block_tensors, seq_lengths, grad_out,
+                             grad_lse, number, scale, enable_gqa):
     return [torch.empty_like(t) for t in (query, key, value, *(score_buffers[i] for i in _differentiable(score_buffers)))]
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3])
-    ctx.score_buffers, ctx.mask_buffers, ctx.block_tensors = inputs[3], inputs[4], inputs[5]
-    ctx.number, ctx.scale, ctx.enable_gqa = inputs[6:]
+    ctx.score_buffers, ctx.mask_buffers, ctx.block_tensors, ctx.seq_lengths = inputs[3:7]
+    ctx.number, ctx.scale, ctx.enable_gqa = inputs[7:]
 
 
 def _backward(ctx, grad_out, grad_lse):
     query, key, value = ctx.saved_tensors
     grad_lse = torch.zeros_like(grad_lse) if grad_lse is None else grad_lse
     grads = attention_backward(query, key, value, ctx.score_buffers, ctx.mask_buffers, ctx.block_tensors,
-                               grad_out.contiguous(), grad_lse.contiguous(), ctx.number, ctx.scale, ctx.enable_gqa)
+                               ctx.seq_lengths, grad_out.contiguous(), grad_lse.contiguous(), ctx.number, ctx.scale, ctx.enable_gqa)
     buffer_grads = [None] * len(ctx.score_buffers)
     for i, g in zip(_differentiable(ctx.score_buffers), grads[3:]):
         buffer_grads[i] = g
+    # torch's op autograd takes a list of ints as one leaf (its gradient None), an empty list as a list.
     return (*grads[:3], buffer_grads, [None] * len(ctx.mask_buffers), [None] * len(ctx.block_tensors),
-            None, None, None)
+            None if ctx.seq_lengths else [], None, None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -186,13 +225,15 @@ _NO_MODULE = torch.nn.Module()  # nonstrict_trace takes no None: the module of "
 
 
 @torch._dynamo.nonstrict_trace
-def _planned_attention(query, key, value, module, method: str, block_masks: tuple, scale, enable_gqa, backend):
-    score_mod = getattr(module, method) if method else None
+def _planned_attention(query, key, value, module, method: str, score_mods: tuple, block_masks: tuple, scale,
+                       enable_gqa, backend):
+    score_mod = getattr(module, method) if method else (score_mods[0] if score_mods else None)
     block_mask = block_masks[0] if block_masks else None
     number, score_buffers, mask_buffers = plan(score_mod, block_mask, backend)
     block_tensors = [] if block_mask is None else block_mask.tile_lists()
+    seq_lengths = [] if block_mask is None else list(block_mask.seq_lengths)
     return torch.ops.flexattn.attention(query, key, value, list(score_buffers), list(mask_buffers), block_tensors,
-                                        number, scale, enable_gqa)
+                                        seq_lengths, number, scale, enable_gqa)
 
 
 def compiled_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, backend: str):
@@ -201,9 +242,11 @@ def compiled_flex_attention(query, key, value, score_mod, block_mask, scale, ena
     Example: inside ``torch.compile(fullgraph=True)``, ``flexattn.flex_attention(q, k, v,
     score_mod=self.score_mod)`` comes here. Raises ``TraceError`` while compiling for untraceable mods.
     """
-    module, method = (score_mod.__self__, score_mod.__func__.__name__) if score_mod is not None else (_NO_MODULE, "")
+    score_mods = (score_mod,) if _is_pytree_mod(score_mod) else ()
+    module, method = (score_mod.__self__, score_mod.__func__.__name__) if score_mod is not None and not score_mods \
+        else (_NO_MODULE, "")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
         backend = dispatch.default_backend(query.device.type)
     block_masks = () if block_mask is None else (block_mask,)
-    return _planned_attention(query, key, value, module, method, block_masks, scale, enable_gqa, backend)
+    return _planned_attention(query, key, value, module, method, score_mods, block_masks, scale, enable_gqa, backend)

@@ -71,8 +71,8 @@ def tile_classes_of(allowed: torch.Tensor, block: tuple[int, int]) -> torch.Tens
     per_row = keys.view(nb, nh, Q, nkv, bk).sum(-1, dtype=torch.int32)
     per_row = torch.nn.functional.pad(per_row, (0, 0, 0, nq * bq - Q))
     counts = per_row.view(nb, nh, nq, bq, nkv).sum(3, dtype=torch.int32)
-    rows = torch.full((nq,), bq, dtype=torch.int32)
-    cols = torch.full((nkv,), bk, dtype=torch.int32)
+    rows = torch.full((nq,), bq, dtype=torch.int32, device=allowed.device)
+    cols = torch.full((nkv,), bk, dtype=torch.int32, device=allowed.device)
     rows[-1], cols[-1] = Q - (nq - 1) * bq, KV - (nkv - 1) * bk
     sizes = rows[:, None] * cols[None, :]
     return torch.where(counts == sizes, FULL, torch.where(counts > 0, PARTIAL, EMPTY)).to(torch.int8)

@@ -24,12 +24,13 @@ Nothing of transformers is imported until ``register()`` is called.
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 from flexattn.api import AuxRequest, flex_attention
 from flexattn.block_mask import BlockMask
 from flexattn.errors import InputError
-from flexattn.errors import InputError
-from flexattn.integrations.hf_masks import block_mask_interface
+from flexattn.integrations.hf_compiled import compiled_block_mask
+from flexattn.integrations.hf_masks import TENSOR_MASK_MODELS, block_mask_interface
 
 NAME = "flexattn"
 
@@ -38,7 +39,7 @@ def register(name: str = NAME) -> str:
     """Register flexattn with transformers as ``attn_implementation=name``; returns ``name``.
 
     Registers ``attention_forward`` with ``transformers.AttentionInterface`` and
-    ``block_mask_interface`` with ``transformers.AttentionMaskInterface`` (global, for every model).
+    ``mask_interface`` with ``transformers.AttentionMaskInterface`` (global, for every model).
     Calling it again is harmless.
 
     Raises ``ImportError`` naming the extra to install when transformers is missing.
@@ -56,8 +57,27 @@ def register(name: str = NAME) -> str:
         raise ImportError("flexattn.integrations.transformers needs transformers: "
                           "pip install 'flexattn[transformers]'") from error
     transformers.AttentionInterface.register(name, attention_forward)
-    transformers.AttentionMaskInterface.register(name, block_mask_interface)
+    transformers.AttentionMaskInterface.register(name, mask_interface)
     return name
+
+
+def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask: torch.Tensor | None = None, device="cpu", **kwargs):
+    """transformers' ``AttentionMaskInterface`` entry: ``hf_masks.block_mask_interface``, or while
+    dynamo compiles, ``hf_compiled.compiled_block_mask`` (traced into the graph: no graph break).
+
+    Same arguments and result as ``block_mask_interface``. Under ``torch.compile`` a model of
+    ``TENSOR_MASK_MODELS`` keeps the eager build (one graph break).
+
+    Example: ``mask_interface(2, 8, 8, attention_mask=torch.ones(2, 8)).shape == (1, 1, 8, 8)``.
+    """
+    if torch.compiler.is_compiling() and getattr(kwargs.get("config"), "model_type", None) not in TENSOR_MASK_MODELS:
+        from transformers.masking_utils import causal_mask_function
+
+        return compiled_block_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                   mask_function or causal_mask_function, attention_mask, device)
+    return block_mask_interface(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                                device, **kwargs)
 
 
 def _score_mod(softcap: float | None, biases: tuple):
@@ -72,6 +92,34 @@ def _score_mod(softcap: float | None, biases: tuple):
         return score
 
     return hf_score_mod
+
+
+class HFScoreMod:
+    """``_score_mod(softcap, biases)`` as a pytree (softcap, a 0-dim float32 tensor, and the bias
+    tensors its leaves, the strides its context): under ``torch.compile`` it is made inside the graph and still reaches
+    ``flexattn.custom_op``'s op, its tensors graph inputs (a closure would break the graph there)."""
+
+    def __init__(self, softcap: torch.Tensor | None, biases: tuple):
+        self.softcap, self.biases = softcap, tuple(biases)
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return _score_mod(self.softcap, self.biases)(score, b, h, q_idx, kv_idx)
+
+
+def _flatten_score_mod(mod: HFScoreMod):
+    # The softcap a 0-dim tensor leaf: dynamo may trace a config's float as a symbol, never a constant.
+    softcap = [] if mod.softcap is None else [mod.softcap]
+    return softcap + [bias[0] for bias in mod.biases], (bool(softcap), tuple(bias[1:] for bias in mod.biases))
+
+
+def _unflatten_score_mod(tensors, context) -> HFScoreMod:
+    has_softcap, layouts = context
+    softcap, tensors = (tensors[0], tensors[1:]) if has_softcap else (None, tensors)
+    return HFScoreMod(softcap, tuple((tensor, *layout) for tensor, layout in zip(tensors, layouts)))
+
+
+pytree.register_pytree_node(HFScoreMod, _flatten_score_mod, _unflatten_score_mod,
+                            serialized_type_name="flexattn.integrations.transformers.HFScoreMod")
 
 
 def _bias(tensor: torch.Tensor, name: str, batch: int, heads: int, q_len: int, kv_len: int) -> tuple:
@@ -115,7 +163,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling: float 
         biases.append(_bias(attention_mask, "attention_mask", B, Hq, L, S))
     if position_bias is not None:
         biases.append(_bias(position_bias, "position_bias", B, Hq, L, S))
-    score_mod = _score_mod(softcap, tuple(biases)) if softcap is not None or biases else None
+    score_mod = None
+    if softcap is not None or biases:  # a closure is cached by what it captures; under compile, a pytree
+        score_mod = _score_mod(softcap, tuple(biases))
+        if torch.compiler.is_compiling():
+            cap = None if softcap is None else torch.as_tensor(softcap, dtype=torch.float32, device=query.device)
+            score_mod = HFScoreMod(cap, biases)
     common = dict(score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=Hq != key.shape[1],
                   kernel_options=kwargs.get("kernel_options"))
     if s_aux is None:

@@ -116,6 +116,7 @@ def test_ops_fake_layouts_match_the_real_ones_for_strided_inputs():
     number, score_buffers, _ = custom_op.plan(module.score_mod, None, "torch")
     q = torch.randn(1, 6, 2, 4).transpose(1, 2)  # (B, H, L, E) with strides of (B, L, H, E)
     k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 6, 2, 4).transpose(1, 2)
-    args = (q, k, v, list(score_buffers), [], [], torch.randn(1, 2, 6, 4), torch.zeros(1, 2, 6), number, 0.5, False)
+    args = (q, k, v, list(score_buffers), [], [], [], torch.randn(1, 2, 6, 4), torch.zeros(1, 2, 6), number, 0.5,
+            False)
     torch.library.opcheck(torch.ops.flexattn.attention_backward, args, test_utils=("test_faketensor",))
-    torch.library.opcheck(torch.ops.flexattn.attention, args[:6] + args[8:], test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.flexattn.attention, args[:7] + args[9:], test_utils=("test_faketensor",))

@@ -162,3 +162,88 @@ def test_compiled_model_trains_like_eager():
     logits_f, _, _ = _run(flex, other.bool(), input_ids=ids, attention_mask=other)
     logits_c, _, _ = _run(compiled, other.bool(), input_ids=ids, attention_mask=other)
     assert _rel(logits_f, logits_c) < 1e-6
+
+
+def _compiled_step(model, ids, mask, real, **extra):
+    """One forward and backward, on a fresh graph of gradients; (logits at real positions, loss, grads)."""
+    inputs = dict(input_ids=ids, **extra)
+    if mask is not None:
+        inputs["attention_mask"] = mask
+    logits, loss, grads = _run(model, real, **inputs)
+    return logits, loss, {name.removeprefix("_orig_mod."): grad for name, grad in grads.items()}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fullgraph_compile_trains_like_eager_without_recompiles(padded):
+    """torch.compile(fullgraph=True, dynamic=True) over the whole model: the block mask is built
+    inside the graph (flexattn.integrations.hf_compiled), so there is no graph break; logits, loss
+    and every gradient equal transformers' eager attention, and a second sequence length runs the
+    same graph (no recompile). dynamo specialises on a single tile row (ceil(L / 128) == 1, through
+    shape checks of the tile counting), so 150 after 37 compiles once more, and 260 after 150 not."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    eager, flex = _pair("llama")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(flex, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    lengths = (20, 37, 150, 260) if padded else (20, 37)
+    for length in lengths:
+        ids = _ids(2, length, seed=length)
+        mask = _left_padding(2, length) if padded else None
+        real = torch.ones(2, length, dtype=torch.bool) if mask is None else mask.bool()
+        logits_e, loss_e, grads_e = _compiled_step(eager, ids, mask, real, use_cache=False)
+        logits_c, loss_c, grads_c = _compiled_step(compiled, ids, mask, real, use_cache=False)
+        assert _rel(logits_e, logits_c) < 1e-5
+        assert abs(loss_e.item() - loss_c.item()) < 1e-5 * abs(loss_e.item())
+        assert grads_e.keys() == grads_c.keys() and len(grads_e) > 5
+        for name in grads_e:
+            assert _rel(grads_e[name], grads_c[name]) < 1e-5, name
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0] and frames[-1] == frames[-2], frames
+
+
+def test_fullgraph_compile_packed_documents_and_cache():
+    """The mask functions transformers builds inside the graph (packed documents from position_ids,
+    a cache's offsets) are traced by dynamo into the mask: same logits as eager."""
+    torch._dynamo.reset()
+    eager, flex = _pair("llama")
+    compiled = torch.compile(flex, fullgraph=True, dynamic=True, backend="aot_eager")
+    position_ids = torch.cat([torch.arange(7), torch.arange(9), torch.arange(4)])[None]
+    inputs = dict(input_ids=_ids(1, 20), position_ids=position_ids, use_cache=False)
+    with torch.no_grad():
+        assert _rel(eager(**inputs).logits, compiled(**inputs).logits) < 1e-5
+        ids, mask = _ids(2, 20), _left_padding(2, 20)
+        real = mask.bool()
+        logits_e = eager(input_ids=ids, attention_mask=mask).logits  # a DynamicCache: offsets from the cache
+        logits_c = compiled(input_ids=ids, attention_mask=mask).logits
+        assert _rel(logits_e[real], logits_c[real]) < 1e-5
+
+
+def test_fullgraph_compile_softcap_and_sliding_window_train_like_eager():
+    """gemma2: softcapping (a score_mod made inside the graph: ``HFScoreMod``, a pytree) and sliding
+    windows, with left padding; fullgraph forward and backward equal eager attention."""
+    torch._dynamo.reset()
+    eager, flex = _pair("gemma2")
+    compiled = torch.compile(flex, fullgraph=True, dynamic=True, backend="aot_eager")
+    ids, mask = _ids(2, 20), _left_padding(2, 20)
+    logits_e, loss_e, grads_e = _compiled_step(eager, ids, mask, mask.bool(), use_cache=False)
+    logits_c, loss_c, grads_c = _compiled_step(compiled, ids, mask, mask.bool(), use_cache=False)
+    assert _rel(logits_e, logits_c) < 1e-5 and abs(loss_e.item() - loss_c.item()) < 1e-5 * abs(loss_e.item())
+    assert grads_e.keys() == grads_c.keys()
+    for name in grads_e:
+        assert _rel(grads_e[name], grads_c[name]) < 1e-5, name
+
+
+def test_fullgraph_compile_4d_float_mask():
+    """A user's 4-D float mask becomes a bias of an ``HFScoreMod`` inside the graph: no graph break."""
+    torch._dynamo.reset()
+    eager, flex = _pair("llama")
+    L = 16
+    allowed = torch.ones(L, L).tril().bool() & (torch.rand(L, L, generator=torch.Generator().manual_seed(3)) > 0.3)
+    allowed |= torch.eye(L, dtype=torch.bool)
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None].expand(2, 1, L, L)
+    compiled = torch.compile(flex, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        inputs = dict(input_ids=_ids(2, L), attention_mask=mask, use_cache=False)
+        assert _rel(eager(**inputs).logits, compiled(**inputs).logits) < 1e-5
