@@ -134,14 +134,15 @@ def build_block_mask(mask_function, batch_size: int, q_length: int, kv_length: i
     q_off, kv_off = cpu(q_offset), cpu(kv_offset)
     base = _shifted(mask_function, q_off, kv_off)
     mask_mod = base if padding is None else _with_padding(base, padding.to("cpu", torch.bool), kv_off)
-    arguments = ("transformers", batch_size, q_length, kv_length, str(device), block)
+    dense = batch_size * q_length * kv_length <= DENSE_LIMIT  # in the key: the two builds differ in precision
+    arguments = ("transformers", batch_size, q_length, kv_length, str(device), block, dense)
     return cached_block_mask(mask_mod, arguments, lambda: _build(mask_mod, base, padding, kv_off, *arguments[1:]),
                              trace_mask_mod)
 
 
-def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, device, block) -> BlockMask:
+def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, device, block, dense) -> BlockMask:
     traced = trace_mask_mod(mask_mod)
-    if batch_size * q_length * kv_length <= DENSE_LIMIT:
+    if dense:
         classes = _dense_classes(traced, batch_size, q_length, kv_length, block)
     else:
         classes = create_block_mask(base, batch_size, None, q_length, kv_length, BLOCK_SIZE=block,
