@@ -115,19 +115,27 @@ def _documents(call: Call):
         return None, "no mask_mod: no documents"
     if not call.facts.exact:
         return None, "the BlockMask is not the exact block reduction of this mask_mod (create_block_mask)"
-    if call.facts.segments is None:
-        return None, "the mask_mod is not a packed-documents mask (doc[q] == doc[kv], optionally causal)"
+    segments = call.facts.segments
+    if segments is None:
+        return None, ("the mask_mod is not a packed-documents mask (doc[q] == doc[kv], optionally causal or "
+                      "prefix-LM)")
     if L != S:
         return None, f"Q_LEN ({L}) != KV_LEN ({S}): documents need one sequence"
-    runs = call.facts.segments.segments([t.cpu() for t in call.mask_buffers], L)
-    if not runs:
-        return None, "a document id comes back after another (documents are not runs)"
-    if L < fused_plan.MIN_DOCUMENT * len(runs):
-        return None, (f"{len(runs)} documents average {L / len(runs):.0f} < MIN_DOCUMENT ({fused_plan.MIN_DOCUMENT}) "
+    buffers = [t.cpu() for t in call.mask_buffers]
+    rows = range(B) if segments.batched and B > 1 else range(1)  # batched ids: one unit per batch row
+    units, documents = [], 0
+    for b in rows:
+        pieces = segments.pieces(buffers, L, b)
+        if pieces is None:
+            return None, ("a document id comes back after another (documents are not runs), or the order "
+                          "buffer is not increasing inside a document")
+        documents = max(documents, len(segments.segments(buffers, L, b)))
+        batch = slice(b, b + 1) if len(rows) > 1 else slice(0, B)
+        units.append(fused_plan.PlanUnit(batch, slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8), segments=pieces))
+    if L < fused_plan.MIN_DOCUMENT * documents:
+        return None, (f"{documents} documents average {L / documents:.0f} < MIN_DOCUMENT ({fused_plan.MIN_DOCUMENT}) "
                       "positions: one call per document would not pay")
-    causal = call.facts.segments.causal
-    return [fused_plan.PlanUnit(slice(0, B), slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8),
-                            segments=[(start, stop, causal) for start, stop in runs])], None
+    return units, None
 
 
 def _max_tiles(call: Call) -> int:

@@ -153,7 +153,9 @@ class PlanUnit:
 
     def __init__(self, b: slice, h: slice, classes: torch.Tensor, squares=(), segments=()):
         self.b, self.h = b, h
-        self.segments = list(segments)  # (start, stop, causal) in positions: a document each
+        # (row start, row stop, column start, column stop, causal) in positions: the documents'
+        # pieces (``flexattn.analysis.segments``), rows that attend to nothing else
+        self.segments = list(segments)
         self.squares = list(squares)
         self.rectangles = full_rectangles(classes == FULL)
         self.batches = partial_batches(classes == PARTIAL)
