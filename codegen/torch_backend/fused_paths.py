@@ -87,8 +87,7 @@ def tile_plan(call: Call, forced: bool):
 def _by_classes(call: Call):
     """The tile plan kept by the values of the BlockMask's tile classes, where the plan reads
     nothing else of the call than B and Hq: no causal square can be planned (``fused_plan.plan``
-    asks the mask_mod only for squares of 2 tiles or more of a (1, 1) tile matrix with square
-    tiles), and whether it pays reads the tile counts, the lengths, the tile size and max_tiles.
+    asks the mask_mod only for squares of 2 tiles or more, with square tiles), and whether it pays reads the tile counts, the lengths, the tile size and max_tiles.
     A decoding loop builds a new BlockMask every step, with the classes of the step before for a
     tile's worth of steps. None where this does not apply (a large tile matrix too)."""
     bm = call.block_mask
@@ -97,8 +96,7 @@ def _by_classes(call: Call):
     classes = bm.tile_classes()
     nq, nkv = classes.shape[-2:]
     block = call.block_size
-    consults_mask = (call.mask_graph is not None and block[0] == block[1] and tuple(classes.shape[:2]) == (1, 1)
-                     and min(nq, nkv) >= 2)
+    consults_mask = call.mask_graph is not None and block[0] == block[1] and min(nq, nkv) >= 2
     if consults_mask or classes.numel() > MAX_CLASSES_KEY:
         return None
     B, Hq, _, L, S = call.shape

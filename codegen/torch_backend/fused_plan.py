@@ -209,34 +209,51 @@ def triangle_squares(classes: torch.Tensor, shapes, max_side: int | None = None)
     return found
 
 
-def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[PlanUnit]:
-    """Units for a (nb, nh, nq, nkv) tile-class tensor (nb in {1, B}, nh in {1, Hq})."""
+def plan_units(classes: torch.Tensor, B: int, Hq: int, tile_shapes=None, max_square: int | None = None) -> list[PlanUnit]:
+    """Units for a (nb, nh, nq, nkv) tile-class tensor (nb in {1, B}, nh in {1, Hq}): one per batch
+    row and run of consecutive heads with equal tile classes (one fused call then serves the run's
+    heads together). With ``tile_shapes`` (see ``plan``), aligned squares of exactly causal
+    triangles, for every (b, h) of the unit, run as causal calls."""
     nb, nh = classes.shape[:2]
-    return [PlanUnit(slice(0, B) if nb == 1 else slice(b, b + 1), slice(0, Hq) if nh == 1 else slice(h, h + 1),
-                 classes[b, h]) for b in range(nb) for h in range(nh)]
+    units = []
+    for b in range(nb):
+        bs = slice(0, B) if nb == 1 else slice(b, b + 1)
+        start = 0
+        for h in range(1, nh + 1):
+            if h < nh and torch.equal(classes[b, h], classes[b, start]):
+                continue
+            hs = slice(0, Hq) if nh == 1 else slice(start, h)
+            units.append(_unit(classes[b, start], bs, hs, tile_shapes, max_square))
+            start = h
+    return units
+
+
+def _unit(classes: torch.Tensor, b: slice, h: slice, tile_shapes, max_square: int | None) -> PlanUnit:
+    if tile_shapes is not None:
+        squares = triangle_squares(classes, lambda tiles: tile_shapes(tiles, b, h), max_square)
+        if squares:
+            rest = classes.clone()
+            for a, c, side, _ in squares:
+                rest[a:a + side, c:c + side] = EMPTY
+            return PlanUnit(b, h, rest, squares)
+    return PlanUnit(b, h, classes)
 
 
 def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, tile_shapes=None,
          max_square: int | None = None) -> list[PlanUnit]:
     """The units of this call (``why_not_pays`` says whether they pay).
 
-    ``tile_shapes(tiles) -> kinds`` (optional: the call's ``facts.diagonals``) says which tiles
-    hold exactly a causal triangle (see ``triangle_squares``); aligned squares of them run as one
-    causal call each, the fused kernel's fastest case.
+    ``tile_shapes(tiles, b, h) -> kinds`` (optional: the call's ``facts.diagonals``) says which
+    tiles hold exactly a causal triangle for the batch rows ``b`` and heads ``h`` (slices; see
+    ``triangle_squares``); aligned squares of them run as one causal call each, the fused
+    kernel's fastest case.
     """
     q_block, kv_block = block_size
     if block_mask is not None:
         classes = block_mask.tile_classes()
     else:
         classes = torch.full((1, 1, -(-L // q_block), -(-S // kv_block)), FULL, dtype=torch.int8)
-    if tile_shapes is not None and classes.shape[:2] == (1, 1):
-        squares = triangle_squares(classes[0, 0], tile_shapes, max_square)
-        if squares:
-            rest = classes[0, 0].clone()
-            for a, c, side, _ in squares:
-                rest[a:a + side, c:c + side] = EMPTY
-            return [PlanUnit(slice(0, B), slice(0, Hq), rest, squares)]
-    return plan_units(classes, B, Hq)
+    return plan_units(classes, B, Hq, tile_shapes, max_square)
 
 
 def chunks(tiles: torch.Tensor, per_tile: int) -> list[torch.Tensor]:
