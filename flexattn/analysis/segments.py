@@ -49,7 +49,7 @@ class SegmentMask:
         ``b`` for batched ids), or None when an id comes back after another (then equal ids are
         not one block) or the buffer is short."""
         ids = self._row(buffers[self.buffer], b, length)
-        if ids is None:
+        if ids is None or (ids.is_floating_point() and bool(ids.isnan().any())):  # NaN == NaN is False
             return None
         starts = torch.cat([torch.tensor([True]), ids[1:] != ids[:-1]]).nonzero().flatten()
         if len(torch.unique(ids[starts])) != len(starts):
