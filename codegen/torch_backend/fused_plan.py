@@ -58,7 +58,9 @@ def why_not_pays(units: list["PlanUnit"], block, L: int, S: int, loop: tuple[int
 
 def fused_cost(units: list["PlanUnit"], block, L: int, S: int) -> tuple[int, int, int]:
     """(FULL products, PARTIAL products, kernel calls) of the plan, over all its (batch, head) pairs;
-    a causal square counts the products it keeps (half)."""
+    a causal square counts the products it keeps (half). A unit serving several heads of a per-head
+    tile matrix counts its calls once per head: measured, a call over several heads of small
+    rectangles costs about what the calls per head did (NSA, docs/performance.md)."""
     q_block, kv_block = block
     full = partial = calls = 0
     for u in units:
@@ -66,10 +68,10 @@ def fused_cost(units: list["PlanUnit"], block, L: int, S: int) -> tuple[int, int
         for (q0, q1, k0, k1), kind in u.pieces():
             area = (min(q1 * q_block, L) - q0 * q_block) * (min(k1 * kv_block, S) - k0 * kv_block)
             full += pairs * (area // 2 if kind is not None else area)
-            calls += 1
+            calls += u.merged_heads
         for batch in u.batches:
             partial += pairs * len(batch) * q_block * kv_block
-            calls += len(chunks(batch, pairs * q_block * kv_block))
+            calls += u.merged_heads * len(chunks(batch, pairs // u.merged_heads * q_block * kv_block))
     return full, partial, calls
 
 
@@ -156,6 +158,7 @@ class PlanUnit:
         # (row start, row stop, column start, column stop, causal) in positions: the documents'
         # pieces (``flexattn.analysis.segments``), rows that attend to nothing else
         self.segments = list(segments)
+        self.merged_heads = 1  # per-head tile matrices: the heads of equal classes this unit serves
         self.squares = list(squares)
         self.rectangles = full_rectangles(classes == FULL)
         self.batches = partial_batches(classes == PARTIAL)
@@ -223,7 +226,9 @@ def plan_units(classes: torch.Tensor, B: int, Hq: int, tile_shapes=None, max_squ
             if h < nh and torch.equal(classes[b, h], classes[b, start]):
                 continue
             hs = slice(0, Hq) if nh == 1 else slice(start, h)
-            units.append(_unit(classes[b, start], bs, hs, tile_shapes, max_square))
+            unit = _unit(classes[b, start], bs, hs, tile_shapes, max_square)
+            unit.merged_heads = h - start if nh > 1 else 1
+            units.append(unit)
             start = h
     return units
 
