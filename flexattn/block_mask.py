@@ -24,7 +24,7 @@ from flexattn.block_mask_text import EMPTY, FULL, LOWER, NEITHER, PARTIAL, UPPER
 from flexattn.errors import BlockMaskError, SlicedBlockMaskError
 from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
 from flexattn.tile_analysis import TileAnalysis
-from flexattn.memo import Memo
+from flexattn.memo import Memo, matches, stamp
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -100,21 +100,39 @@ class BlockMask(torch_flex.BlockMask):
         self._tiles_mask_mod = self.mask_mod  # the mask_mod the tile classes were made for
         self.analysis = analysis
         self._memo = Memo()  # shared by shallow copies (flexattn.mod_cache hands out copies)
+        # The lists as built (``lists_unchanged``): stamped for masks that carry their analysis only,
+        # the ones whose tiles something relies on (a BlockMask rebuilt while torch.compile traces
+        # holds fake tensors, which have no storage to stamp).
+        self._built_lists = stamp(self.tile_lists()) if analysis is not None else ()
+
+    def tile_lists(self) -> list[torch.Tensor]:
+        """The tile-list tensors this mask has (kv and q side, FULL and PARTIAL), in torch's order."""
+        return [t for t in (getattr(self, name) for name in self._TENSOR_ATTRS[:8]) if t is not None]
+
+    def lists_unchanged(self) -> bool:
+        """Whether the tile lists are the tensors this mask was built with, none written in place since."""
+        return matches(self.__dict__.get("_built_lists", ()), self.tile_lists())
+
+    def decided_for(self, mask_buffers) -> bool:
+        """Whether ``create_block_mask`` decided every tile for the mask_mod this mask carries and its
+        captured tensors ``mask_buffers``, none of which nor the tile lists changed since: then a
+        PARTIAL tile is partial and a FULL tile full (a fast path may read the mask_mod instead)."""
+        analysis = self._analysis()
+        return (analysis is not None and analysis.stats.get("left_partial") == 0
+                and analysis.holds_for(mask_buffers) and self.lists_unchanged())
 
     def derived(self, name, key, compute, tensors=()):
         """``compute()``, kept with this mask (and its shallow copies) under ``name`` until ``key``
-        changes or the kv tile lists or ``tensors`` are replaced or changed in place (``flexattn.memo``).
+        changes or the tile lists or ``tensors`` are replaced or changed in place (``flexattn.memo``).
 
         For what a back end derives from the mask alone (the rows a kernel visits, a fused plan):
         computed once for every layer and step that shares the mask, never served stale.
         Example: ``rows = block_mask.derived("rows", (L, S), lambda: plan_rows(block_mask, L, S))``.
         """
-        lists = [t for t in (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
-                 if t is not None]
         memo = self.__dict__.get("_memo")
         if memo is None:  # a mask made without __init__ (unpickled, or a subclass)
             memo = self._memo = Memo()
-        return memo.get(name, key, [*lists, *tensors], compute)
+        return memo.get(name, key, [*self.tile_lists(), *tensors], compute)
 
     def visited_tiles(self) -> "BlockMask":
         """The tiles attention visits, and where it applies ``mask_mod``.

@@ -47,7 +47,7 @@ def _flatten_block_mask(bm: BlockMask):
     torch.compile they are graph inputs, not constants baked into the op); the context keeps the
     mask_mod, which ``_unflatten_block_mask`` rebinds to those tensors (``ReboundMaskMod``)."""
     present = tuple(getattr(bm, name) is not None for name in _BLOCK_FIELDS)
-    lists = _tile_lists(bm)
+    lists = bm.tile_lists()
     # Attributes only, never a trace: dynamo runs this function itself.
     mask_mod = bm.mask_mod
     if isinstance(mask_mod, ReboundMaskMod):
@@ -57,10 +57,6 @@ def _flatten_block_mask(bm: BlockMask):
     else:  # no trace kept (a BlockMask built by hand): the mask_mod is a constant, plan() traces it
         return lists, (bm.seq_lengths, bm.BLOCK_SIZE, present, mask_mod, None)
     return lists + list(buffers), (bm.seq_lengths, bm.BLOCK_SIZE, present, mask_mod, len(buffers))
-
-
-def _tile_lists(bm: BlockMask) -> list[torch.Tensor]:
-    return [getattr(bm, name) for name in _BLOCK_FIELDS if getattr(bm, name) is not None]
 
 
 def _unflatten_block_mask(values, context) -> BlockMask:
@@ -194,7 +190,7 @@ def _planned_attention(query, key, value, module, method: str, block_masks: tupl
     score_mod = getattr(module, method) if method else None
     block_mask = block_masks[0] if block_masks else None
     number, score_buffers, mask_buffers = plan(score_mod, block_mask, backend)
-    block_tensors = [] if block_mask is None else _tile_lists(block_mask)
+    block_tensors = [] if block_mask is None else block_mask.tile_lists()
     return torch.ops.flexattn.attention(query, key, value, list(score_buffers), list(mask_buffers), block_tensors,
                                         number, scale, enable_gqa)
 

@@ -21,9 +21,8 @@ def analyse(score_graph: Graph | None, mask_graph: Graph | None, mask_buffers, b
     """The ``Facts`` of a call with these mods and BlockMask, batch size ``B`` and ``H`` query heads.
 
     ``mask_graph`` is the BlockMask's traced mask_mod (``flexattn.api.mask_of``); the BlockMask is
-    exact when ``create_block_mask`` built it for that mask_mod (its ``stats`` hold for the
-    mask_mod it carries now) and decided every tile
-    (``stats["left_partial"] == 0``), so that a PARTIAL tile is partial.
+    exact when ``create_block_mask`` decided every tile for that mask_mod and its captured tensors,
+    and neither they nor the tile lists changed since (``BlockMask.decided_for``).
 
     Example::
 
@@ -31,7 +30,7 @@ def analyse(score_graph: Graph | None, mask_graph: Graph | None, mask_buffers, b
         >>> len(facts.bias.products)
         1
     """
-    exact = block_mask is not None and mask_graph is not None and block_mask.stats.get("left_partial") == 0
+    exact = block_mask is not None and mask_graph is not None and block_mask.decided_for(mask_buffers)
     # The analyses of the graphs alone run once per graph (graphs are immutable).
     score = score_graph.derived("score facts", lambda: (depends_on(score_graph), separate(score_graph))) \
         if score_graph is not None else (frozenset(), None)

@@ -195,7 +195,9 @@ def cached_block_mask(mask_mod, arguments: tuple, build, trace):
         return build()
     key, tensors = (found[0], arguments), found[1]
     entry = _block_masks.get(key)
-    if entry is not None and _same_values(tensors, entry[1]):
+    # A cached mask whose tile lists a caller wrote in place (the copies handed out share them) is
+    # not served again.
+    if entry is not None and _same_values(tensors, entry[1]) and entry[0].lists_unchanged():
         _block_masks.move_to_end(key)
         return entry[0].relabelled(mask_mod, trace(mask_mod))
     outer, _building.mod = getattr(_building, "mod", None), (mask_mod, found)  # the build traces this mod

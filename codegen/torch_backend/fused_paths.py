@@ -87,7 +87,8 @@ def tile_plan(call: Call, forced: bool):
 def _by_classes(call: Call):
     """The tile plan kept by the values of the BlockMask's tile classes, where the plan reads
     nothing else of the call than B and Hq: no causal square can be planned (``fused_plan.plan``
-    asks the mask_mod only for squares of 2 tiles or more, with square tiles), and whether it pays reads the tile counts, the lengths, the tile size and max_tiles.
+    asks the mask_mod only for squares of 2 tiles or more, with square tiles), and whether it pays
+    reads the tile counts, the lengths, the tile size and max_tiles.
     A decoding loop builds a new BlockMask every step, with the classes of the step before for a
     tile's worth of steps. None where this does not apply (a large tile matrix too)."""
     bm = call.block_mask
@@ -112,7 +113,8 @@ def _documents(call: Call):
     if call.mask_graph is None:
         return None, "no mask_mod: no documents"
     if not call.facts.exact:
-        return None, "the BlockMask is not the exact block reduction of this mask_mod (create_block_mask)"
+        return None, ("the BlockMask is not the exact block reduction of this mask_mod (create_block_mask), "
+                      "or a tensor the mask_mod captures changed since it was built")
     segments = call.facts.segments
     if segments is None:
         return None, ("the mask_mod is not a packed-documents mask (doc[q] == doc[kv], optionally causal or "

@@ -89,3 +89,30 @@ def test_full_tiles_are_attended_whole_in_rows_shared_by_the_batch():
     _check(q, k, v, block_mask=bm, kernel_options={"PATH": "generated_loop"})
     lengths[0] = 40  # sequence 0's last tiles are still FULL in the BlockMask
     _check(q, k, v, block_mask=bm, kernel_options={"PATH": "generated_loop"})
+
+
+def test_documents_changed_after_the_build_run_on_the_tiles():
+    """A captured tensor changed after the build changes the mask_mod, not the tiles: the BlockMask
+    is no longer exact, so the documents plan (which reads the document ids, not the tiles) must
+    not serve it."""
+    docs = (torch.arange(512) >= 256).long()
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (docs[q_idx] == docs[kv_idx]) & (q_idx >= kv_idx),
+                                    None, None, 512, 512, BLOCK_SIZE=64)
+    q, k, v = _qkv(512, 512)
+    assert flexattn.explain_call(q, k, v, block_mask=bm, print_it=False).path.name == "fused_documents"
+    docs.copy_((torch.arange(512) >= 300).long())
+    _check(q, k, v, block_mask=bm)
+
+
+def test_a_cached_block_mask_written_in_place_is_not_served_again():
+    """create_block_mask hands out copies of a cached mask that share its tile lists: lists a caller
+    writes in place are neither served to the next create_block_mask nor taken as exact."""
+    q, k, v = _qkv(256, 256)
+    causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx  # noqa: E731
+    first = flexattn.create_block_mask(causal, None, None, 256, 256, BLOCK_SIZE=64)
+    assert first.decided_for(())
+    first.full_kv_num_blocks[..., -1] = 0
+    assert not first.decided_for(())
+    _check(q, k, v, block_mask=first)
+    again = flexattn.create_block_mask(causal, None, None, 256, 256, BLOCK_SIZE=64)
+    assert int(again.full_kv_num_blocks[..., -1]) == 3 and again.decided_for(())

@@ -44,8 +44,12 @@ def _step(draw_op, state):
     kind = draw_op[0]
     if kind == "mutate":
         name = draw_op[1]
-        x = t[name]
-        x.copy_(torch.roll(x, 1) if name != "slopes" else x * 2)
+        if name == "boundary":  # documents stay runs: the fused documents plan may still take them
+            docs = t["docs"]
+            docs.copy_((torch.arange(len(docs)) >= len(docs) // 2 + 16).long())
+        else:
+            x = t[name]
+            x.copy_(torch.roll(x, 1) if name != "slopes" else x * 2)
         return
     if kind == "lists":
         bm = built[draw_op[1]]
@@ -76,14 +80,14 @@ def _step(draw_op, state):
 _MASKS = st.sampled_from(["causal_padding", "documents", "per_head_window"])
 _OPS = st.one_of(
     st.tuples(st.just("call"), _MASKS, st.sampled_from([None, "alibi", "softcap"]), st.sampled_from(PATHS)),
-    st.tuples(st.just("mutate"), st.sampled_from(["docs", "lengths", "windows", "slopes"])),
+    st.tuples(st.just("mutate"), st.sampled_from(["docs", "boundary", "lengths", "windows", "slopes"])),
     st.tuples(st.just("lists"), _MASKS),
     st.tuples(st.just("rebuild"), _MASKS),
 )
 
 
 @settings(max_examples=int(os.environ.get("FLEXATTN_SOAK", 25)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shape=st.sampled_from([(64, 64, 16), (1, 70, 16), (1, 160, 16), (48, 96, 32), (96, 96, 32)]),
+@given(shape=st.sampled_from([(64, 64, 16), (1, 70, 16), (1, 160, 16), (48, 96, 32), (96, 96, 32), (256, 256, 32)]),
        ops=st.lists(_OPS, min_size=3, max_size=12))
 def test_call_sequences_with_in_place_changes_match_the_reference(shape, ops):
     L, S, block = shape

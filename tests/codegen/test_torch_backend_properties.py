@@ -111,17 +111,22 @@ def test_backward_equals_reference(L, S, group, block_size, max_tiles, per_head,
 @given(
     blocks=st.integers(1, 6), tail=st.integers(0, 7), batch=st.integers(1, 2), kv_heads=st.integers(1, 3),
     group=st.sampled_from([1, 2, 4]), shared_in_group=st.booleans(), causal=st.booleans(),
-    max_tiles=st.integers(1, 3), seed=st.integers(0, 2**16),
+    same_visits=st.booleans(), max_tiles=st.integers(1, 3), seed=st.integers(0, 2**16),
 )
 def test_selected_tiles_per_kv_head_equal_reference_forward_and_backward(blocks, tail, batch, kv_heads, group,
-                                                                         shared_in_group, causal, max_tiles, seed):
+                                                                         shared_in_group, causal, same_visits,
+                                                                         max_tiles, seed):
     # A run-time selection of KV tiles (NSA-like, ``from_kv_blocks``), uneven per row and head; when
-    # every query head of a group selects alike, the loop keeps one list per KV head.
+    # every query head of a group selects alike, the loop keeps one list per KV head. FULL tiles
+    # are drawn whatever the mask_mod says there (they are attended whole); with same_visits every
+    # (b, h) visits the same tiles, FULL for some and PARTIAL for others (the loop's shared pieces).
     g = torch.Generator().manual_seed(seed)
     n, block = blocks * 8 + tail, 8
     nb = -(-n // block)
     heads = kv_heads if shared_in_group else kv_heads * group
     chosen = torch.rand(batch, heads, nb, nb, generator=g) < 0.5
+    if same_visits:
+        chosen = chosen[:1, :1].expand(batch, heads, nb, nb)
     full = chosen & (torch.rand(chosen.shape, generator=g) < 0.5)
     if shared_in_group:
         chosen, full = (x.repeat_interleave(group, dim=1) for x in (chosen, full))
