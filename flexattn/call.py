@@ -75,7 +75,10 @@ class Facts:
         reads = lambda names: ", ".join(sorted(names)) or "no input"  # noqa: E731
         bias = "none" if self.bias is None else (f"{len(self.bias.products)} row x column product(s), "
                                                  f"{len(self.bias.terms) - len(self.bias.products)} row term(s)")
-        segments = "none" if self.segments is None else f"packed documents ({'causal' if self.segments.causal else 'full'})"
+        seg = self.segments
+        segments = "none" if seg is None else (f"packed documents ({'causal' if seg.causal else 'full'}"
+                                               f"{', by a captured order' if seg.order is not None else ''}"
+                                               f"{', with prefixes' if seg.prefix is not None else ''})")
         diagonals = "none" if self.diagonals is None else f"decided per tile asked ({self.diagonals.block}-square tiles)"
         return [f"score_mod reads: {reads(self.score_reads)}; mask_mod reads: {reads(self.mask_reads)}",
                 f"separable bias: {bias}; document segments: {segments}; BlockMask exact: {self.exact}; "

@@ -188,10 +188,12 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
         q, k, v = (x[unit.b, unit.h] for x in (p.q, p.k, p.v))
         out_u, lse_u = out[unit.b, unit.h], lse[unit.b, unit.h]  # views: merged in place
         written = torch.zeros(out.shape[2] // q_block, dtype=torch.bool)  # q tiles with a result so far
-        for start, stop, causal in unit.segments:  # documents: their rows attend to nothing else
-            rows = slice(start, stop)
-            out_u[:, :, rows], lse_u[:, :, rows] = _forward(q[:, :, rows], k[:, :, rows], v[:, :, rows],
-                                                            is_causal=causal, scale=p.scale)
+        seen = torch.zeros(out.shape[2], dtype=torch.bool)  # positions with a document piece so far
+        for r0, r1, c0, c1, causal in unit.segments:  # documents: their rows attend to nothing else
+            rows, cols = slice(r0, r1), slice(c0, c1)
+            o, l = _forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], is_causal=causal, scale=p.scale)
+            merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(seen[rows].any()))
+            seen[rows] = True
         # Exactly causal triangles run in the kernel's own causal mode; then rectangles of FULL tiles.
         for rect, kind in unit.pieces():
             rows, cols = p.rows(rect)
@@ -232,13 +234,13 @@ def backward(p: FusedInputs, units: list[PlanUnit], out, lse, grad_out):
         q, k, v, o, go = (x[unit.b, unit.h] for x in (p.q, p.k, p.v, out, grad_out))
         l_u = lse[unit.b, unit.h]
         dq_u, dk_u, dv_u = (x[unit.b, unit.h] for x in (dq, dk, dv))
-        for start, stop, causal in unit.segments:
-            rows = slice(start, stop)
-            gq, gk, gv = _backward(go[:, :, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows], o[:, :, rows],
+        for r0, r1, c0, c1, causal in unit.segments:
+            rows, cols = slice(r0, r1), slice(c0, c1)
+            gq, gk, gv = _backward(go[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols], o[:, :, rows],
                                    l_u[:, :, rows], 0.0, causal, scale=p.scale)
             dq_u[:, :, rows] += gq
-            dk_u[:, :, rows] += gk
-            dv_u[:, :, rows] += gv
+            dk_u[:, :, cols] += gk
+            dv_u[:, :, cols] += gv
         for rect, kind in unit.pieces():
             rows, cols = p.rows(rect)
             q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)

@@ -87,8 +87,8 @@ def tile_plan(call: Call, forced: bool):
 def _by_classes(call: Call):
     """The tile plan kept by the values of the BlockMask's tile classes, where the plan reads
     nothing else of the call than B and Hq: no causal square can be planned (``fused_plan.plan``
-    asks the mask_mod only for squares of 2 tiles or more of a (1, 1) tile matrix with square
-    tiles), and whether it pays reads the tile counts, the lengths, the tile size and max_tiles.
+    asks the mask_mod only for squares of 2 tiles or more, with square tiles), and whether it pays
+    reads the tile counts, the lengths, the tile size and max_tiles.
     A decoding loop builds a new BlockMask every step, with the classes of the step before for a
     tile's worth of steps. None where this does not apply (a large tile matrix too)."""
     bm = call.block_mask
@@ -97,8 +97,7 @@ def _by_classes(call: Call):
     classes = bm.tile_classes()
     nq, nkv = classes.shape[-2:]
     block = call.block_size
-    consults_mask = (call.mask_graph is not None and block[0] == block[1] and tuple(classes.shape[:2]) == (1, 1)
-                     and min(nq, nkv) >= 2)
+    consults_mask = call.mask_graph is not None and block[0] == block[1] and min(nq, nkv) >= 2
     if consults_mask or classes.numel() > MAX_CLASSES_KEY:
         return None
     B, Hq, _, L, S = call.shape
@@ -116,19 +115,27 @@ def _documents(call: Call):
     if not call.facts.exact:
         return None, ("the BlockMask is not the exact block reduction of this mask_mod (create_block_mask), "
                       "or a tensor the mask_mod captures changed since it was built")
-    if call.facts.segments is None:
-        return None, "the mask_mod is not a packed-documents mask (doc[q] == doc[kv], optionally causal)"
+    segments = call.facts.segments
+    if segments is None:
+        return None, ("the mask_mod is not a packed-documents mask (doc[q] == doc[kv], optionally causal or "
+                      "prefix-LM)")
     if L != S:
         return None, f"Q_LEN ({L}) != KV_LEN ({S}): documents need one sequence"
-    runs = call.facts.segments.segments([t.cpu() for t in call.mask_buffers], L)
-    if not runs:
-        return None, "a document id comes back after another (documents are not runs)"
-    if L < fused_plan.MIN_DOCUMENT * len(runs):
-        return None, (f"{len(runs)} documents average {L / len(runs):.0f} < MIN_DOCUMENT ({fused_plan.MIN_DOCUMENT}) "
+    buffers = [t.cpu() for t in call.mask_buffers]
+    rows = range(B) if segments.batched and B > 1 else range(1)  # batched ids: one unit per batch row
+    units, documents = [], 0
+    for b in rows:
+        pieces = segments.pieces(buffers, L, b)
+        if pieces is None:
+            return None, ("a document id comes back after another (documents are not runs), or the order "
+                          "buffer is not increasing inside a document")
+        documents = max(documents, len(segments.segments(buffers, L, b)))
+        batch = slice(b, b + 1) if len(rows) > 1 else slice(0, B)
+        units.append(fused_plan.PlanUnit(batch, slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8), segments=pieces))
+    if L < fused_plan.MIN_DOCUMENT * documents:
+        return None, (f"{documents} documents average {L / documents:.0f} < MIN_DOCUMENT ({fused_plan.MIN_DOCUMENT}) "
                       "positions: one call per document would not pay")
-    causal = call.facts.segments.causal
-    return [fused_plan.PlanUnit(slice(0, B), slice(0, Hq), torch.zeros(1, 1, dtype=torch.int8),
-                            segments=[(start, stop, causal) for start, stop in runs])], None
+    return units, None
 
 
 def _max_tiles(call: Call) -> int:

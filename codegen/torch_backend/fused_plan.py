@@ -58,7 +58,9 @@ def why_not_pays(units: list["PlanUnit"], block, L: int, S: int, loop: tuple[int
 
 def fused_cost(units: list["PlanUnit"], block, L: int, S: int) -> tuple[int, int, int]:
     """(FULL products, PARTIAL products, kernel calls) of the plan, over all its (batch, head) pairs;
-    a causal square counts the products it keeps (half)."""
+    a causal square counts the products it keeps (half). A unit serving several heads of a per-head
+    tile matrix counts its calls once per head: measured, a call over several heads of small
+    rectangles costs about what the calls per head did (NSA, docs/performance.md)."""
     q_block, kv_block = block
     full = partial = calls = 0
     for u in units:
@@ -66,10 +68,10 @@ def fused_cost(units: list["PlanUnit"], block, L: int, S: int) -> tuple[int, int
         for (q0, q1, k0, k1), kind in u.pieces():
             area = (min(q1 * q_block, L) - q0 * q_block) * (min(k1 * kv_block, S) - k0 * kv_block)
             full += pairs * (area // 2 if kind is not None else area)
-            calls += 1
+            calls += u.merged_heads
         for batch in u.batches:
             partial += pairs * len(batch) * q_block * kv_block
-            calls += len(chunks(batch, pairs * q_block * kv_block))
+            calls += u.merged_heads * len(chunks(batch, pairs // u.merged_heads * q_block * kv_block))
     return full, partial, calls
 
 
@@ -153,7 +155,10 @@ class PlanUnit:
 
     def __init__(self, b: slice, h: slice, classes: torch.Tensor, squares=(), segments=()):
         self.b, self.h = b, h
-        self.segments = list(segments)  # (start, stop, causal) in positions: a document each
+        # (row start, row stop, column start, column stop, causal) in positions: the documents'
+        # pieces (``flexattn.analysis.segments``), rows that attend to nothing else
+        self.segments = list(segments)
+        self.merged_heads = 1  # per-head tile matrices: the heads of equal classes this unit serves
         self.squares = list(squares)
         self.rectangles = full_rectangles(classes == FULL)
         self.batches = partial_batches(classes == PARTIAL)
@@ -207,34 +212,53 @@ def triangle_squares(classes: torch.Tensor, shapes, max_side: int | None = None)
     return found
 
 
-def plan_units(classes: torch.Tensor, B: int, Hq: int) -> list[PlanUnit]:
-    """Units for a (nb, nh, nq, nkv) tile-class tensor (nb in {1, B}, nh in {1, Hq})."""
+def plan_units(classes: torch.Tensor, B: int, Hq: int, tile_shapes=None, max_square: int | None = None) -> list[PlanUnit]:
+    """Units for a (nb, nh, nq, nkv) tile-class tensor (nb in {1, B}, nh in {1, Hq}): one per batch
+    row and run of consecutive heads with equal tile classes (one fused call then serves the run's
+    heads together). With ``tile_shapes`` (see ``plan``), aligned squares of exactly causal
+    triangles, for every (b, h) of the unit, run as causal calls."""
     nb, nh = classes.shape[:2]
-    return [PlanUnit(slice(0, B) if nb == 1 else slice(b, b + 1), slice(0, Hq) if nh == 1 else slice(h, h + 1),
-                 classes[b, h]) for b in range(nb) for h in range(nh)]
+    units = []
+    for b in range(nb):
+        bs = slice(0, B) if nb == 1 else slice(b, b + 1)
+        start = 0
+        for h in range(1, nh + 1):
+            if h < nh and torch.equal(classes[b, h], classes[b, start]):
+                continue
+            hs = slice(0, Hq) if nh == 1 else slice(start, h)
+            unit = _unit(classes[b, start], bs, hs, tile_shapes, max_square)
+            unit.merged_heads = h - start if nh > 1 else 1
+            units.append(unit)
+            start = h
+    return units
+
+
+def _unit(classes: torch.Tensor, b: slice, h: slice, tile_shapes, max_square: int | None) -> PlanUnit:
+    if tile_shapes is not None:
+        squares = triangle_squares(classes, lambda tiles: tile_shapes(tiles, b, h), max_square)
+        if squares:
+            rest = classes.clone()
+            for a, c, side, _ in squares:
+                rest[a:a + side, c:c + side] = EMPTY
+            return PlanUnit(b, h, rest, squares)
+    return PlanUnit(b, h, classes)
 
 
 def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, tile_shapes=None,
          max_square: int | None = None) -> list[PlanUnit]:
     """The units of this call (``why_not_pays`` says whether they pay).
 
-    ``tile_shapes(tiles) -> kinds`` (optional: the call's ``facts.diagonals``) says which tiles
-    hold exactly a causal triangle (see ``triangle_squares``); aligned squares of them run as one
-    causal call each, the fused kernel's fastest case.
+    ``tile_shapes(tiles, b, h) -> kinds`` (optional: the call's ``facts.diagonals``) says which
+    tiles hold exactly a causal triangle for the batch rows ``b`` and heads ``h`` (slices; see
+    ``triangle_squares``); aligned squares of them run as one causal call each, the fused
+    kernel's fastest case.
     """
     q_block, kv_block = block_size
     if block_mask is not None:
         classes = block_mask.tile_classes()
     else:
         classes = torch.full((1, 1, -(-L // q_block), -(-S // kv_block)), FULL, dtype=torch.int8)
-    if tile_shapes is not None and classes.shape[:2] == (1, 1):
-        squares = triangle_squares(classes[0, 0], tile_shapes, max_square)
-        if squares:
-            rest = classes[0, 0].clone()
-            for a, c, side, _ in squares:
-                rest[a:a + side, c:c + side] = EMPTY
-            return [PlanUnit(slice(0, B), slice(0, Hq), rest, squares)]
-    return plan_units(classes, B, Hq)
+    return plan_units(classes, B, Hq, tile_shapes, max_square)
 
 
 def chunks(tiles: torch.Tensor, per_tile: int) -> list[torch.Tensor]:

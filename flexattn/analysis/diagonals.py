@@ -42,27 +42,31 @@ class DiagonalKinds:
     S: int
     block: int
 
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        """The kinds of ``tiles`` ((T, 2) int: q tile, kv tile), as a (T,) int64 tensor."""
+    def __call__(self, tiles: torch.Tensor, b: slice | None = None, h: slice | None = None) -> torch.Tensor:
+        """The kinds of ``tiles`` ((T, 2) int: q tile, kv tile), as a (T,) int64 tensor: a kind holds
+        for every batch row in ``b`` and query head in ``h`` (default: all of them)."""
+        b = b if b is not None else slice(0, self.B)
+        h = h if h is not None else slice(0, self.H)
         kinds = torch.full((len(tiles),), NEITHER, dtype=torch.int64)
         n = self.block
         whole = ((tiles[:, 0] + 1) * n <= self.L) & ((tiles[:, 1] + 1) * n <= self.S)
         lower = torch.ones(n, n, dtype=torch.bool).tril()
         indices = whole.nonzero().flatten()
-        step = max(1, MASK_CHUNK // (self.B * self.H * n * n))
+        step = max(1, MASK_CHUNK // ((b.stop - b.start) * (h.stop - h.start) * n * n))
         for start in range(0, len(indices), step):
             chunk = indices[start:start + step]
-            keep = self._keep(tiles[chunk])  # (B or 1, H or 1, P, n, n)
+            keep = self._keep(tiles[chunk], b, h)  # (B or 1, H or 1, P, n, n)
             for kind, pattern in ((LOWER, lower), (UPPER, lower.T)):
                 exact = (keep == pattern).flatten(-2).all(-1).flatten(0, 1).all(0)
                 kinds[chunk[exact.expand(len(chunk))]] = kind
         return kinds
 
-    def _keep(self, tiles: torch.Tensor) -> torch.Tensor:
+    def _keep(self, tiles: torch.Tensor, b: slice, h: slice) -> torch.Tensor:
         positions = torch.arange(self.block)
         q_idx = (tiles[:, 0, None] * self.block + positions).view(1, 1, -1, self.block, 1)
         kv_idx = (tiles[:, 1, None] * self.block + positions).view(1, 1, -1, 1, self.block)
-        env = {"b": torch.arange(self.B).view(-1, 1, 1, 1, 1), "h": torch.arange(self.H).view(1, -1, 1, 1, 1),
+        env = {"b": torch.arange(b.start, b.stop).view(-1, 1, 1, 1, 1),
+               "h": torch.arange(h.start, h.stop).view(1, -1, 1, 1, 1),
                "q_idx": q_idx, "kv_idx": kv_idx}
         keep = evaluate(self.graph, env, self.buffers).to(torch.bool)
         return keep.view((1,) * (5 - keep.dim()) + tuple(keep.shape))

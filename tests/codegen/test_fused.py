@@ -237,7 +237,7 @@ def test_packed_documents_run_one_call_per_document():
         call = _call(q, k, v, bm, {})
         assert dispatch.choose("torch", call).path.name == "fused_documents"
         unit, = fused_paths.document_plan(call)[0]
-        assert unit.segments == [(0, 100, causal), (100, 137, causal), (137, 300, causal)]
+        assert unit.segments == [(0, 100, 0, 100, causal), (100, 137, 100, 137, causal), (137, 300, 137, 300, causal)]
         out = flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch")
         ref = flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference")
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

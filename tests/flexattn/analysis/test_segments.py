@@ -35,3 +35,10 @@ def test_recognised_segments_are_exactly_the_mask(ids, form):
         block = torch.ones(stop - start, stop - start, dtype=torch.bool)
         built[start:stop, start:stop] = block.tril() if found.causal else block
     assert torch.equal(built, expected)
+
+
+def test_nan_ids_are_not_documents():
+    """A NaN id equals nothing, not even itself: its position sees no key, which no run of documents is."""
+    ids = torch.tensor([0.0, 0.0, float("nan"), 1.0])
+    found = segment_mask(flexattn.trace_mask_mod(lambda b, h, q_idx, kv_idx: ids[q_idx] == ids[kv_idx]).graph)
+    assert found is not None and found.segments([ids], 4) is None
