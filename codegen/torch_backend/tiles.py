@@ -156,13 +156,12 @@ def plan_rows(block_mask, q_len: int, kv_len: int, block_size: tuple[int, int],
     full_max = full_num.amax(dim=(0, 1)).tolist()
     partial_max = partial_num.amax(dim=(0, 1)).tolist()
     uniform = [False] * q_blocks if shared else _uniform_rows(block_mask, q_blocks, kv_blocks)
-    full_of_rows = block_mask.tile_classes()[..., :q_blocks, :] == FULL if any(uniform) else None
     rows = []
     for i in range(q_blocks):
         if uniform[i]:  # every (b, h) visits the same tiles: shared pieces (none for a row visiting none)
             if len(uniform[i][0]) + len(uniform[i][1]):
                 rows.append(Row(i * q_block, min((i + 1) * q_block, q_len),
-                                _shared_pieces(*uniform[i], max_tiles, kv_block, kv_len, full_of_rows[:, :, i])))
+                                _shared_pieces(*uniform[i], max_tiles, kv_block, kv_len)))
             continue
         nf, np_ = full_max[i], partial_max[i]
         if nf + np_ == 0:
@@ -221,8 +220,8 @@ def loop_work(block_mask, batch: int, heads: int, q_len: int, kv_len: int, block
 
 
 def _uniform_rows(block_mask, q_blocks: int, kv_blocks: int) -> list:
-    """Per q-block row of a per-(b, h) BlockMask: (FULL tiles, PARTIAL tiles) shared by every (b, h)
-    when they all visit the same tiles, else False.
+    """Per q-block row of a per-(b, h) BlockMask: (FULL tiles, PARTIAL tiles, which tiles are FULL
+    per (b, h)) when every (b, h) visits the same tiles, else False.
 
     Such a row runs as shared pieces: a tile FULL for some (b, h) and PARTIAL for others is listed
     PARTIAL, and its piece's ``full_cols`` keeps it whole for the (b, h) it is FULL for (the
@@ -233,17 +232,17 @@ def _uniform_rows(block_mask, q_blocks: int, kv_blocks: int) -> list:
     classes = block_mask.tile_classes()
     if classes.shape[-2] < q_blocks or classes.shape[-1] != kv_blocks:
         return [False] * q_blocks
-    classes = classes[..., :q_blocks, :].flatten(0, 1)  # (B * H, rows, tiles)
-    visited = classes != EMPTY
+    full_for = classes[..., :q_blocks, :] == FULL  # (Bm, Hm, rows, tiles)
+    visited = (classes[..., :q_blocks, :] != EMPTY).flatten(0, 1)  # (Bm * Hm, rows, tiles)
     same = (visited == visited[:1]).all(dim=0).all(dim=-1).tolist()
-    full = (classes == FULL).all(dim=0)
+    full = full_for.flatten(0, 1).all(dim=0)
     partial = visited[0] & ~full
-    return [(full[i].nonzero().flatten(), partial[i].nonzero().flatten()) if same[i] else False
+    return [(full[i].nonzero().flatten(), partial[i].nonzero().flatten(), full_for[:, :, i]) if same[i] else False
             for i in range(q_blocks)]
 
 
-def _shared_pieces(full: torch.Tensor, partial: torch.Tensor, max_tiles: int, kv_block: int,
-                   kv_len: int, full_for: torch.Tensor) -> list[Piece]:
+def _shared_pieces(full: torch.Tensor, partial: torch.Tensor, full_for: torch.Tensor, max_tiles: int,
+                   kv_block: int, kv_len: int) -> list[Piece]:
     """Pieces of at most ``max_tiles`` tiles of one row's shared FULL and PARTIAL tiles;
     ``full_for``: bool (Bm, Hm, KV tiles), the row's FULL tiles per (b, h)."""
     tiles = torch.cat([full, partial])
