@@ -14,7 +14,12 @@ MAX_Q_LEN = 16  # longer queries have enough rows per tile for the general paths
 
 def why_not_decoding(call: Call) -> str | None:
     """Why ``call`` is not a decoding shape (None when it is): Q_LEN <= ``MAX_Q_LEN``, nothing needs a
-    gradient (split-KV is forward only), and ``kernel_options["SPLIT_KV"]`` is not False."""
+    gradient (split-KV is forward only), and ``kernel_options["SPLIT_KV"]`` is not False. Asked by
+    every decode path of a table: decided once per call."""
+    return call.derived("why_not_decoding", lambda: _why_not(call))
+
+
+def _why_not(call: Call) -> str | None:
     if not call.options.get("SPLIT_KV", True):
         return "kernel_options SPLIT_KV=False (or BACKEND='TRITON')"
     L = call.shape[3]

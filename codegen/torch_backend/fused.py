@@ -53,8 +53,25 @@ MAX_BIAS_SPAN = 2.0 ** 16  # |row factor| x span of a column factor: beyond, fp3
 MAX_BIASED_SQUARE = 2
 FEATURE_ALIGN = 8  # extra head-dim features are padded to a multiple of this
 
-_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_fused_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_fused_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def packed_head_dim(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride in its last dim. torch's fused CPU kernel reads q, k, v and out as if
+    their head dim had stride 1, with no check: a key stored (B, H, E, S) and viewed (B, H, S, E), or
+    a head dim expanded from size 1, gives a wrong result, no error (docs/architecture.md)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def fused_forward(q, k, v, *args, **kwargs):
+    """torch's fused CPU forward on (q, k, v) with packed head dims: ``(out, lse)``."""
+    return _fused_forward(packed_head_dim(q), packed_head_dim(k), packed_head_dim(v), *args, **kwargs)
+
+
+def _backward(grad_out, q, k, v, out, lse, *args, **kwargs):
+    return _fused_backward(*map(packed_head_dim, (grad_out, q, k, v, out)), lse, *args, **kwargs)
+
 
 
 class Features:
@@ -85,6 +102,7 @@ class FusedInputs:
 
     def __init__(self, q, k, v, block, scale, mask_graph, mask_buffers, features: Features | None = None):
         group = q.shape[1] // k.shape[1]
+        q, k, v = map(packed_head_dim, (q, k, v))  # once per call, not per rectangle (``fused_forward``)
         self.q = q
         self.k = k.repeat_interleave(group, dim=1) if group > 1 else k
         self.v = v.repeat_interleave(group, dim=1) if group > 1 else v
@@ -191,7 +209,7 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
         seen = torch.zeros(out.shape[2], dtype=torch.bool)  # positions with a document piece so far
         for r0, r1, c0, c1, causal in unit.segments:  # documents: their rows attend to nothing else
             rows, cols = slice(r0, r1), slice(c0, c1)
-            o, l = _forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], is_causal=causal, scale=p.scale)
+            o, l = fused_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], is_causal=causal, scale=p.scale)
             merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(seen[rows].any()))
             seen[rows] = True
         # Exactly causal triangles run in the kernel's own causal mode; then rectangles of FULL tiles.
@@ -199,7 +217,7 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
             rows, cols = p.rows(rect)
             q_r, k_r, v_r, shift = p.rectangle(unit, rows, cols)
             flip = _flipper(kind)
-            o, l = _forward(flip(q_r), flip(k_r), flip(v_r), is_causal=kind is not None, scale=p.scale)
+            o, l = fused_forward(flip(q_r), flip(k_r), flip(v_r), is_causal=kind is not None, scale=p.scale)
             o, l = flip(o), flip(l.unsqueeze(-1)).squeeze(-1)
             o, l = (o, l) if shift is None else (o[..., :D].contiguous(), l + shift)
             merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(written[rect[0]:rect[1]].any()))
@@ -208,7 +226,7 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
         for batch in unit.batches:
             for tiles in chunks(batch, Bu * Hu * q_block * kv_block):
                 keep = p.tile_mask(unit, tiles, Bu)
-                o, l = _forward(_tiles_of(q, q_block, tiles[:, 0]), _tiles_of(k, kv_block, tiles[:, 1]),
+                o, l = fused_forward(_tiles_of(q, q_block, tiles[:, 0]), _tiles_of(k, kv_block, tiles[:, 1]),
                                 _tiles_of(v, kv_block, tiles[:, 1]), attn_mask=p.tile_bias(unit, tiles, keep, q.dtype),
                                 scale=p.scale)
                 # A row that keeps nothing in its tile has lse -inf (the kernel reports 0).

@@ -45,6 +45,13 @@ def _decode_per_head():  # the mask depends on the head: per sequence and KV hea
     return dict(query=q, key=k, value=v, block_mask=bm, enable_gqa=True, score_mod=lambda s, b, h, q, kv: s * 0.5)
 
 
+def _decode_short_padded():  # a short cache, left padding in one sequence: the whole matrix at once
+    q, k, v = _inputs(2, 4, 2, 2, 90)
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx + 88) & (kv_idx >= 20 * b), 2, None,
+                                    2, 90, BLOCK_SIZE=(2, 32))
+    return dict(query=q, key=k, value=v, block_mask=bm, enable_gqa=True)
+
+
 def _documents():
     ids = torch.repeat_interleave(torch.arange(3), torch.tensor([150, 100, 134]))
     q, k, v = _inputs(1, 2, 2, 384, 384)
@@ -77,6 +84,7 @@ TORCH_CASES = {
     "decode_batch_copied": _decode_window_transposed,
     "decode_pool": _decode_pool_stripes,
     "decode_chunks": _decode_per_head,
+    "decode_dense": _decode_short_padded,
     "fused_documents": _documents,
     "fused_tiles": _causal_alibi,
     "compiled_loop": _softcap_compiled,
@@ -155,3 +163,35 @@ def test_the_reference_table_has_one_path():
     assert choice.table == ("dense",) and choice.forced
     with pytest.raises(flexattn.InputError, match="'generated_loop' is not a path of the reference back end"):
         flexattn.explain_call(**_with(args, PATH="generated_loop"), backend="reference")
+
+
+def _head_dim_outermost(x: torch.Tensor) -> torch.Tensor:
+    """``x`` stored with its head dim outermost (stride(-1) != 1), same values."""
+    return x.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(x.requires_grad)
+
+
+@pytest.mark.parametrize("path", [p for p in TORCH_CASES if p != "compiled_loop"])  # its tiles: matmuls only
+def test_each_path_on_inputs_whose_head_dim_is_not_innermost(path):
+    """torch's fused CPU kernel misreads a head dim of stride != 1 with no error: each path, on q, k, v
+    (and a grad_out) stored head dim outermost, equals the reference, gradients too where it has them."""
+    args = TORCH_CASES[path]()
+    args.update({name: _head_dim_outermost(args[name]) for name in ("query", "key", "value")})
+    _assert_matches_reference(args, flexattn.flex_attention(**args, backend="torch",
+                                                            return_aux=flexattn.AuxRequest(lse=True)))
+    forced = _with(args, PATH=path)
+    try:
+        got = flexattn.flex_attention(**forced, backend="torch", return_aux=flexattn.AuxRequest(lse=True))
+    except flexattn.InputError as error:  # a path that reads K/V in place may refuse the layout
+        assert "cannot serve this call" in str(error) and path.startswith("decode_")
+        return
+    _assert_matches_reference(args, got)
+    if path in ("fused_documents", "fused_tiles", "generated_loop"):
+        inputs = {name: args[name].detach().requires_grad_() for name in ("query", "key", "value")}
+        grad_out = _head_dim_outermost(torch.randn_like(got[0]))
+        grads = []
+        for backend, options in (("torch", forced), ("reference", args)):
+            leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+            flexattn.flex_attention(**{**options, **leaves}, backend=backend).backward(grad_out)
+            grads.append([leaves[name].grad for name in ("query", "key", "value")])
+        for mine, want in zip(*grads):
+            torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
