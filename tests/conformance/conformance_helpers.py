@@ -64,11 +64,18 @@ def case_id(case) -> str:
     return case.name
 
 
-def qkv(B, H, L, S, D, *, Hkv=None, Bkv=None, Dv=None, dtype=torch.float32, seed=0, requires_grad=False):
+def qkv(B, H, L, S, D, *, Hkv=None, Bkv=None, Dv=None, dtype=torch.float32, seed=0, requires_grad=False,
+        layouts=None):
+    """q, k, v of random values; ``layouts``: per tensor, the order its dims are stored in memory
+    (outermost first; e.g. (0, 1, 3, 2) stores the head dim outside the positions), same values."""
     g = torch.Generator().manual_seed(seed)
     Hkv, Bkv, Dv = Hkv or H, Bkv or B, Dv or D
     shapes = ((B, H, L, D), (Bkv, Hkv, S, D), (Bkv, Hkv, S, Dv))
-    return tuple(torch.randn(s, generator=g).to(dtype).requires_grad_(requires_grad) for s in shapes)
+    tensors = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    if layouts is not None:
+        tensors = [t.permute(order).contiguous().permute([order.index(i) for i in range(4)])
+                   for t, order in zip(tensors, layouts)]
+    return tuple(t.requires_grad_(requires_grad) for t in tensors)
 
 
 def case_qkv(case: Case, **kw):

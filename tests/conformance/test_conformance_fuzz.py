@@ -146,15 +146,22 @@ def test_fuzz_score_create_mask(body, sizes):
     check_create_mask(as_score_mod(body), *sizes)
 
 
+LAYOUTS = st.permutations(range(4)).map(tuple)  # the order a tensor's dims are stored in memory
+
+
 @settings(FUZZ, max_examples=25)
-@given(score=floats(2), mask=st.one_of(st.none(), bools(1)), heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]),
-       lengths=st.tuples(st.integers(16, 200), st.integers(16, 200)), block=BLOCKS)
-def test_fuzz_attention(score, mask, heads, lengths, block):
-    """flex_attention's output and LSE equal torch's for a random score_mod and mask_mod."""
+@given(score=st.one_of(st.none(), floats(2)), mask=st.one_of(st.none(), bools(1)),
+       heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]), lengths=st.tuples(st.integers(1, 200), st.integers(16, 200)),
+       block=BLOCKS,
+       layouts=st.one_of(st.none(), st.tuples(LAYOUTS, LAYOUTS, LAYOUTS)))
+def test_fuzz_attention(score, mask, heads, lengths, block, layouts):
+    """flex_attention's output and LSE equal torch's for a random score_mod and mask_mod, on q, k, v
+    stored in any memory layout (torch's fused CPU kernel misreads some: flexattn must not)."""
     hq, hkv = heads
-    q, k, v = qkv(2, hq, *lengths, 8, Hkv=hkv)
+    q, k, v = qkv(2, hq, *lengths, 8, Hkv=hkv, layouts=layouts)
     mask_mod = None if mask is None else as_mask_mod(mask)
-    assert_forward_matches_torch(q, k, v, as_score_mod(score), mask_mod, 2, hq, block, enable_gqa=hq != hkv)
+    score_mod = None if score is None else as_score_mod(score)
+    assert_forward_matches_torch(q, k, v, score_mod, mask_mod, 2, hq, block, enable_gqa=hq != hkv)
 
 
 @settings(FUZZ, max_examples=20)
