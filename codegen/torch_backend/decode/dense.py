@@ -46,10 +46,11 @@ def why_not_dense(call: Call, forced: bool) -> str | None:
 
 
 def _mask(call: Call):
-    """None (every position attended: no BlockMask) or (additive (B, Hkv, G * L, S) 0 / -inf in the
-    compute float, read (B, Hkv, S, 1): the keys some row of the KV head attends, empty (B, Hq, L):
-    the rows that attend nothing). Kept with the BlockMask, which every layer of a step shares, while
-    its lists and the mask_mod's buffers are unchanged."""
+    """None (every position attended: no BlockMask) or (additive, read, empty): additive
+    (B, Hkv, G * L, S) 0 / -inf in the compute float; read (B, Hkv, S, 1) the keys some row of the
+    KV head attends (None: all of them); empty (B, Hq, L) the rows that attend nothing. Kept with the
+    BlockMask, which every layer of a step shares, while its lists and the mask_mod's buffers are
+    unchanged."""
     if call.block_mask is None:
         return None  # every tile FULL, the mask_mod never asked (as in flex attention)
     B, Hq, Hkv, L, S = call.shape
@@ -75,7 +76,8 @@ def _evaluate(call: Call):
         kept = kept | ((classes == PARTIAL) & torch.as_tensor(holds, dtype=torch.bool, device=device))
     kept = kept.expand(B, Hq, L, S).reshape(B, Hkv, -1, S)
     additive = torch.zeros(kept.shape, dtype=call.compute_dtype, device=device).masked_fill_(~kept, NEG_INF)
-    return additive, kept.any(dim=2).unsqueeze(-1), ~kept.view(B, Hq, L, S).any(dim=-1)
+    read = kept.any(dim=2).unsqueeze(-1)
+    return additive, None if bool(read.all()) else read, ~kept.view(B, Hq, L, S).any(dim=-1)
 
 
 def dense_decode(call: Call):
@@ -93,7 +95,8 @@ def dense_decode(call: Call):
     # Keys no row of a KV head attends may hold anything (a paged pool's free pages, NaN): the
     # kernel multiplies every key and value, so they are zeroed (a NaN key's score would stay
     # NaN under the -inf mask, a NaN value would turn its 0 weight into NaN).
-    k, v = torch.where(read, k, 0.0), torch.where(read, v, 0.0)
+    if read is not None:
+        k, v = torch.where(read, k, 0.0), torch.where(read, v, 0.0)
     out, lse = fused_forward(q, k, v, 0.0, False, attn_mask=additive, scale=call.scale)
     # The kernel gives a row that keeps nothing out 0 and lse 0: flex attention's lse is -inf there.
     lse = lse.reshape(B, Hq, L).masked_fill(empty, NEG_INF)
