@@ -20,7 +20,8 @@ from typing import Mapping
 import torch
 from torch.nn.attention import flex_attention as torch_flex
 
-from flexattn.block_mask_text import EMPTY, FULL, LOWER, NEITHER, PARTIAL, UPPER, tile_picture, torch_picture
+from flexattn.block_mask_text import (EMPTY, FULL, LOWER, NEITHER, PARTIAL, UPPER, explanation, plot_tiles,
+                                      tile_picture, torch_picture)
 from flexattn.errors import BlockMaskError, SlicedBlockMaskError
 from flexattn.index_lists import crop_lists, ordered_lists, ordered_to_dense, transpose_ordered
 from flexattn.tile_analysis import TileAnalysis
@@ -386,37 +387,11 @@ class BlockMask(torch_flex.BlockMask):
 
     def explain(self) -> str:
         """How the tiles were decided: symbolically from the IR, or by dense refinement."""
-        counts = torch.bincount(self.tile_classes().flatten().long(), minlength=3).tolist()
-        lines = [f"{counts[FULL]} full, {counts[PARTIAL]} partial, {counts[EMPTY]} empty tiles "
-                 f"of {self.BLOCK_SIZE[0]}x{self.BLOCK_SIZE[1]} (sparsity {self.sparsity():.1f}%)"]
-        if self.stats:
-            lines.append(f"{self.stats['decided_symbolically']} of {self.stats['tiles']} distinct tiles decided "
-                         f"symbolically ({self.stats.get('subdivided', 0)} of them from pieces of the tile), "
-                         f"{self.stats['refined']} refined densely, "
-                         f"{self.stats['left_partial']} left partial (exact=False); "
-                         f"the mask depends on {', '.join(self.stats['depends_on']) or 'nothing'}")
-        return "\n".join(lines)
+        return explanation(self)
 
     def plot(self, path, batch: int = 0, head: int = 0) -> None:
         """Write a PNG of one (batch, head): full, partial and empty tiles in three colours, with a legend."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-        from matplotlib.patches import Patch
-
-        colours = ["#f2f2f2", "#f4a261", "#264653"]
-        classes = self.tile_classes()[batch, head].numpy()
-        fig, ax = plt.subplots(figsize=(6, 6))
-        ax.imshow(classes, cmap=ListedColormap(colours), vmin=0, vmax=2, interpolation="nearest")
-        ax.set_xlabel(f"kv block ({self.BLOCK_SIZE[1]} keys)")
-        ax.set_ylabel(f"q block ({self.BLOCK_SIZE[0]} queries)")
-        ax.set_title(f"{getattr(self.mask_mod, '__name__', 'mask')}: sparsity {self.sparsity():.1f}%")
-        ax.legend(handles=[Patch(color=c, label=n) for c, n in zip(colours, ("empty", "partial", "full"))],
-                  loc="upper right", bbox_to_anchor=(1.0, -0.08), ncol=3)
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        plot_tiles(self, path, batch, head)
 
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ``BlockMaskError`` unless this mask was built for these lengths."""

@@ -1,4 +1,5 @@
-"""The text pictures of a BlockMask: torch's ``to_string`` and flexattn's ``tile_string``.
+"""The pictures of a BlockMask: torch's ``to_string``, flexattn's ``tile_string``, ``plot``'s PNG, and
+``explain``'s account of how its tiles were decided.
 
 ``torch_picture`` reproduces torch's ``BlockMask.to_string`` character for character (a
 drop-in caller may compare or parse it): each character pair summarises a section of tiles,
@@ -69,3 +70,40 @@ def tile_picture(classes: torch.Tensor, grid_size, limit: int) -> str:
         picture = ["".join(glyph[int(c)] for c in row) for row in classes[at][:rows, :cols]]
         pictures.append(f"{name}{note}\n" + "\n".join(picture))
     return "\n".join(pictures)
+
+
+def explanation(mask) -> str:
+    """``BlockMask.explain``: tile counts, and how the analysis decided them (``mask.stats``)."""
+    counts = torch.bincount(mask.tile_classes().flatten().long(), minlength=3).tolist()
+    lines = [f"{counts[FULL]} full, {counts[PARTIAL]} partial, {counts[EMPTY]} empty tiles "
+             f"of {mask.BLOCK_SIZE[0]}x{mask.BLOCK_SIZE[1]} (sparsity {mask.sparsity():.1f}%)"]
+    stats = mask.stats
+    if stats:
+        lines.append(f"{stats['decided_symbolically']} of {stats['tiles']} distinct tiles decided "
+                     f"symbolically ({stats.get('subdivided', 0)} of them from pieces of the tile), "
+                     f"{stats['refined']} refined densely, "
+                     f"{stats['left_partial']} left partial (exact=False); "
+                     f"the mask depends on {', '.join(stats['depends_on']) or 'nothing'}")
+    return "\n".join(lines)
+
+
+def plot_tiles(mask, path, batch: int, head: int) -> None:
+    """``BlockMask.plot``: a PNG of one (batch, head)'s tile classes (matplotlib, imported here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colours = ["#f2f2f2", "#f4a261", "#264653"]
+    classes = mask.tile_classes()[batch, head].numpy()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(classes, cmap=ListedColormap(colours), vmin=0, vmax=2, interpolation="nearest")
+    ax.set_xlabel(f"kv block ({mask.BLOCK_SIZE[1]} keys)")
+    ax.set_ylabel(f"q block ({mask.BLOCK_SIZE[0]} queries)")
+    ax.set_title(f"{getattr(mask.mask_mod, '__name__', 'mask')}: sparsity {mask.sparsity():.1f}%")
+    ax.legend(handles=[Patch(color=c, label=n) for c, n in zip(colours, ("empty", "partial", "full"))],
+              loc="upper right", bbox_to_anchor=(1.0, -0.08), ncol=3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
