@@ -47,8 +47,9 @@ def why_not_dense(call: Call, forced: bool) -> str | None:
 
 def _mask(call: Call):
     """None (every position attended: no BlockMask) or (additive, unread, empty): additive
-    (B, Hkv, G * L, S) 0 / -inf in the compute float; unread the flat (B * Hkv * S) indices of the
-    keys no row of their KV head attends (None: there are none); empty (B, Hq, L) the rows that
+    (B or 1, Hkv or 1, G * L or L, S) 0 / -inf in the compute float, broadcast by the kernel; unread
+    the flat (B * Hkv * S) indices of the keys no row of their KV head attends (None: there are
+    none); empty (B or 1, Hq or 1, L) the rows that
     attend nothing. The mask is the one the BlockMask's build kept where it evaluated every
     position (``BlockMask.attended_positions``), else evaluated here. Kept with the
     BlockMask, which every layer of a step shares, while its lists and the mask_mod's buffers are
@@ -63,17 +64,23 @@ def _mask(call: Call):
 
 def _evaluate(call: Call):
     B, Hq, Hkv, L, S = call.shape
-    device = call.query.device
     kept = call.block_mask.attended_positions(call.mask_buffers)
     if kept is None or kept.shape[-2:] != (L, S):
         kept = _kept_by_tiles(call)
-    kept = kept.to(device).expand(B, Hq, L, S).reshape(B, Hkv, -1, S)
-    additive = torch.zeros(kept.shape, dtype=call.compute_dtype, device=device).masked_fill_(~kept, NEG_INF)
-    unread = ~kept.any(dim=2)
+    kept = kept.to(call.query.device)
+    nb, nh = kept.shape[:2]
+    # The kernel broadcasts the mask: one that no head reads stays (B or 1, 1, rows, S) where each
+    # KV head's rows repeat it (a single query row, or no GQA); a decoding step's usual shape.
+    if nh == 1 and (L == 1 or Hq == Hkv):
+        rows = kept
+    else:
+        rows = kept.expand(nb, Hq, L, S).reshape(nb, Hkv, -1, S)
+    additive = torch.full(rows.shape, NEG_INF, dtype=call.compute_dtype, device=rows.device).masked_fill_(rows, 0.0)
+    unread = ~rows.any(dim=2)
     # The flat (B * Hkv * S) indices of the keys no row reads, for ``index_fill`` (about half the
     # time of a ``where`` over the keys).
-    unread = unread.reshape(-1).nonzero().squeeze(1) if bool(unread.any()) else None
-    return additive, unread, ~kept.view(B, Hq, L, S).any(dim=-1)
+    unread = unread.expand(B, Hkv, S).reshape(-1).nonzero().squeeze(1) if bool(unread.any()) else None
+    return additive, unread, ~kept.any(dim=-1)
 
 
 def _kept_by_tiles(call: Call) -> torch.Tensor:
