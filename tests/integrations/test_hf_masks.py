@@ -76,7 +76,7 @@ def test_decoding_reads_the_positions_the_dense_build_kept_until_a_buffer_change
         ke, ve = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
         scores = torch.where(mask, (q @ ke.nan_to_num().transpose(-1, -2)) / 8 ** 0.5, float("-inf"))
         want = scores.softmax(-1).nan_to_num() @ ve.nan_to_num()
-        out = flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=Hq != Hkv, kernel_options={"PATH": "decode_dense"})
+        out = flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=Hq != Hkv, kernel_options={"PATH": "small_dense"})
         torch.testing.assert_close(out, want)
 
     check(allowed)
