@@ -9,7 +9,8 @@ and that mask as an additive 0 / -inf tensor go to torch's fused flash kernel in
 returns out and the lse (and, through ``codegen.autograd``, its backward kernel the gradients).
 Keys that no query row of a KV head attends are zeroed first, since the kernel reads every key.
 The query heads of a KV head enter as one head's rows, (B, Hkv, G * L, E), so K/V are not expanded
-for GQA. Rows that keep no position give out 0 and lse -inf.
+for GQA, except where that would repeat a mask no head reads G times (``_Mask``). Rows that keep
+no position give out 0 and lse -inf.
 
 Served: no score_mod (the fused kernel only adds the mask), the fused kernel's other conditions
 (``fused_paths.why_not_fused``: one head dim, CPU, no max_scores), at most ``MAX_CELLS`` positions
@@ -20,6 +21,8 @@ the block-sparse paths' per-piece work; docs/performance.md). Packed documents g
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -63,41 +66,52 @@ def why_not_small_dense(call: Call, forced: bool) -> str | None:
     return None
 
 
-def _mask(call: Call):
-    """None (every position attended: no BlockMask) or (additive, unread, empty): additive
-    (B or 1, Hkv or 1, G * L or L, S) 0 / -inf in the compute float, broadcast by the kernel; unread
-    the flat (B * Hkv * S) indices of the keys no row of their KV head attends (None: there are
-    none); empty (B or 1, Hq or 1, L) the rows that attend nothing. The mask is the one the
-    BlockMask's build kept where it evaluated every position (``BlockMask.attended_positions``),
-    else evaluated here. Kept with the BlockMask, which every layer of a step shares, while its
-    lists and the mask_mod's buffers are unchanged."""
+class _Mask(NamedTuple):
+    """A call's mask as the kernel takes it. ``stacked``: the query heads of a KV head enter as one
+    head's rows, q (B, Hkv, G * L, E); else K/V are expanded to the query heads (a mask that no
+    head reads, on several query rows with GQA: it then broadcasts over the heads, where stacked
+    rows would repeat it G times). ``additive``: 0 / -inf in the compute float, broadcastable to
+    the kernel's (B, heads, rows, S); ``unread``: the flat (B * Hkv * S) indices of the keys no row
+    of their KV head attends, or None; ``empty`` (B or 1, Hq or 1, L): the rows that attend nothing."""
+
+    stacked: bool
+    additive: torch.Tensor | None = None
+    unread: torch.Tensor | None = None
+    empty: torch.Tensor | None = None
+
+
+def _mask(call: Call) -> _Mask:
+    """The ``_Mask`` of ``call``: the one the BlockMask's build kept where it evaluated every position
+    (``BlockMask.attended_positions``), else evaluated here. Kept with the BlockMask, which every
+    layer of a step shares, while its lists and the mask_mod's buffers are unchanged."""
     if call.block_mask is None:
-        return None  # every tile FULL, the mask_mod never asked (as in flex attention)
+        return _Mask(True)  # every tile FULL, the mask_mod never asked (as in flex attention)
     B, Hq, Hkv, L, S = call.shape
     key = (B, Hq, Hkv, L, S, call.block_size, str(call.query.device), call.compute_dtype,
            None if call.mask_graph is None else call.mask_graph.structural_key())
     return call.block_mask.derived("small dense mask", key, lambda: _evaluate(call), call.mask_buffers)
 
 
-def _evaluate(call: Call):
+def _evaluate(call: Call) -> _Mask:
     B, Hq, Hkv, L, S = call.shape
     kept = call.block_mask.attended_positions(call.mask_buffers)
     if kept is None or kept.shape[-2:] != (L, S):
         kept = _kept_by_tiles(call)
     kept = kept.to(call.query.device)
     nb, nh = kept.shape[:2]
-    # The kernel broadcasts the mask: one that no head reads stays (B or 1, 1, rows, S) where each
-    # KV head's rows repeat it (a single query row, or no GQA); a decoding step's usual shape.
-    if nh == 1 and (L == 1 or Hq == Hkv):
-        rows = kept
-    else:
+    stacked = nh > 1 or L == 1 or Hq == Hkv
+    if stacked and nh == 1:
+        rows = kept  # broadcast over the KV heads (one query row, or no GQA: the rows do not repeat)
+    elif stacked:
         rows = kept.expand(nb, Hq, L, S).reshape(nb, Hkv, -1, S)
+    else:
+        rows = kept  # (B or 1, 1, L, S) over the expanded heads
     additive = torch.full(rows.shape, NEG_INF, dtype=call.compute_dtype, device=rows.device).masked_fill_(rows, 0.0)
     unread = ~rows.any(dim=2)
     # The flat (B * Hkv * S) indices of the keys no row reads, for ``index_fill`` (about half the
     # time of a ``where`` over the keys).
     unread = unread.expand(B, Hkv, S).reshape(-1).nonzero().squeeze(1) if bool(unread.any()) else None
-    return additive, unread, ~kept.any(dim=-1)
+    return _Mask(stacked, additive, unread, ~kept.any(dim=-1))
 
 
 def _kept_by_tiles(call: Call) -> torch.Tensor:
@@ -127,46 +141,49 @@ class _SmallDense:
         self.call, self.mask = call, _mask(call)
 
     def _inputs(self, q, k, v):
-        """q as (B, Hkv, G * L, E), k and v of the whole batch, unread keys zeroed."""
-        B, _, Hkv, _, S = self.call.shape
+        """q, k, v in the compute float as the kernel takes them (``_Mask.stacked``), unread keys zeroed."""
+        B, Hq, Hkv, _, S = self.call.shape
         compute = self.call.compute_dtype
-        q = q.to(compute).reshape(B, Hkv, -1, q.shape[-1])
         k, v = (t.to(compute).expand(B, -1, -1, -1) for t in (k, v))
         # Keys no row of a KV head attends may hold anything (a paged pool's free pages, NaN): the
         # kernel multiplies every key and value, so they are zeroed (a NaN key's score would stay
         # NaN under the -inf mask, a NaN value would turn its 0 weight into NaN).
-        if self.mask is not None and self.mask[1] is not None:
-            k, v = (torch.index_fill(t.reshape(-1, t.shape[-1]), 0, self.mask[1], 0.0).view(B, Hkv, S, -1)
+        if self.mask.unread is not None:
+            k, v = (torch.index_fill(t.reshape(-1, t.shape[-1]), 0, self.mask.unread, 0.0).view(B, Hkv, S, -1)
                     for t in (k, v))
-        return q, k, v
+        if self.mask.stacked:
+            return q.to(compute).reshape(B, Hkv, -1, q.shape[-1]), k, v
+        return q.to(compute), k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
 
-    def _additive(self):
-        return None if self.mask is None else self.mask[0]
+    def _rows(self, x):
+        """(B, Hq, L, D) as the kernel's (B, heads, rows, D)."""
+        B, _, Hkv, _, _ = self.call.shape
+        return x.reshape(B, Hkv, -1, x.shape[-1]) if self.mask.stacked else x
 
     def forward(self, q, k, v, score_buffers):
         B, Hq, _, L, _ = self.call.shape
-        out, lse = fused_forward(*self._inputs(q, k, v), 0.0, False, attn_mask=self._additive(), scale=self.call.scale)
+        out, lse = fused_forward(*self._inputs(q, k, v), 0.0, False, attn_mask=self.mask.additive, scale=self.call.scale)
         lse = lse.reshape(B, Hq, L)
-        if self.mask is not None:  # the kernel gives a row that keeps nothing out 0 and lse 0: flex's lse is -inf
-            lse = lse.masked_fill(self.mask[2], NEG_INF)
+        if self.mask.empty is not None:  # the kernel gives a row that keeps nothing out 0 and lse 0: flex's is -inf
+            lse = lse.masked_fill(self.mask.empty, NEG_INF)
         return out.reshape(B, Hq, L, -1), lse, None
 
     def backward(self, q, k, v, out, lse, grad_out, grad_lse, score_buffers, slots):
         B, Hq, Hkv, L, S = self.call.shape
-        dtypes, shapes = (q.dtype, k.dtype, v.dtype), (k.shape, v.shape)
+        dtypes, key_batch = (q.dtype, k.dtype, v.dtype), k.shape[0]
         grad_out = grad_out.to(out.dtype)
         if grad_lse is not None:
             q, k, v, out, grad_out = with_lse_column(q, k, v, out, grad_out, grad_lse, lse)
         q, k, v = self._inputs(q, k, v)
-        rows = lambda x: x.reshape(B, Hkv, G_L, x.shape[-1])  # noqa: E731
-        G_L = Hq // Hkv * L
         # Rows that attend nowhere: lse +inf makes every weight exp(s - lse) zero.
-        lse = torch.where(lse == NEG_INF, float("inf"), lse).reshape(B, Hkv, G_L)
-        dq, dk, dv = _backward(rows(grad_out.contiguous()), q, k, v, rows(out), lse, 0.0, False,
-                               attn_mask=self._additive(), scale=self.call.scale)
+        lse = self._rows(torch.where(lse == NEG_INF, float("inf"), lse).unsqueeze(-1)).squeeze(-1)
+        dq, dk, dv = _backward(self._rows(grad_out.contiguous()), q, k, v, self._rows(out), lse, 0.0, False,
+                               attn_mask=self.mask.additive, scale=self.call.scale)
         if grad_lse is not None:
             dq, dk, dv = (x[..., :-1] for x in (dq, dk, dv))
-        if shapes[0][0] != B:  # K/V of batch 1, broadcast over the batch
+        if not self.mask.stacked:  # the query heads of one KV head add up
+            dk, dv = (x.unflatten(1, (Hkv, -1)).sum(2) for x in (dk, dv))
+        if key_batch != B:  # K/V of batch 1, broadcast over the batch
             dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
         return dq.reshape(B, Hq, L, -1).to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), []
 
