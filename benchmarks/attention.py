@@ -110,16 +110,24 @@ ROWS = [
 ]
 
 
-def median_ms(fns: dict, reps: int) -> dict:
-    """Median ms of each function; the functions take turns, so noise on a shared machine hits all alike."""
+def median_ms(fns: dict, reps: int, warmups: int = 1, settle=None) -> dict:
+    """Median ms of each function; the functions take turns, so noise on a shared machine hits all alike.
+    ``warmups`` untimed rounds first (the first compiles, for torch.compile), then ``settle()`` (wait for
+    background work); the order of the turns is reversed every other round, so that no function is always
+    timed right after the same other one."""
     times: dict = {}
     for name, fn in list(fns.items()):  # warm-up (and compilation, for torch.compile)
         try:
             fn()
         except NotImplementedError:  # torch's flex_attention has no backward on CPU
             del fns[name]
-    for _ in range(reps):
-        for name, fn in fns.items():
+    for _ in range(warmups - 1):
+        for fn in fns.values():
+            fn()
+    if settle is not None:
+        settle()
+    for rep in range(reps):
+        for name, fn in (list(fns.items()) if rep % 2 == 0 else list(fns.items())[::-1]):
             start = time.perf_counter()
             fn()
             times.setdefault(name, []).append(time.perf_counter() - start)
@@ -174,7 +182,11 @@ def table(rows_filter: str, reps: int) -> None:
 
 def generic(rows_filter: str, reps: int) -> None:
     """The GENERIC_ROWS: flexattn's compiled generic path vs its eager loop vs torch.compile(torch flex)
-    (forward rows) vs SDPA given the same mask as a dense bool attn_mask (without the score_mod)."""
+    (forward rows) vs SDPA given the same mask as a dense bool attn_mask (without the score_mod). Two
+    warm-up rounds and every background compilation finished before timing; a row whose compiled calls
+    fell back to the plain tile functions (guards rejecting the arguments) or failed to compile says so."""
+    from codegen.torch_backend import compiled
+
     compiled_flex = torch.compile(torch_flex.flex_attention)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B={B}, H={H}, D={D}")
     print("| row | compiled ms | eager ms | torch flex (compiled) ms | SDPA, dense bool mask ms "
@@ -199,9 +211,13 @@ def generic(rows_filter: str, reps: int) -> None:
                "sdpa": step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense))}
         if not backward:
             fns["theirs"] = step(lambda: compiled_flex(q, k, v, score_mod=score_mod, block_mask=theirs_mask))
+        before = dict(compiled.STATS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ms = median_ms(fns, reps if n <= 4096 else max(2, reps // 2))
+            ms = median_ms(fns, reps if n <= 4096 else max(2, reps // 2), warmups=2, settle=compiled.wait_all)
+        fell_back = {k: compiled.STATS[k] - before[k] for k in ("fallbacks", "failures") if compiled.STATS[k] > before[k]}
+        if fell_back:
+            name = f"{name} (NOT all compiled: {fell_back})"
         theirs = f"{ms['theirs']:.1f}" if "theirs" in ms else "no CPU backward"
         ratio = f"{ms['compiled'] / ms['theirs']:.2f}" if "theirs" in ms else "-"
         print(f"| {name} | {ms['compiled']:.1f} | {ms['eager']:.1f} | {theirs} | {ms['sdpa']:.1f} | {ratio} | "

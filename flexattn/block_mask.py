@@ -122,6 +122,15 @@ class BlockMask(torch_flex.BlockMask):
         return (analysis is not None and analysis.stats.get("left_partial") == 0
                 and analysis.holds_for(mask_buffers) and self.lists_unchanged())
 
+    def attended_positions(self, mask_buffers) -> torch.Tensor | None:
+        """(B or 1, H or 1, Q_LEN, KV_LEN) bool, the positions attention keeps (tile classes and
+        mask_mod together), where the build evaluated every position (``TileAnalysis.attended``) and
+        neither the mask_mod, its captured tensors ``mask_buffers`` nor the tile lists changed since; else None."""
+        analysis = self._analysis()
+        if analysis is None or analysis.attended is None or not analysis.holds_for(mask_buffers):
+            return None
+        return analysis.attended if self.lists_unchanged() else None
+
     def derived(self, name, key, compute, tensors=()):
         """``compute()``, kept with this mask (and its shallow copies) under ``name`` until ``key``
         changes or the tile lists or ``tensors`` are replaced or changed in place (``flexattn.memo``).

@@ -17,6 +17,8 @@ class TileAnalysis:
     ``flexattn.mod_cache``). ``stats``: how the tiles were decided (``create_block_mask``; empty
     for masks built another way): ``tiles``, ``decided_symbolically``, ``subdivided``, ``refined``,
     ``left_partial`` (0: every tile decided, a PARTIAL tile really is partial), ``depends_on``.
+    ``attended``: (B or 1, H or 1, Q_LEN, KV_LEN) bool, the mask_mod at every position, where the
+    build evaluated them all (small grids, ``flexattn.integrations.hf_masks``); else None.
     The tiles were decided for the values the trace's buffers held then: ``holds_for`` says
     whether a call's mask buffers are still those tensors, unchanged.
     """
@@ -24,6 +26,7 @@ class TileAnalysis:
     mask_mod: Callable
     traced: Any = None
     stats: Mapping = field(default_factory=lambda: MappingProxyType({}))
+    attended: Any = field(default=None, repr=False, compare=False)
     buffer_stamps: tuple = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self):

@@ -1,8 +1,9 @@
 """The torch back end's paths, in the order ``choose`` tries them: THE table is ``PATHS`` below.
 
 Each entry is one small class: ``why_not(call)`` says why it does not serve a call (None: it
-does), ``run(call)`` computes it. Decoding shapes come first (split-KV, and the whole matrix for a short cache; forward only), then
-torch's fused CPU flash kernel where its plan pays, then the generated block-sparse loop, which
+does), ``run(call)`` computes it. Decoding shapes on a long cache come first (split-KV, forward
+only), then torch's fused CPU flash kernel: packed documents, a short KV as one whole matrix,
+plans of tiles where they pay, then the generated block-sparse loop, which
 serves every call. Adding a path is one class here and one line in ``PATHS``.
 """
 
@@ -13,9 +14,9 @@ from codegen.torch_backend import compiled, fused_paths
 from codegen.torch_backend.decode import decoding, why_not_split_kv
 from codegen.torch_backend.decode.batch import whole_batch, why_not_copied, why_not_in_place
 from codegen.torch_backend.decode.chunks import chunked
-from codegen.torch_backend.decode.dense import dense_decode, why_not_dense
 from codegen.torch_backend.decode.pool import Pool, pool_major
 from codegen.torch_backend.kernel import compile_kernel, outside_compiled_graphs
+from codegen.torch_backend.small_dense import small_dense, why_not_small_dense
 from flexattn.call import Call
 
 
@@ -67,15 +68,15 @@ class DecodeChunks(Path):
         return chunked(decoding(call))
 
 
-class DecodeDense(Path):
-    name = "decode_dense"
-    summary = "decoding against a short cache: the whole score matrix at once on torch's fused CPU kernel"
+class SmallDense(Path):
+    name = "small_dense"
+    summary = "a call on a short KV (fewer than 8 KV tiles): its whole score matrix at once on torch's fused CPU kernel"
 
     def why_not(self, call: Call) -> str | None:
-        return why_not_dense(call, call.forces(self.name))
+        return why_not_small_dense(call, call.forces(self.name))
 
     def run(self, call: Call):
-        return outside_compiled_graphs(dense_decode)(call)
+        return outside_compiled_graphs(small_dense)(call)
 
 
 class FusedDocuments(Path):
@@ -133,8 +134,8 @@ PATHS: tuple[Path, ...] = (
     DecodeBatchCopied(),
     DecodePool(),
     DecodeChunks(),
-    DecodeDense(),
     FusedDocuments(),
+    SmallDense(),
     FusedTiles(),
     CompiledLoop(),
     GeneratedLoop(),

@@ -85,17 +85,19 @@ def _lists(classes: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor
     return hit.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
 
-def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod, traced=None) -> BlockMask:
+def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod, traced=None,
+                          attended=None) -> BlockMask:
     """``BlockMask.from_tile_classes`` by four sorts (the lists are torch's layout), for small tile grids.
 
     ``classes``: (B, H, Q_BLOCKS, KV_BLOCKS) EMPTY/PARTIAL/FULL codes; ``traced``: mask_mod's
-    trace, kept on the mask (attention does not trace it again). Example:
+    trace, kept on the mask (attention does not trace it again); ``attended``: the mask at every
+    position, from which ``classes`` were counted (``TileAnalysis.attended``). Example:
     ``block_mask_of_classes(torch.full((1, 1, 2, 2), FULL, dtype=torch.int8), (128, 128), (256, 256), None)``.
     """
     columns = classes.transpose(-1, -2)
     return BlockMask(seq_lengths, *_lists(classes, PARTIAL), *_lists(classes, FULL), *_lists(columns, PARTIAL),
                      *_lists(columns, FULL), block, mask_mod,
-                     analysis=None if traced is None else TileAnalysis(mask_mod, traced))
+                     analysis=None if traced is None else TileAnalysis(mask_mod, traced, attended=attended))
 
 
 _batch_dependence: dict[int, tuple] = {}  # id(graph) -> (graph, reads b): a decoding step asks every step
@@ -108,11 +110,12 @@ def _reads_batch(graph) -> bool:
     return entry[1]
 
 
-def _dense_classes(traced, B: int, q_len: int, kv_len: int, block) -> torch.Tensor:
+def _attended(traced, B: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """(B or 1, 1, q_len, kv_len) bool: the mask at every position (B where it reads the batch)."""
     nb = B if _reads_batch(traced.graph) else 1
     buffers = [t.detach().to("cpu") for t in traced.buffers]
     allowed = evaluate(traced.graph, index_grid(nb, 1, q_len, kv_len), buffers).to(torch.bool)
-    return tile_classes_of(allowed.expand(nb, 1, q_len, kv_len), block)
+    return allowed.expand(nb, 1, q_len, kv_len)
 
 
 def build_block_mask(mask_function, batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -141,9 +144,10 @@ def build_block_mask(mask_function, batch_size: int, q_length: int, kv_length: i
 
 
 def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, device, block, dense) -> BlockMask:
-    traced = trace_mask_mod(mask_mod)
+    traced, attended = trace_mask_mod(mask_mod), None
     if dense:
-        classes = _dense_classes(traced, batch_size, q_length, kv_length, block)
+        attended = _attended(traced, batch_size, q_length, kv_length)
+        classes = tile_classes_of(attended, block)
     else:
         classes = create_block_mask(base, batch_size, None, q_length, kv_length, BLOCK_SIZE=block,
                                     exact=False).tile_classes()
@@ -151,7 +155,9 @@ def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, dev
             start = int(kv_off)
             keys = padding.to("cpu", torch.bool)[:, start:start + kv_length]
             classes = torch.minimum(classes, tile_classes_of(keys[:, None, None, :], (1, block[1])))
-    block_mask = block_mask_of_classes(classes, block, (q_length, kv_length), mask_mod, traced)
+    # Kept with the mask (``BlockMask.attended_positions``): a decoding step's attention reads it
+    # instead of evaluating the mask again in its first layer.
+    block_mask = block_mask_of_classes(classes, block, (q_length, kv_length), mask_mod, traced, attended)
     return block_mask if torch.device(device).type == "cpu" else block_mask.to(device)
 
 

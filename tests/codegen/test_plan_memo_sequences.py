@@ -15,7 +15,7 @@ from flexattn.errors import InputError
 
 B, HQ, HKV, D = 2, 4, 2, 8
 AUX = flexattn.AuxRequest(lse=True)
-PATHS = (None, "fused_tiles", "fused_documents", "generated_loop", "decode_chunks", "decode_dense")
+PATHS = (None, "fused_tiles", "fused_documents", "generated_loop", "decode_chunks", "small_dense")
 
 
 def _world(L: int, S: int, block: int):

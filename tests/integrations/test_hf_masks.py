@@ -51,3 +51,41 @@ def test_lists_have_torchs_layout():
     for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
         assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
     assert torch.equal(ours.tile_classes(), classes)
+
+
+@settings(max_examples=20, deadline=None)
+@given(past=st.integers(1, 300), q_len=st.integers(1, 4), pad=st.integers(0, 40), heads=st.sampled_from([(2, 2), (4, 2)]),
+       nan_pads=st.booleans())
+def test_decoding_reads_the_positions_the_dense_build_kept_until_a_buffer_changes(past, q_len, pad, heads, nan_pads):
+    kv_len = past + q_len
+    padding = torch.ones(2, kv_len, dtype=torch.bool)
+    padding[0, :min(pad, kv_len - 1)] = False
+    bm = hf_masks.build_block_mask(_window(64), 2, q_len, kv_len, q_offset=past, padding=padding, block=(16, 16))
+    traced = bm.traced_mask
+    allowed = flexattn.create_mask(bm.mask_mod, 2, 1, q_len, kv_len)
+    assert torch.equal(bm.attended_positions(traced.buffers), allowed)
+    Hq, Hkv = heads
+    q = torch.randn(2, Hq, q_len, 8, dtype=torch.float64)
+    k, v = torch.randn(2, Hkv, kv_len, 8, dtype=torch.float64), torch.randn(2, Hkv, kv_len, 8, dtype=torch.float64)
+    if nan_pads:  # keys no row reads may hold anything
+        unread = ~allowed[:, 0].any(dim=1)
+        k[unread[:, None].expand(2, Hkv, kv_len)] = float("nan")
+        v[unread[:, None].expand(2, Hkv, kv_len)] = float("nan")
+
+    def check(mask):
+        ke, ve = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
+        scores = torch.where(mask, (q @ ke.nan_to_num().transpose(-1, -2)) / 8 ** 0.5, float("-inf"))
+        want = scores.softmax(-1).nan_to_num() @ ve.nan_to_num()
+        out = flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=Hq != Hkv, kernel_options={"PATH": "small_dense"})
+        torch.testing.assert_close(out, want)
+
+    check(allowed)
+    # A captured tensor written in place: the kept positions no longer hold, the mask is evaluated again.
+    padding_buffer = next(t for t in traced.buffers if t.dtype == torch.bool)
+    padding_buffer[1, kv_len - 1] = False
+    assert bm.attended_positions(traced.buffers) is None
+    changed = allowed.clone()
+    changed[1, :, :, kv_len - 1] = False
+    # flex attention's meaning: FULL tiles stay whole, the mask_mod applies in PARTIAL ones
+    classes = bm.tile_classes()[:, :, torch.arange(q_len) // 16][..., torch.arange(kv_len) // 16]
+    check(torch.where(classes == FULL, allowed, changed))

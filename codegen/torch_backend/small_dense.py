@@ -1,0 +1,199 @@
+"""A short call's whole score matrix on torch's fused CPU kernel, with the mask as one additive tensor.
+
+A call against fewer than ``MIN_KV_TILES`` KV tiles (a decoding step on a short cache, a short
+prompt, a small model's forward) is, in the generated loop, a few pieces whose cost is their
+thirty-odd small torch ops each, not arithmetic. Here the mask is evaluated once over the call's
+(B, Hq, L, S) positions and combined with the BlockMask's tile classes as flex attention defines
+them (FULL tiles kept whole, PARTIAL ones where the mask_mod holds, EMPTY ones dropped); q, k, v
+and that mask as an additive 0 / -inf tensor go to torch's fused flash kernel in one call, which
+returns out and the lse (and, through ``codegen.autograd``, its backward kernel the gradients).
+Keys that no query row of a KV head attends are zeroed first, since the kernel reads every key.
+The query heads of a KV head enter as one head's rows, (B, Hkv, G * L, E), so K/V are not expanded
+for GQA, except where that would repeat a mask no head reads G times (``_Mask``). Rows that keep
+no position give out 0 and lse -inf.
+
+Served: no score_mod (the fused kernel only adds the mask), the fused kernel's other conditions
+(``fused_paths.why_not_fused``: one head dim, CPU, no max_scores), at most ``MAX_CELLS`` positions
+(the additive mask's size), and, unless forced, fewer than ``MIN_KV_TILES`` KV tiles and a mask
+that is either small or visits most of its tiles (computing the skipped ones costs less than
+the block-sparse paths' per-piece work; docs/performance.md). Packed documents go to
+``fused_documents`` first.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from codegen.autograd import differentiable
+from codegen.torch_backend.decode import MIN_KV_TILES
+from codegen.torch_backend.fused import _backward, fused_forward, with_lse_column
+from codegen.torch_backend.fused_paths import why_not_fused
+from codegen.torch_backend.kernel import compile_kernel
+from flexattn.block_mask import EMPTY, FULL, PARTIAL
+from flexattn.call import Call, needs_grad
+
+NEG_INF = float("-inf")
+MAX_CELLS = 1 << 24  # B * Hq * L * S: the additive mask in float32 stays under 64 MiB
+# Past SMALL_CELLS query-key positions per head, the whole matrix is computed only where the
+# BlockMask visits at least MIN_VISITED of its tiles (a causal mask does; a window or documents skip more).
+SMALL_CELLS = 1 << 16
+MIN_VISITED = 0.5
+
+
+def why_not_small_dense(call: Call, forced: bool) -> str | None:
+    """Why ``call`` is not a short call this path computes (None: it is)."""
+    reason = why_not_fused(call)
+    if reason is not None:
+        return reason
+    if call.score_graph is not None:
+        return "a score_mod: the fused kernel only adds a mask"
+    B, Hq, _, L, S = call.shape
+    if L == 0 or S == 0:
+        return "no query rows or no keys"
+    if B * Hq * L * S > MAX_CELLS:
+        return f"B * Hq * Q_LEN * KV_LEN = {B * Hq * L * S} positions > {MAX_CELLS}: the additive mask would be too big"
+    if forced:
+        return None
+    kv_block = call.block_size[1]
+    if S >= MIN_KV_TILES * kv_block:
+        return f"KV_LEN={S} spans {MIN_KV_TILES} KV tiles of {kv_block} or more: the block-sparse paths skip more"
+    if L * S > SMALL_CELLS and call.block_mask is not None:
+        visited = float((call.block_mask.tile_classes() != EMPTY).float().mean())
+        if visited < MIN_VISITED:
+            return f"the BlockMask visits {visited:.0%} of its tiles (< {MIN_VISITED:.0%}): the block-sparse paths skip the rest"
+    return None
+
+
+class _Mask(NamedTuple):
+    """A call's mask as the kernel takes it. ``stacked``: the query heads of a KV head enter as one
+    head's rows, q (B, Hkv, G * L, E); else K/V are expanded to the query heads (a mask that no
+    head reads, on several query rows with GQA: it then broadcasts over the heads, where stacked
+    rows would repeat it G times). ``additive``: 0 / -inf in the compute float, broadcastable to
+    the kernel's (B, heads, rows, S); ``unread``: the flat (B * Hkv * S) indices of the keys no row
+    of their KV head attends, or None; ``empty`` (B or 1, Hq or 1, L): the rows that attend nothing."""
+
+    stacked: bool
+    additive: torch.Tensor | None = None
+    unread: torch.Tensor | None = None
+    empty: torch.Tensor | None = None
+
+
+def _mask(call: Call) -> _Mask:
+    """The ``_Mask`` of ``call``: the one the BlockMask's build kept where it evaluated every position
+    (``BlockMask.attended_positions``), else evaluated here. Kept with the BlockMask, which every
+    layer of a step shares, while its lists and the mask_mod's buffers are unchanged."""
+    if call.block_mask is None:
+        return _Mask(True)  # every tile FULL, the mask_mod never asked (as in flex attention)
+    B, Hq, Hkv, L, S = call.shape
+    key = (B, Hq, Hkv, L, S, call.block_size, str(call.query.device), call.compute_dtype,
+           None if call.mask_graph is None else call.mask_graph.structural_key())
+    return call.block_mask.derived("small dense mask", key, lambda: _evaluate(call), call.mask_buffers)
+
+
+def _evaluate(call: Call) -> _Mask:
+    B, Hq, Hkv, L, S = call.shape
+    kept = call.block_mask.attended_positions(call.mask_buffers)
+    if kept is None or kept.shape[-2:] != (L, S):
+        kept = _kept_by_tiles(call)
+    kept = kept.to(call.query.device)
+    nb, nh = kept.shape[:2]
+    stacked = nh > 1 or L == 1 or Hq == Hkv
+    if stacked and nh == 1:
+        rows = kept  # broadcast over the KV heads (one query row, or no GQA: the rows do not repeat)
+    elif stacked:
+        rows = kept.expand(nb, Hq, L, S).reshape(nb, Hkv, -1, S)
+    else:
+        rows = kept  # (B or 1, 1, L, S) over the expanded heads
+    additive = torch.full(rows.shape, NEG_INF, dtype=call.compute_dtype, device=rows.device).masked_fill_(rows, 0.0)
+    unread = ~rows.any(dim=2)
+    # The flat (B * Hkv * S) indices of the keys no row reads, for ``index_fill`` (about half the
+    # time of a ``where`` over the keys).
+    unread = unread.expand(B, Hkv, S).reshape(-1).nonzero().squeeze(1) if bool(unread.any()) else None
+    return _Mask(stacked, additive, unread, ~kept.any(dim=-1))
+
+
+def _kept_by_tiles(call: Call) -> torch.Tensor:
+    """(B or 1, Hq or 1, L, S) bool: the tile classes, and the mask_mod in PARTIAL tiles."""
+    B, Hq, _, L, S = call.shape
+    device = call.query.device
+    q_block, kv_block = call.block_size
+    q_idx, kv_idx = torch.arange(L, device=device), torch.arange(S, device=device)
+    classes = call.block_mask.tile_classes().to(device)[:, :, q_idx // q_block][..., kv_idx // kv_block]
+    kept = classes == FULL
+    if call.mask_graph is not None:
+        kernel = compile_kernel(None, call.mask_graph)
+        # Asked with each sequence's and query head's own b and h, as flex attention asks it.
+        holds = kernel.namespace["mask_mod"](
+            torch.arange(B, device=device).view(-1, 1, 1, 1), torch.arange(Hq, device=device).view(1, -1, 1, 1),
+            q_idx.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1), call.mask_buffers, kernel.constants[1],
+            call.compute_dtype)
+        kept = kept | ((classes == PARTIAL) & torch.as_tensor(holds, dtype=torch.bool, device=device))
+    return kept
+
+
+class _SmallDense:
+    """The path as ``codegen.autograd`` runs it: q (B, Hq, L, E) and k, v (B or 1, Hkv, S, E) in any
+    float dtype; out (B, Hq, L, Ev) and lse (B, Hq, L) in the compute float."""
+
+    def __init__(self, call: Call):
+        self.call, self.mask = call, _mask(call)
+
+    def _inputs(self, q, k, v):
+        """q, k, v in the compute float as the kernel takes them (``_Mask.stacked``), unread keys zeroed."""
+        B, Hq, Hkv, _, S = self.call.shape
+        compute = self.call.compute_dtype
+        k, v = (t.to(compute).expand(B, -1, -1, -1) for t in (k, v))
+        # Keys no row of a KV head attends may hold anything (a paged pool's free pages, NaN): the
+        # kernel multiplies every key and value, so they are zeroed (a NaN key's score would stay
+        # NaN under the -inf mask, a NaN value would turn its 0 weight into NaN).
+        if self.mask.unread is not None:
+            k, v = (torch.index_fill(t.reshape(-1, t.shape[-1]), 0, self.mask.unread, 0.0).view(B, Hkv, S, -1)
+                    for t in (k, v))
+        if self.mask.stacked:
+            return q.to(compute).reshape(B, Hkv, -1, q.shape[-1]), k, v
+        return q.to(compute), k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
+
+    def _rows(self, x):
+        """(B, Hq, L, D) as the kernel's (B, heads, rows, D)."""
+        B, _, Hkv, _, _ = self.call.shape
+        return x.reshape(B, Hkv, -1, x.shape[-1]) if self.mask.stacked else x
+
+    def forward(self, q, k, v, score_buffers):
+        B, Hq, _, L, _ = self.call.shape
+        out, lse = fused_forward(*self._inputs(q, k, v), 0.0, False, attn_mask=self.mask.additive, scale=self.call.scale)
+        lse = lse.reshape(B, Hq, L)
+        if self.mask.empty is not None:  # the kernel gives a row that keeps nothing out 0 and lse 0: flex's is -inf
+            lse = lse.masked_fill(self.mask.empty, NEG_INF)
+        return out.reshape(B, Hq, L, -1), lse, None
+
+    def backward(self, q, k, v, out, lse, grad_out, grad_lse, score_buffers, slots):
+        B, Hq, Hkv, L, S = self.call.shape
+        dtypes, key_batch = (q.dtype, k.dtype, v.dtype), k.shape[0]
+        grad_out = grad_out.to(out.dtype)
+        if grad_lse is not None:
+            q, k, v, out, grad_out = with_lse_column(q, k, v, out, grad_out, grad_lse, lse)
+        q, k, v = self._inputs(q, k, v)
+        # Rows that attend nowhere: lse +inf makes every weight exp(s - lse) zero.
+        lse = self._rows(torch.where(lse == NEG_INF, float("inf"), lse).unsqueeze(-1)).squeeze(-1)
+        dq, dk, dv = _backward(self._rows(grad_out.contiguous()), q, k, v, self._rows(out), lse, 0.0, False,
+                               attn_mask=self.mask.additive, scale=self.call.scale)
+        if grad_lse is not None:
+            dq, dk, dv = (x[..., :-1] for x in (dq, dk, dv))
+        if not self.mask.stacked:  # the query heads of one KV head add up
+            dk, dv = (x.unflatten(1, (Hkv, -1)).sum(2) for x in (dk, dv))
+        if key_batch != B:  # K/V of batch 1, broadcast over the batch
+            dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
+        return dq.reshape(B, Hq, L, -1).to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), []
+
+
+def small_dense(call: Call):
+    """``(out, lse, None)`` of ``call`` (see the module docstring), differentiable in q, k and v:
+    out (B, Hq, L, Ev) in the query's dtype, lse (B, Hq, L) in the compute float."""
+    launch = _SmallDense(call)
+    if needs_grad(call.query, call.key, call.value):
+        out, lse, _ = differentiable(launch, call.query, call.key, call.value)
+    else:
+        out, lse, _ = launch.forward(call.query, call.key, call.value, ())
+    return out.to(call.query.dtype), lse, None
