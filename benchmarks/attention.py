@@ -225,10 +225,11 @@ def generic(rows_filter: str, reps: int) -> None:
 
 
 FIRST_COMPILED = """
-import sys, time
+import statistics, sys, time
 start = time.perf_counter()
 import torch, flexattn
 from codegen.torch_backend import compiled
+from codegen.torch_backend.compiled import tier
 torch.set_num_threads(int(sys.argv[2]))
 def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
@@ -237,33 +238,42 @@ def softcap(score, b, h, q_idx, kv_idx):
 q = torch.randn(1, 8, 4096, 64)
 bm = flexattn.create_block_mask(causal, None, None, 4096, 4096)
 imported = time.perf_counter()
+alone = during = float("nan")
 if sys.argv[1] == "flexattn":
-    flexattn.flex_attention(q, q, q, score_mod=softcap, block_mask=bm, backend="torch")  # COMPILED "auto"
+    def call():
+        began = time.perf_counter()
+        flexattn.flex_attention(q, q, q, score_mod=softcap, block_mask=bm, backend="torch")  # COMPILED "auto"
+        return time.perf_counter() - began
+    call()
     first = time.perf_counter()
     served = compiled.STATS["served"]
-    forced = {"COMPILED": True}  # waits for the kernel: compiled (a new process) or loaded from disk
-    flexattn.flex_attention(q, q, q, score_mod=softcap, block_mask=bm, backend="torch", kernel_options=forced)
-    with_call = time.perf_counter()
-    flexattn.flex_attention(q, q, q, score_mod=softcap, block_mask=bm, backend="torch", kernel_options=forced)
-    ready = with_call - (time.perf_counter() - with_call)  # less one compiled call's time
+    times = [call() for _ in range(tier.COMPILE_AFTER_CALLS - 1)]  # the last of these queues the compilation
+    alone = statistics.median(times[:-1]) if not served else alone
+    compiling = []
+    while compiled.STATS["served"] == served and not compiled.STATS["failures"]:
+        compiling.append(call())  # eager while the compiler runs (the call that finds it ready is compiled)
+    ready = time.perf_counter() - compiling.pop() if compiling else first
+    during = statistics.median(compiling) if compiling else during
 else:
     from torch.nn.attention import flex_attention as tf
     theirs = tf.create_block_mask(causal, None, None, 4096, 4096, device="cpu")
     torch.compile(tf.flex_attention)(q, q, q, score_mod=softcap, block_mask=theirs)
     first = ready = time.perf_counter()
     served = 1
-print(f"{imported - start:.2f} {first - imported:.2f} {ready - imported:.2f} {served} {compiled.STATS['loaded']}")
+print(f"{imported - start:.2f} {first - imported:.2f} {ready - imported:.2f} {served} {compiled.STATS['loaded']} "
+      f"{1e3 * alone:.0f} {1e3 * during:.0f}")
 """
 
 
 def first_compiled(repeats: int = 1) -> None:
-    """Fresh processes, causal + softcap 4k: flexattn's first call (``COMPILED="auto"``) and the time
-    until its compiled kernel is in (a call with ``COMPILED=True`` after it, less a compiled call's
-    time), with empty caches (flexattn's and inductor's) and then warm ones; torch.compile(torch
+    """Fresh processes, causal + softcap 4k: flexattn's first call (``COMPILED="auto"``), the time
+    until its compiled kernel serves (auto calls one after another: the compilation starts at the
+    ``COMPILE_AFTER_CALLS``-th, in the background) and the median eager call before and while it
+    compiles, with empty caches (flexattn's and inductor's) and then warm ones; torch.compile(torch
     flex)'s first call with empty and warm inductor caches."""
-    print("| process | first call s | compiled kernel ready s (from the first call's start) | first call compiled? "
-          "| loaded from disk? |")
-    print("|---|---|---|---|---|")
+    print("| process | first call s | compiled kernel serving s (from the first call's start) | first call compiled? "
+          "| loaded from disk? | eager call ms | eager call while compiling ms |")
+    print("|---|---|---|---|---|---|---|")
     for _ in range(repeats):
         for who in ("flexattn", "torch"):
             with tempfile.TemporaryDirectory() as cache_dir:
@@ -273,7 +283,9 @@ def first_compiled(repeats: int = 1) -> None:
                     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()
                     served = "yes" if out[3] != "0" else "no (eager)"
                     loaded = "-" if who == "torch" else ("yes" if out[4] != "0" else "no")
-                    print(f"| {who}: {label} | {out[1]} | {out[2]} | {served} | {loaded} |", flush=True)
+                    alone, during = (x if x != "nan" else "-" for x in out[5:7])
+                    print(f"| {who}: {label} | {out[1]} | {out[2]} | {served} | {loaded} | {alone} | {during} |",
+                          flush=True)
 
 
 FIRST_CALL = """

@@ -100,8 +100,10 @@ class TorchPrinter:
         """``x + a * b`` / ``x - a * b`` as one torch.addcmul (or torch.add with alpha for a constant)."""
         product = next(i for i in node.inputs if self.fused.get(id(i)) is node)
         other = node.inputs[0] if node.inputs[1] is product else node.inputs[1]
-        sign = "-" if node.op is Op.SUB else ""
-        a, b = product.inputs
+        return self.scaled_add(other, *product.inputs, "-" if node.op is Op.SUB else "")
+
+    def scaled_add(self, other: Node, a: Node, b: Node, sign: str) -> str:
+        """``other + a * b`` (``sign`` "") or ``other - a * b`` ("-") as one torch call."""
         if a.op is Op.CONST or b.op is Op.CONST:
             constant, tensor = (a, b) if a.op is Op.CONST else (b, a)
             return f"torch.add({self.tensor(other)}, {self.name(tensor)}, alpha={sign}{self.name(constant)})"

@@ -190,15 +190,15 @@ def test_auto_never_compiles_a_small_call(monkeypatch):
     assert compiled.STATS["graphs"] == graphs
 
 
-def test_a_failed_compilation_warns_once_and_eager_keeps_serving(monkeypatch):
-    def broken(fn, example_args):
-        raise RuntimeError("injected compiler failure")
-
-    monkeypatch.setattr(artefacts, "compile_tile", broken)
+def test_a_failed_compilation_warns_once_and_eager_keeps_serving(tmp_path, monkeypatch):
+    """A missing C++ toolchain, as on a machine without one: the compiler process inherits the environment."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing built before
+    monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path / "flexattn"))
     mods = CASES["softcap"].build(L, S, HQ)
     mods.score_mod = lambda score, b, h, q_idx, kv_idx: score + 0.5 * torch.sin(score)  # a new structure
     expected = _values_and_grads(mods, "reference")
-    with pytest.warns(RuntimeWarning, match="injected compiler failure"):
+    with pytest.warns(RuntimeWarning, match="compiling the torch back end's kernel failed .*C\\+\\+ compiler"):
         first = _values_and_grads(mods, "torch", COMPILED)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -206,6 +206,25 @@ def test_a_failed_compilation_warns_once_and_eager_keeps_serving(monkeypatch):
     for a, b, c in zip(first, second, expected):
         torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(a, b)
+
+
+def test_the_compiler_runs_in_a_child_process(tmp_path, monkeypatch):
+    """dynamo and inductor never run in the caller's process (their configuration is process-global, and
+    their Python work would hold the caller's GIL): compiling here fails, the child's compilation serves."""
+    def in_this_process(fn, example_args, threads):
+        raise AssertionError("compiled in the caller's process")
+
+    monkeypatch.setattr(artefacts, "compile_tile", in_this_process)
+    monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path))  # nothing compiled on disk yet
+    mods = CASES["softcap"].build(L, S, HQ)
+    mods.score_mod = lambda score, b, h, q_idx, kv_idx: score - 0.25 * torch.cos(score)  # a new structure
+    served, graphs, failures = (compiled.STATS[k] for k in ("served", "graphs", "failures"))
+    out = _values_and_grads(mods, "torch", COMPILED)
+    assert compiled.STATS["failures"] == failures and compiled.STATS["served"] == served + 1
+    assert compiled.STATS["graphs"] == graphs + 3  # the child's compilations are counted here
+    for a, b in zip(out, _values_and_grads(mods, "reference")):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    KERNELS.clear_memory()
 
 
 def test_corrupt_or_stale_tile_source_on_disk_is_rebuilt_never_used(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ A tile function is compiled with dynamo's ahead-of-time capture
 inductor graph with symbolic sizes, its guards and the generated code bundled
 into one object that ``torch.compiler.load_compiled_function`` rebuilds in
 another process without tracing again (dynamo, AOTAutograd and inductor are
-skipped; only the C++ is rebuilt when inductor's own cache lacks it).
+skipped; only the C++ is rebuilt when inductor's own cache lacks it). The
+compiling happens in a child process (``child``); this process only loads.
 
 The functions of one (kernel key, signature) are stored together in
 flexattn's kernel cache (``codegen.cache``) as base64 text under
@@ -36,22 +37,22 @@ STATS = {"graphs": 0, "fallbacks": 0, "loaded": 0}
 RESTARTS = 3  # analyses of one function (a restart specialises what the previous one could not)
 
 
-def compile_tile(fn, example_args: tuple):
+def compile_tile(fn, example_args: tuple, threads: int):
     """``fn`` compiled ahead of time for arguments like ``example_args`` (sizes symbolic, sizes 0 and 1
-    specialised). Python floats read by ``fn`` are compile-time constants: as graph inputs they would
-    be guarded by the names of the functions' globals, which a loaded function does not have."""
+    specialised), its C++ run on ``threads`` OpenMP threads (1: serial). Python floats read by ``fn``
+    are compile-time constants: as graph inputs they would be guarded by the names of the functions'
+    globals, which a loaded function does not have."""
     from torch.fx.experimental import _config
 
     STATS["graphs"] += 1
     # use_duck_shape off: equal sizes at compile time (a 128-row tile of 128 columns) must not
     # become one symbol, which would reject them when they differ later.
     # no_grad: the loop calls its tile functions without autograd, and the guards check the grad mode.
-    # cpp.threads 1: serial C++ (no OpenMP region per call). A tile is small work between two BLAS
-    # calls; on a shared machine an OpenMP region waits for a descheduled thread at every barrier
-    # (slower than serial, docs/performance.md), and the code does not then depend on the thread
-    # count of the process that compiled it.
+    # cpp.threads: the caller's thread count (part of the signature), as torch's own ops use. On a
+    # quiet machine two threads ran the generic rows 1.4-1.6x faster than serial tile code; on a
+    # loaded one an OpenMP region waits for a descheduled thread at every barrier (docs/performance.md).
     with _config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True), \
-            torch._inductor.config.patch({"cpp.threads": 1}), torch.no_grad():
+            torch._inductor.config.patch({"cpp.threads": threads}), torch.no_grad():
         for _ in range(RESTARTS):
             try:
                 return torch.compile(fn, backend="inductor", fullgraph=True, dynamic=True).aot_compile(
@@ -84,8 +85,12 @@ def load(key: str, sig: tuple, generator: str, plain: dict) -> dict | None:
     is there or the file is rejected (``KERNELS.stats["rejected"]``). ``plain`` names the Python
     functions, whose globals the loaded ones run with."""
     text = KERNELS.read(artefact_path(key, sig), generator)
-    if text is None:
-        return None
+    return None if text is None else from_text(text, plain)
+
+
+def from_text(text: str, plain: dict) -> dict | None:
+    """The compiled functions (name -> ``Guarded``) that ``serialized`` wrote, or None (counted in
+    ``KERNELS.stats["rejected"]``) where they do not load in this process."""
     try:
         blobs = pickle.loads(base64.b64decode(text))
         # Deserialising guards that name imported modules (torch.func.vjp's) installs them in a
@@ -103,10 +108,15 @@ def load(key: str, sig: tuple, generator: str, plain: dict) -> dict | None:
     return {name: Guarded(fn, plain[name]) for name, fn in loaded.items()}
 
 
-def store(key: str, sig: tuple, generator: str, compiled: dict) -> None:
-    """Write the compiled functions (name -> the ``aot_compile`` result) of ``key`` and ``sig`` to disk."""
+def serialized(compiled: dict) -> str:
+    """The compiled functions (name -> the ``aot_compile`` result) as text (``from_text`` reads it)."""
     blobs = {name: type(fn).serialize(fn).serialized_data for name, fn in compiled.items()}
-    KERNELS.write(artefact_path(key, sig), generator, base64.b64encode(pickle.dumps(blobs)).decode())
+    return base64.b64encode(pickle.dumps(blobs)).decode()
 
 
-__all__ = ["Guarded", "STATS", "artefact_path", "compile_tile", "load", "store"]
+def store(key: str, sig: tuple, generator: str, text: str) -> None:
+    """Write the compiled functions of ``key`` and ``sig`` (``serialized``'s text) to disk."""
+    KERNELS.write(artefact_path(key, sig), generator, text)
+
+
+__all__ = ["Guarded", "STATS", "artefact_path", "compile_tile", "from_text", "load", "serialized", "store"]

@@ -82,12 +82,17 @@ def tile_grad(raw, grad_p, lse, delta, b, h, q_idx, kv_idx, keep, score_buffers,
 '''
 
 class CompiledPrinter(TorchPrinter):
-    """The torch printer, with float tanh as ``fast_tanh`` (defined in the tile module)."""
+    """The torch printer, with float tanh as ``fast_tanh`` (defined in the tile module), and ``x +- c * y``
+    of a constant c as ``torch.addcmul``: constants are 0-d tensors here, and dynamo reads a tensor
+    ``alpha`` as a float it cannot guard on (the compilation fails)."""
 
     def elementwise(self, node):
         if node.op is Op.TANH and node.dtype.is_float:
             return f"fast_tanh({self.tensor(node.inputs[0])})"
         return super().elementwise(node)
+
+    def scaled_add(self, other, a, b, sign):
+        return f"torch.addcmul({self.tensor(other)}, {self.tensor(a)}, {self.tensor(b)}, value={sign or '+'}1)"
 
 
 SCORE_LINE = ("    x = torch.broadcast_to(score_mod(s, b, h, q_idx, kv_idx, score_buffers, score_consts, cf),"

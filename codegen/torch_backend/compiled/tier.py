@@ -11,9 +11,10 @@ so they never recompile. Each (key, signature) is compiled ahead of time and
 stored on disk (``artefacts``), so another process loads it without tracing.
 
 A signature not yet built is queued for one background thread, which loads
-it from disk or compiles it from example arguments recorded by running the
-loop on one query block row of the call's own inputs; callers meanwhile get
-None (the eager kernel serves). A failed compilation (a compiler error, a
+it from disk or has a child process compile it (``child``: dynamo and inductor
+never run in the caller's process) from example arguments recorded by running
+the loop on one query block row of the call's own inputs; callers meanwhile
+get None (the eager kernel serves). A failed compilation (a compiler error, a
 missing C++ toolchain) marks the signature failed: the eager kernel keeps
 serving it and the caller's thread warns once per kernel, naming the error.
 ``STATS`` counts ``graphs`` (functions compiled), ``loaded`` (signatures loaded
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import queue
 import threading
 import warnings
@@ -35,10 +35,10 @@ import torch
 
 from codegen.cache import KERNELS
 from codegen.torch_backend import printer
-from codegen.torch_backend.compiled import artefacts, loop, source
+from codegen.torch_backend.compiled import artefacts, child, loop, source
 from flexattn.ir import Op
 
-_FILES = [Path(source.__file__), Path(loop.__file__), Path(printer.__file__), Path(artefacts.__file__), Path(__file__)]
+_FILES = [Path(module.__file__) for module in (source, loop, printer, artefacts, child)] + [Path(__file__)]
 GENERATOR_VERSION = hashlib.sha256(
     b"".join(path.read_bytes() for path in _FILES) + torch.__version__.encode()).hexdigest()[:16]
 STATS = artefacts.STATS  # graphs, loaded, fallbacks; served and failures are counted here
@@ -56,8 +56,7 @@ class Entry:
 
     def __init__(self, key: str, namespace: dict, mask_reads: tuple[bool, bool]):
         self.key, self.namespace, self.mask_reads = key, namespace, mask_reads
-        self.plain = {name: namespace[name] for name in ("tile_scores", "tile_grad")}
-        self.plain["update"] = loop.update
+        self.plain = plain_functions(namespace)
         self.compiled: dict = {}  # signature -> name -> artefacts.Guarded
         self.bound: dict = {}
         self.states: dict = {}
@@ -83,10 +82,16 @@ _entries: dict[str, Entry] = {}
 _calls: dict[tuple, int] = {}  # (kernel key, signature) -> calls so far (COMPILE_AFTER_CALLS)
 
 
-def _load(text: str, filename: str) -> dict:
-    namespace: dict = {"__name__": f"flexattn_tiles_{Path(filename).stem}", "__source__": text}
+def load_source(text: str, filename: str) -> dict:
+    """The namespace of a tile module's source ``text``, run as the file ``filename``."""
+    namespace: dict = {"__name__": f"flexattn_tiles_{Path(filename).stem}", "__source__": text, "__file__": filename}
     exec(compile(text, filename, "exec"), namespace)
     return namespace
+
+
+def plain_functions(namespace: dict) -> dict:
+    """The Python tile functions (name -> function) of a tile module's namespace, and ``loop.update``."""
+    return {"tile_scores": namespace["tile_scores"], "tile_grad": namespace["tile_grad"], "update": loop.update}
 
 
 def entry(key: str, score_graph, mask_graph) -> Entry:
@@ -95,7 +100,7 @@ def entry(key: str, score_graph, mask_graph) -> Entry:
         if key in _entries:
             return _entries[key]
     namespace = KERNELS.get("torch-compiled", key, GENERATOR_VERSION,
-                            build=lambda: source.tile_source(score_graph, mask_graph), load=_load)
+                            build=lambda: source.tile_source(score_graph, mask_graph), load=load_source)
     with _lock:
         return _entries.setdefault(key, Entry(key, namespace, _reads_batch_and_head(mask_graph)))
 
@@ -174,23 +179,13 @@ def warn_once(item: Entry, sig: tuple) -> None:
 
 
 def _work() -> None:
-    # The compiler competes with the calls it serves: lower its CPU priority (Linux: per thread, and
-    # inherited by the C++ compiler processes it starts). Its Python work still holds the GIL.
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):
-        pass
     while True:
         item, sig, job = _jobs.get()
         try:
             job()
             result, error = READY, None
         except Exception as failure:  # a compiler error or a missing toolchain: eager keeps serving
-            # torch wraps the compiler's error (BackendCompilerFailed): name the innermost one.
-            while getattr(failure, "inner_exception", None) or failure.__cause__:
-                failure = getattr(failure, "inner_exception", None) or failure.__cause__
-            first_line = (str(failure).strip().splitlines() or [""])[0][:200]
-            result, error = FAILED, f"{type(failure).__name__}: {first_line}"
+            result, error = FAILED, str(failure) if isinstance(failure, child.CompileFailed) else child.reason(failure)
         with _lock:
             item.states[sig] = result
             if error is not None:
@@ -223,17 +218,21 @@ def load_now(item: Entry, sig: tuple) -> bool:
 
 
 def build(item: Entry, sig: tuple, examples) -> None:
-    """The background job for ``sig``: load its functions from disk, else compile each on the example
-    arguments ``examples()`` returns (name -> args) and store them. Raises where compiling fails."""
+    """The background job for ``sig``: load its functions from disk, else have a child process compile
+    each on the example arguments ``examples()`` returns (name -> args), and store them. Raises
+    ``child.CompileFailed`` where compiling fails."""
     functions = artefacts.load(item.key, sig, GENERATOR_VERSION, item.plain)
     if functions is None:
-        compiled = {name: artefacts.compile_tile(item.plain[name], args) for name, args in examples().items()}
+        text, compiled = child.compile_in_child(item.namespace["__source__"], item.namespace["__file__"], examples())
+        STATS["graphs"] += compiled
         try:
-            artefacts.store(item.key, sig, GENERATOR_VERSION, compiled)
+            artefacts.store(item.key, sig, GENERATOR_VERSION, text)
         except Exception as error:  # noqa: BLE001 - only the next process's start is lost
             warnings.warn(f"flexattn: cannot store the compiled kernel on disk ({type(error).__name__}: {error}); "
                           "another process compiles it again", RuntimeWarning, stacklevel=2)
-        functions = {name: artefacts.Guarded(fn, item.plain[name]) for name, fn in compiled.items()}
+        functions = artefacts.from_text(text, item.plain)
+        if functions is None:
+            raise child.CompileFailed("the functions the compiler process built do not load in this process")
     with _lock:
         item.compiled[sig] = functions
 
@@ -272,5 +271,5 @@ def examples(item: Entry, query, key, value, rows, kv_block, scale, score_buffer
     return seen
 
 
-__all__ = ["Entry", "STATS", "build", "entry", "examples", "load_now", "on_disk", "request", "signature", "state", "wait",
-           "warn_once"]
+__all__ = ["Entry", "STATS", "build", "entry", "examples", "load_now", "load_source", "on_disk", "plain_functions",
+           "request", "signature", "state", "wait", "warn_once"]
