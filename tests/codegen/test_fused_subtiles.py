@@ -85,23 +85,33 @@ def _call(q, k, v, bm):
 
 
 def _moa(span, sink):
+    """Per-head windows (``span`` (H,)) or per-(batch row, head) windows (``span`` (B, H)), and a sink."""
+    if span.dim() == 2:
+        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx < span[b, h]) | (kv_idx < sink))
     return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & ((q_idx - kv_idx < span[h]) | (kv_idx < sink))
 
 
-def _check(spans, sink, L, block, batch=1, group=1, seed=0, grads=True):
-    Hq = len(spans)
+def _inputs(batch, Hq, Hkv, L, seed, grads=True):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, Hq, L, 8, generator=g, dtype=torch.float64, requires_grad=grads)
-    k, v = (torch.randn(batch, Hq // group, L, 8, generator=g, dtype=torch.float64, requires_grad=grads)
-            for _ in range(2))
-    bm = flexattn.create_block_mask(_moa(torch.tensor(spans), sink), None, Hq, L, L, BLOCK_SIZE=block)
+    k, v = (torch.randn(batch, Hkv, L, 8, generator=g, dtype=torch.float64, requires_grad=grads) for _ in range(2))
+    return q, k, v
+
+
+def _check(spans, sink, L, block, batch=1, group=1, seed=0, grads=True, per_batch=False):
+    """The forced fused_tiles plan against the dense reference, forward and backward; ``spans`` per
+    head, or per (batch row, head) with ``per_batch`` (the BlockMask then has a row per batch row)."""
+    span = torch.tensor(spans)
+    Hq = span.shape[-1]
+    q, k, v = _inputs(batch, Hq, Hq // group, L, seed, grads)
+    bm = flexattn.create_block_mask(_moa(span, sink), batch if per_batch else None, Hq, L, L, BLOCK_SIZE=block)
     gqa = group > 1
     out = flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch", enable_gqa=gqa,
                                   kernel_options={"PATH": "fused_tiles"})
     ref = flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference", enable_gqa=gqa)
     torch.testing.assert_close(out, ref)
     if grads:
-        grad = torch.randn(out.shape, generator=g, dtype=out.dtype)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
             torch.testing.assert_close(a, b)
     return fused_paths.tile_plan(_call(q, k, v, bm), True)[0]
@@ -132,15 +142,38 @@ def test_per_head_windows_with_sinks_equal_the_reference(spans, sink, L, block, 
     _check([s for s in spans for _ in range(group)], sink, L, block, batch, group, seed)
 
 
-def test_a_changed_span_cuts_the_tiles_again():
+@settings(max_examples=20, deadline=None)
+@given(spans=st.lists(st.lists(st.integers(1, 70), min_size=2, max_size=2), min_size=2, max_size=2),
+       sink=st.sampled_from([0, 5, 16]), L=st.integers(33, 90), group=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_per_batch_row_windows_equal_the_reference(spans, sink, L, group, seed):
+    """A span per (batch row, head): a unit per batch row, each cut for its own windows."""
+    _check(spans, sink, L, 16, 2, group, seed, per_batch=True)
+
+
+def _pieces(units):
+    return [(g.kind, g.r0, g.r1, g.c0, g.c1, [b.tolist() for b in g.batches]) for u in units for g in u.subtiles]
+
+
+def test_a_span_changed_in_place_cuts_the_tiles_again():
     """The pieces are kept with the plan per BlockMask, stamped with the mask's buffers: a span
-    changed in place (and its BlockMask rebuilt) is planned again, never served the old pieces."""
+    changed in place, with the BlockMask rebuilt or not, is planned again, never served the old
+    pieces. The BlockMask kept from the old span still decides which tiles are visited (FULL tiles
+    take no mask), so the reference then evaluates the new span on its PARTIAL tiles only."""
     span = torch.tensor([40, 24])
     mask_mod = _moa(span, 4)
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 96, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    for new in ([40, 24], [41, 23], [17, 64]):
+    q, k, v = _inputs(1, 2, 2, 96, seed=3)
+    bm = flexattn.create_block_mask(mask_mod, None, 2, 96, 96, BLOCK_SIZE=16)
+    seen = []
+    for new, rebuild in (([40, 24], False), ([41, 23], False), ([17, 64], True), ([24, 40], False)):
         span.copy_(torch.tensor(new))
-        bm = flexattn.create_block_mask(mask_mod, None, 2, 96, 96, BLOCK_SIZE=16)
+        if rebuild:
+            bm = flexattn.create_block_mask(mask_mod, None, 2, 96, 96, BLOCK_SIZE=16)
         out = flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options={"PATH": "fused_tiles"})
-        torch.testing.assert_close(out, flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference"))
+        ref = flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference")
+        torch.testing.assert_close(out, ref)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(len(seen)), dtype=out.dtype)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, b)
+        seen.append(_pieces(fused_paths.tile_plan(_call(q, k, v, bm), True)[0]))
+    assert seen[0] != seen[1] and seen[2] != seen[3], "the pieces follow the span"
