@@ -11,6 +11,9 @@ returning its log-sum-exp. So this path:
 * runs the PARTIAL tiles as batches of single tiles (a tile's queries against
   its keys), the mask_mod evaluated into an additive 0 / -inf mask; tiles of
   one q-row go to different batches, so each batch updates a row once;
+* runs PARTIAL tiles whose mask is a few rectangles and causal triangles
+  (``subtiles``: a window edge off the tile diagonal, a sink column) as those
+  pieces, batched by shape, with no mask;
 * merges every result into the output by its log-sum-exp: online softmax at
   the granularity of rectangles and tile batches. EMPTY tiles are never read.
 
@@ -185,6 +188,37 @@ def _tiles_of(x: torch.Tensor, block: int, index: torch.Tensor) -> torch.Tensor:
     return picked.transpose(1, 2).reshape(B * len(index), H, block, D)
 
 
+def _positions(tiles: torch.Tensor, block: int, lo: int, hi: int, reverse: bool) -> torch.Tensor:
+    """Flat positions lo..hi of each tile (P,) (hi - 1 down to lo with ``reverse``): (P * (hi - lo),)."""
+    index = tiles.view(-1, 1) * block + torch.arange(lo, hi)
+    return (index.flip(-1) if reverse else index).flatten()
+
+
+def _gather(x: torch.Tensor, positions: torch.Tensor, P: int) -> torch.Tensor:
+    """(B, H, N, D) at ``positions`` of P tiles -> a batch (B * P, H, n, D) (a view for B = 1)."""
+    B, H, _, D = x.shape
+    picked = x.index_select(2, positions).view(B, H, P, -1, D).transpose(1, 2)
+    return picked[0] if B == 1 else picked.reshape(B * P, H, -1, D)
+
+
+def _scatter_layout(x: torch.Tensor, B: int) -> torch.Tensor:
+    """A batch (B * P, H, n, ...) -> (B, H, P * n, ...), matching ``_positions``."""
+    x = x.view(B, -1, *x.shape[1:]).transpose(1, 2)
+    return x.reshape(*x.shape[:2], -1, *x.shape[4:])
+
+
+def _subtile_calls(q, k, v, block, unit: PlanUnit):
+    """Per batch of cut PARTIAL tiles (``subtiles``): (group, q rows' positions, gathered q / k / v).
+    An UPPER triangle's positions run backwards: the kernel's causal mode then keeps it."""
+    q_block, kv_block = block
+    for g in unit.subtiles:
+        reverse = g.kind == UPPER
+        for tiles in g.batches:
+            rows = _positions(tiles[:, 0], q_block, g.r0, g.r1, reverse)
+            cols = _positions(tiles[:, 1], kv_block, g.c0, g.c1, reverse)
+            yield g, rows, cols, _gather(q, rows, len(tiles)), _gather(k, cols, len(tiles)), _gather(v, cols, len(tiles))
+
+
 def _from_tiles(x: torch.Tensor, B: int) -> torch.Tensor:
     """(B * P, H, block, ...) -> (B, H, P, block, ...)."""
     return x.view(B, -1, *x.shape[1:]).transpose(1, 2)
@@ -205,13 +239,13 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
     for unit in units:
         q, k, v = (x[unit.b, unit.h] for x in (p.q, p.k, p.v))
         out_u, lse_u = out[unit.b, unit.h], lse[unit.b, unit.h]  # views: merged in place
-        written = torch.zeros(out.shape[2] // q_block, dtype=torch.bool)  # q tiles with a result so far
-        seen = torch.zeros(out.shape[2], dtype=torch.bool)  # positions with a document piece so far
-        for r0, r1, c0, c1, causal in unit.segments:  # documents: their rows attend to nothing else
+        written = torch.zeros(out.shape[2], dtype=torch.bool)  # positions with a result so far
+        tiles_written = written.view(-1, q_block)
+        for r0, r1, c0, c1, causal in unit.segments:  # rectangles and causal squares in positions
             rows, cols = slice(r0, r1), slice(c0, c1)
             o, l = fused_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], is_causal=causal, scale=p.scale)
-            merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(seen[rows].any()))
-            seen[rows] = True
+            merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(written[rows].any()))
+            written[rows] = True
         # Exactly causal triangles run in the kernel's own causal mode; then rectangles of FULL tiles.
         for rect, kind in unit.pieces():
             rows, cols = p.rows(rect)
@@ -220,9 +254,19 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
             o, l = fused_forward(flip(q_r), flip(k_r), flip(v_r), is_causal=kind is not None, scale=p.scale)
             o, l = flip(o), flip(l.unsqueeze(-1)).squeeze(-1)
             o, l = (o, l) if shift is None else (o[..., :D].contiguous(), l + shift)
-            merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(written[rect[0]:rect[1]].any()))
-            written[rect[0]:rect[1]] = True
+            merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(written[rows].any()))
+            written[rows] = True
         Bu, Hu = q.shape[:2]
+        for g, rows, _, q_s, k_s, v_s in _subtile_calls(q, k, v, p.block, unit):
+            o, l = fused_forward(q_s, k_s, v_s, is_causal=g.kind is not None, scale=p.scale)
+            o, l = _scatter_layout(o, Bu), _scatter_layout(l, Bu)
+            if bool(written[rows].any()):
+                picked_o, picked_l = out_u.index_select(2, rows), lse_u.index_select(2, rows)
+                merge(picked_o, picked_l, o, l)
+                o, l = picked_o, picked_l
+            out_u.index_copy_(2, rows, o)
+            lse_u.index_copy_(2, rows, l)
+            written[rows] = True
         for batch in unit.batches:
             for tiles in chunks(batch, Bu * Hu * q_block * kv_block):
                 keep = p.tile_mask(unit, tiles, Bu)
@@ -233,8 +277,8 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
                 o, l = _from_tiles(o, Bu), _from_tiles(torch.where(keep.any(-1), l, NEG_INF), Bu)
                 out_t, lse_t = out_u.unflatten(2, (-1, q_block)), lse_u.unflatten(2, (-1, q_block))
                 picked_o, picked_l = out_t[:, :, tiles[:, 0]], lse_t[:, :, tiles[:, 0]]
-                merge(picked_o, picked_l, o, l, first=not bool(written[tiles[:, 0]].any()))
-                written[tiles[:, 0]] = True
+                merge(picked_o, picked_l, o, l, first=not bool(tiles_written[tiles[:, 0]].any()))
+                tiles_written[tiles[:, 0]] = True
                 out_t[:, :, tiles[:, 0]], lse_t[:, :, tiles[:, 0]] = picked_o, picked_l
     return out[:, :, :L], lse[:, :, :L]
 
@@ -273,6 +317,14 @@ def backward(p: FusedInputs, units: list[PlanUnit], out, lse, grad_out):
             dk_u[:, :, cols] += flip(gk)[..., :D]
             dv_u[:, :, cols] += flip(gv)[..., :D]
         Bu, Hu = q.shape[:2]
+        for g, rows, cols, q_s, k_s, v_s in _subtile_calls(q, k, v, p.block, unit):
+            P = q_s.shape[0] // Bu
+            go_s, o_s = _gather(go, rows, P), _gather(o, rows, P)
+            l_s = _gather(l_u.unsqueeze(-1), rows, P).squeeze(-1)
+            gq, gk, gv = _backward(go_s, q_s, k_s, v_s, o_s, l_s, 0.0, g.kind is not None, scale=p.scale)
+            dq_u.index_add_(2, rows, _scatter_layout(gq, Bu))
+            dk_u.index_add_(2, cols, _scatter_layout(gk, Bu))
+            dv_u.index_add_(2, cols, _scatter_layout(gv, Bu))
         for batch in unit.batches:
             for tiles in chunks(batch, Bu * Hu * q_block * kv_block):
                 q_rows, kv_cols = tiles[:, 0], tiles[:, 1]

@@ -78,32 +78,28 @@ def tile_plan(call: Call, forced: bool):
     """(units, None) of causal squares, FULL rectangles and PARTIAL batches, or (None, why not):
     the plan does not pay against the generated loop (``fused_plan.why_not_pays``) and ``forced`` is False."""
     def make():
-        units, reason = _by_classes(call) or _cached(call, ("tiles", call.score_graph is not None, _max_tiles(call)),
-                                                     _paying_tiles)
+        kind = ("tiles", call.score_graph is not None, _max_tiles(call), forced)
+        units, reason = _by_classes(call) or _cached(call, kind, lambda call: _paying_tiles(call, forced))
         return (units, None) if reason is None or forced else (None, reason)
     return call.derived(("fused_tiles", forced), make)
 
 
 def _by_classes(call: Call):
     """The tile plan kept by the values of the BlockMask's tile classes, where the plan reads
-    nothing else of the call than B and Hq: no causal square can be planned (``fused_plan.plan``
-    asks the mask_mod only for squares of 2 tiles or more, with square tiles), and whether it pays
-    reads the tile counts, the lengths, the tile size and max_tiles.
+    nothing else of the call than B and Hq: the plan does not consult the mask_mod (``_consults_mask``),
+    and whether it pays reads the tile counts, the lengths, the tile size and max_tiles.
     A decoding loop builds a new BlockMask every step, with the classes of the step before for a
     tile's worth of steps. None where this does not apply (a large tile matrix too)."""
     bm = call.block_mask
     if bm is None:
         return None
     classes = bm.tile_classes()
-    nq, nkv = classes.shape[-2:]
-    block = call.block_size
-    consults_mask = call.mask_graph is not None and block[0] == block[1] and min(nq, nkv) >= 2
-    if consults_mask or classes.numel() > MAX_CLASSES_KEY:
+    if _consults_mask(call) or classes.numel() > MAX_CLASSES_KEY:
         return None
     B, Hq, _, L, S = call.shape
-    key = (B, Hq, L, S, block, _max_tiles(call), call.score_graph is not None, tuple(classes.shape),
+    key = (B, Hq, L, S, call.block_size, _max_tiles(call), call.score_graph is not None, tuple(classes.shape),
            classes.cpu().numpy().tobytes())
-    return _BY_CLASSES.get(key, (), (), lambda: _paying_tiles(call))
+    return _BY_CLASSES.get(key, (), (), lambda: _paying_tiles(call, forced=False))
 
 
 def _documents(call: Call):
@@ -142,12 +138,28 @@ def _max_tiles(call: Call) -> int:
     return int(call.options.get("max_tiles", DEFAULT_MAX_TILES))
 
 
-def _paying_tiles(call: Call):
-    """(units, why they do not pay against the generated loop, None: they do)."""
+def _paying_tiles(call: Call, forced: bool):
+    """(units, why they do not pay against the generated loop, None: they do); ``forced``: the
+    path is forced, and its PARTIAL tiles are cut even where the shape rule refuses the plan."""
     units = _tiles(call)
     B, Hq, _, L, S = call.shape
+    # Cutting PARTIAL tiles evaluates the mask on them: only where the shape rule lets the plan through
+    # (cutting leaves its FULL rectangles and squares as they are). Cut tiles have no additive mask,
+    # so no bias: with a score_mod they stay PARTIAL.
+    shaped = forced or fused_plan.why_not_shaped(units) is None
+    if _consults_mask(call) and call.score_graph is None and shaped:
+        fused_plan.cut_partial(units, fused_plan.TileProfiles(call.mask_graph, call.mask_buffers, call.block_size, L, S))
     loop = loop_work(call.block_mask, B, Hq, L, S, call.block_size, _max_tiles(call))
     return units, fused_plan.why_not_pays(units, call.block_size, L, S, loop)
+
+
+def _consults_mask(call: Call) -> bool:
+    """Whether the tile plan evaluates the mask_mod: for causal squares (of 2 tiles or more, with
+    square tiles: ``fused_plan.triangle_squares``) and for cutting PARTIAL tiles (``subtiles``)."""
+    if call.mask_graph is None or call.block_mask is None:
+        return False
+    nq, nkv = call.block_mask.tile_classes().shape[-2:]
+    return call.block_size[0] == call.block_size[1] and min(nq, nkv) >= 2
 
 
 def _tiles(call: Call):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from codegen.torch_backend import subtiles
 from codegen.torch_backend.evaluate import index_inputs
 from flexattn.block_mask import EMPTY, FULL, LOWER, PARTIAL, UPPER
 from flexattn.semantics import evaluate
@@ -16,6 +17,7 @@ MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for
 MIN_TILES_OF_STRIPS = 6  # or this many tiles in all (a wide band: one kernel call still covers many keys)
 # Estimated costs, in query-key products of the generated loop (measured, docs/performance.md):
 PARTIAL_PRODUCT = 2.0  # one product of a batched PARTIAL tile on the fused kernel (tiles copied, additive mask)
+CUT_PRODUCT = 1.5  # one product of a batch of cut tiles' pieces (``subtiles``; a triangle counted whole)
 FUSED_CALL = 25_000  # one fused call and the merge of its result by lse
 LOOP_PIECE = 250_000  # one piece of the generated loop (its elementwise passes and row updates)
 MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pay
@@ -35,6 +37,23 @@ def why_not_pays(units: list["PlanUnit"], block, L: int, S: int, loop: tuple[int
     more per product than the loop, and each fused call a fixed amount; the loop pays
     for padding (per-head tile lists are padded to the longest of their row) and per piece.
     """
+    reason = why_not_shaped(units)
+    if reason is not None:
+        return reason
+    full, cut, partial, calls = fused_cost(units, block, L, S)
+    fused_total = full + CUT_PRODUCT * cut + PARTIAL_PRODUCT * partial + FUSED_CALL * calls
+    loop_total = loop[0] + LOOP_PIECE * loop[1]
+    if fused_total >= loop_total:
+        return (f"estimated cost {fused_total:.3g} fused ({full:.3g} FULL + CUT_PRODUCT x {cut:.3g} cut + "
+                f"PARTIAL_PRODUCT x {partial:.3g} PARTIAL "
+                f"products + FUSED_CALL x {calls} calls) >= {loop_total:.3g} in the loop ({loop[0]:.3g} products + "
+                f"LOOP_PIECE x {loop[1]} pieces)")
+    return None
+
+
+def why_not_shaped(units: list["PlanUnit"]) -> str | None:
+    """The shape rule of ``why_not_pays``: the FULL area (rectangles and causal squares) in tall
+    rectangles or wide strips."""
     rects = [r for u in units for r in u.rectangles] + [(a, a + n, c, c + (n + 1) // 2)
                                                          for u in units for a, c, n, _ in u.squares]
     full_tiles = sum((r[1] - r[0]) * (r[3] - r[2]) for r in rects)
@@ -46,33 +65,34 @@ def why_not_pays(units: list["PlanUnit"], block, L: int, S: int, loop: tuple[int
     if mean_rows < MIN_ROWS_OF_TILES and mean_tiles < MIN_TILES_OF_STRIPS:
         return (f"FULL rectangles average {mean_rows:.1f} q tiles tall < MIN_ROWS_OF_TILES ({MIN_ROWS_OF_TILES}) "
                 f"and {mean_tiles:.1f} tiles < MIN_TILES_OF_STRIPS ({MIN_TILES_OF_STRIPS})")
-    full, partial, calls = fused_cost(units, block, L, S)
-    fused_total = full + PARTIAL_PRODUCT * partial + FUSED_CALL * calls
-    loop_total = loop[0] + LOOP_PIECE * loop[1]
-    if fused_total >= loop_total:
-        return (f"estimated cost {fused_total:.3g} fused ({full:.3g} FULL + PARTIAL_PRODUCT x {partial:.3g} PARTIAL "
-                f"products + FUSED_CALL x {calls} calls) >= {loop_total:.3g} in the loop ({loop[0]:.3g} products + "
-                f"LOOP_PIECE x {loop[1]} pieces)")
     return None
 
 
-def fused_cost(units: list["PlanUnit"], block, L: int, S: int) -> tuple[int, int, int]:
-    """(FULL products, PARTIAL products, kernel calls) of the plan, over all its (batch, head) pairs;
+def fused_cost(units: list["PlanUnit"], block, L: int, S: int) -> tuple[int, int, int, int]:
+    """(FULL products, cut products, PARTIAL products, kernel calls) of the plan, over all its (batch, head) pairs;
     a causal square counts the products it keeps (half). A unit serving several heads of a per-head
     tile matrix counts its calls once per head: measured, a call over several heads of small
-    rectangles costs about what the calls per head did (NSA, docs/performance.md)."""
+    rectangles costs about what the calls per head did (NSA, docs/performance.md). Cut PARTIAL
+    tiles (``subtiles``): their rectangles along q count as FULL, their batched pieces as cut
+    products (a triangle whole: the kernel's causal mode saves little on squares of one tile)."""
     q_block, kv_block = block
-    full = partial = calls = 0
+    full = cut = partial = calls = 0
     for u in units:
         pairs = (u.b.stop - u.b.start) * (u.h.stop - u.h.start)
         for (q0, q1, k0, k1), kind in u.pieces():
             area = (min(q1 * q_block, L) - q0 * q_block) * (min(k1 * kv_block, S) - k0 * kv_block)
             full += pairs * (area // 2 if kind is not None else area)
             calls += u.merged_heads
+        for r0, r1, c0, c1, causal in u.segments:
+            full += pairs * (r1 - r0) * (c1 - c0) // (2 if causal else 1)
+            calls += u.merged_heads
+        for g in u.subtiles:
+            cut += pairs * (g.r1 - g.r0) * (g.c1 - g.c0) * sum(len(batch) for batch in g.batches)
+            calls += u.merged_heads * len(g.batches)
         for batch in u.batches:
             partial += pairs * len(batch) * q_block * kv_block
             calls += u.merged_heads * len(chunks(batch, pairs // u.merged_heads * q_block * kv_block))
-    return full, partial, calls
+    return full, cut, partial, calls
 
 
 def full_rectangles(full: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -138,25 +158,19 @@ def _merge_neighbours(rects: list) -> list[tuple[int, int, int, int]]:
 
 def partial_batches(partial: torch.Tensor) -> list[torch.Tensor]:
     """The PARTIAL tiles (P, 2) of (q-tile, kv-tile), grouped so that no batch holds a q-tile twice."""
-    tiles = partial.nonzero()
-    if not len(tiles):
-        return []
-    first_of_row = torch.ones(len(tiles), dtype=torch.bool)
-    first_of_row[1:] = tiles[1:, 0] != tiles[:-1, 0]
-    start = torch.arange(len(tiles))[first_of_row]
-    rank = torch.arange(len(tiles)) - start[first_of_row.long().cumsum(0) - 1]
-    return [tiles[rank == r] for r in range(int(rank.max()) + 1)]
+    return subtiles.distinct_rows(partial.nonzero())
 
 
 class PlanUnit:
     """A slice of batch rows and query heads that share one tile matrix, and its plan:
     ``squares`` that are exactly causal triangles (``triangle_squares``), ``rectangles`` of
-    FULL tiles and ``batches`` of PARTIAL tiles."""
+    FULL tiles, ``subtiles`` (``subtiles.SubtileGroup``) and ``batches`` of PARTIAL tiles."""
 
-    def __init__(self, b: slice, h: slice, classes: torch.Tensor, squares=(), segments=()):
+    def __init__(self, b: slice, h: slice, classes: torch.Tensor, squares=(), segments=(), subtiles=()):
         self.b, self.h = b, h
+        self.subtiles = list(subtiles)  # PARTIAL tiles cut into rectangles and triangles (``subtiles``)
         # (row start, row stop, column start, column stop, causal) in positions: the documents'
-        # pieces (``flexattn.analysis.segments``), rows that attend to nothing else
+        # pieces (``flexattn.analysis.segments``), or cut PARTIAL tiles' rectangles (``subtiles``)
         self.segments = list(segments)
         self.merged_heads = 1  # per-head tile matrices: the heads of equal classes this unit serves
         self.squares = list(squares)
@@ -244,6 +258,18 @@ def _unit(classes: torch.Tensor, b: slice, h: slice, tile_shapes, max_square: in
     return PlanUnit(b, h, classes)
 
 
+def cut_partial(units: list[PlanUnit], tile_profiles: "TileProfiles") -> None:
+    """Each unit's PARTIAL tiles that ``subtiles.cut`` can cut become its pieces (in place)."""
+    for u in units:
+        if not u.batches:
+            continue
+        partial = torch.cat(u.batches)
+        groups, runs, covered = subtiles.cut(partial, *tile_profiles(partial, u.b, u.h), tile_profiles.block)
+        if bool(covered.any()):
+            u.subtiles, u.segments = groups, u.segments + runs
+            u.batches = subtiles.distinct_rows(partial[~covered])
+
+
 def plan(block_mask, B: int, Hq: int, L: int, S: int, block_size, tile_shapes=None,
          max_square: int | None = None) -> list[PlanUnit]:
     """The units of this call (``why_not_pays`` says whether they pay).
@@ -283,3 +309,19 @@ def evaluate_on_tiles(graph, env: dict, buffers) -> torch.Tensor:
     """``evaluate`` on a ``tile_env``, always 5-D (an input the graph does not read stays size 1)."""
     value = evaluate(graph, env, buffers)
     return value.view((1,) * (5 - value.dim()) + tuple(value.shape))
+
+
+class TileProfiles:
+    """``(tiles, b, h) -> subtiles.profiles`` of the mask_mod on those tiles for batch rows ``b`` and
+    heads ``h`` (slices), evaluated MASK_CHUNK elements at a time; ``block`` the tile size."""
+
+    def __init__(self, mask_graph, buffers, block, L: int, S: int):
+        self.mask_graph, self.buffers, self.block, self.L, self.S = mask_graph, buffers, block, L, S
+
+    def __call__(self, tiles: torch.Tensor, b: slice, h: slice):
+        found = []
+        for part in chunks(tiles, (b.stop - b.start) * (h.stop - h.start) * self.block[0] * self.block[1]):
+            env, in_range = tile_env(b, h, part, self.block, self.L, self.S)
+            keep = evaluate_on_tiles(self.mask_graph, env, self.buffers).to(torch.bool) & in_range
+            found.append(subtiles.profiles(keep))
+        return torch.cat([p for p, _ in found]), torch.cat([ok for _, ok in found])
