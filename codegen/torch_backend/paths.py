@@ -20,6 +20,15 @@ from codegen.torch_backend.small_dense import small_dense, why_not_small_dense
 from flexattn.call import Call
 
 
+def _why_not_split_kv(call: Call, path: str) -> str | None:
+    # A decoding call with no score_mod and no EMPTY tile has nothing to skip: one fused call on
+    # its whole score matrix beats split-KV's per-call tensor ops (docs/performance.md).
+    reason = why_not_split_kv(call, path)
+    if reason is None and not call.forces(path) and why_not_small_dense(call, False) is None:
+        return "small_dense serves it: no score_mod and no EMPTY tile, the whole score matrix in one fused call"
+    return reason
+
+
 def _pool(call: Call) -> Pool:
     return call.derived("decode_pool", lambda: Pool(decoding(call)))
 
@@ -29,7 +38,7 @@ class DecodeBatchInPlace(Path):
     summary = "split-KV decoding, the whole batch at once, K/V read where they lie by the CPU kernels"
 
     def why_not(self, call: Call) -> str | None:
-        return why_not_split_kv(call, self.name) or why_not_in_place(decoding(call), call.forces(self.name))
+        return _why_not_split_kv(call, self.name) or why_not_in_place(decoding(call), call.forces(self.name))
 
     def run(self, call: Call):
         return whole_batch(decoding(call), in_place=True)
@@ -40,7 +49,7 @@ class DecodeBatchCopied(Path):
     summary = "split-KV decoding, the whole batch at once, K/V by views and copies of tiles"
 
     def why_not(self, call: Call) -> str | None:
-        return why_not_split_kv(call, self.name) or why_not_copied(decoding(call), call.forces(self.name))
+        return _why_not_split_kv(call, self.name) or why_not_copied(decoding(call), call.forces(self.name))
 
     def run(self, call: Call):
         return whole_batch(decoding(call), in_place=False)
@@ -51,7 +60,7 @@ class DecodePool(Path):
     summary = "split-KV decoding over a paged pool shared by the batch, tile by tile, read in place"
 
     def why_not(self, call: Call) -> str | None:
-        return why_not_split_kv(call, self.name) or _pool(call).why_not(call.forces(self.name))
+        return _why_not_split_kv(call, self.name) or _pool(call).why_not(call.forces(self.name))
 
     def run(self, call: Call):
         return pool_major(decoding(call), _pool(call))
@@ -62,7 +71,7 @@ class DecodeChunks(Path):
     summary = "split-KV decoding per sequence, KV chunks merged by their log-sum-exp"
 
     def why_not(self, call: Call) -> str | None:
-        return why_not_split_kv(call, self.name)
+        return _why_not_split_kv(call, self.name)
 
     def run(self, call: Call):
         return chunked(decoding(call))

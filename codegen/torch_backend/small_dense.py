@@ -14,8 +14,8 @@ no position give out 0 and lse -inf.
 
 Served: no score_mod (the fused kernel only adds the mask), the fused kernel's other conditions
 (``fused_paths.why_not_fused``: one head dim, CPU, no max_scores), at most ``MAX_CELLS`` positions
-(the additive mask's size), and, unless forced, fewer than ``MIN_KV_TILES`` KV tiles and a mask
-that is either small or visits most of its tiles (computing the skipped ones costs less than
+(the additive mask's size), and, unless forced, fewer than ``MIN_KV_TILES`` KV tiles or a decoding
+step with no EMPTY tile (nothing for split-KV to skip), and a mask that is either small or visits most of its tiles (computing the skipped ones costs less than
 the block-sparse paths' per-piece work; docs/performance.md). Packed documents go to
 ``fused_documents`` first.
 """
@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from codegen.autograd import differentiable
+from codegen.decoding import why_not_decoding
 from codegen.torch_backend.decode import MIN_KV_TILES
 from codegen.torch_backend.fused import _backward, fused_forward, with_lse_column
 from codegen.torch_backend.fused_paths import why_not_fused
@@ -57,13 +58,18 @@ def why_not_small_dense(call: Call, forced: bool) -> str | None:
     if forced:
         return None
     kv_block = call.block_size[1]
-    if S >= MIN_KV_TILES * kv_block:
-        return f"KV_LEN={S} spans {MIN_KV_TILES} KV tiles of {kv_block} or more: the block-sparse paths skip more"
+    if S >= MIN_KV_TILES * kv_block and (why_not_decoding(call) is not None or _has_empty_tiles(call)):
+        return (f"KV_LEN={S} spans {MIN_KV_TILES} KV tiles of {kv_block} or more (and is not a decoding step that "
+                "visits every tile): the block-sparse paths skip more")
     if L * S > SMALL_CELLS and call.block_mask is not None:
         visited = float((call.block_mask.tile_classes() != EMPTY).float().mean())
         if visited < MIN_VISITED:
             return f"the BlockMask visits {visited:.0%} of its tiles (< {MIN_VISITED:.0%}): the block-sparse paths skip the rest"
     return None
+
+
+def _has_empty_tiles(call: Call) -> bool:
+    return call.block_mask is not None and bool((call.block_mask.tile_classes() == EMPTY).any())
 
 
 class _Mask(NamedTuple):

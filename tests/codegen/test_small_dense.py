@@ -108,3 +108,15 @@ def test_short_calls_take_the_whole_matrix_and_sparse_or_long_ones_do_not():
     long = torch.randn(1, 1, 1024, 16)
     choice = flexattn.explain_call(long, long, long, print_it=False)
     assert "KV tiles of 128 or more" in dict(choice.skipped)["small_dense"]
+
+
+def test_a_decoding_step_with_nothing_to_skip_takes_the_whole_matrix():
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 1100, 16), torch.randn(2, 2, 1100, 16)
+    choice = flexattn.explain_call(q, k, v, enable_gqa=True, print_it=False)
+    assert choice.path.name == "small_dense"
+    assert "small_dense serves it" in dict(choice.skipped)["decode_batch_in_place"]
+    out = flexattn.flex_attention(q, k, v, enable_gqa=True)
+    want = flexattn.flex_attention(q, k, v, enable_gqa=True, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    window = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 1100 - 256, None, None, 1, 1100)
+    assert flexattn.explain_call(q, k, v, block_mask=window, enable_gqa=True, print_it=False).path.name.startswith("decode_")
