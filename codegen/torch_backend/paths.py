@@ -24,9 +24,14 @@ def _why_not_split_kv(call: Call, path: str) -> str | None:
     # A decoding call with no score_mod and no EMPTY tile has nothing to skip: one fused call on
     # its whole score matrix beats split-KV's per-call tensor ops (docs/performance.md).
     reason = why_not_split_kv(call, path)
-    if reason is None and not call.forces(path) and why_not_small_dense(call, False) is None:
+    if reason is None and not call.forces(path) and _why_not_small_dense(call) is None:
         return "small_dense serves it: no score_mod and no EMPTY tile, the whole score matrix in one fused call"
     return reason
+
+
+def _why_not_small_dense(call: Call) -> str | None:
+    # Asked by each split-KV path and by small_dense itself: once per call.
+    return call.derived("why_not_small_dense", lambda: why_not_small_dense(call, False))
 
 
 def _pool(call: Call) -> Pool:
@@ -82,7 +87,7 @@ class SmallDense(Path):
     summary = "a call on a short KV (fewer than 8 KV tiles): its whole score matrix at once on torch's fused CPU kernel"
 
     def why_not(self, call: Call) -> str | None:
-        return why_not_small_dense(call, call.forces(self.name))
+        return why_not_small_dense(call, True) if call.forces(self.name) else _why_not_small_dense(call)
 
     def run(self, call: Call):
         return outside_compiled_graphs(small_dense)(call)

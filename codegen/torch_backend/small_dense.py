@@ -14,9 +14,10 @@ no position give out 0 and lse -inf.
 
 Served: no score_mod (the fused kernel only adds the mask), the fused kernel's other conditions
 (``fused_paths.why_not_fused``: one head dim, CPU, no max_scores), at most ``MAX_CELLS`` positions
-(the additive mask's size), and, unless forced, fewer than ``MIN_KV_TILES`` KV tiles or a decoding
-step with no EMPTY tile (nothing for split-KV to skip), and a mask that is either small or visits most of its tiles (computing the skipped ones costs less than
-the block-sparse paths' per-piece work; docs/performance.md). Packed documents go to
+(the additive mask's size), and, unless forced, fewer than ``MIN_KV_TILES`` KV tiles or a
+decoding step with no EMPTY tile (nothing for split-KV to skip), and a mask that is either small
+or visits most of its tiles (computing the skipped ones costs less than the block-sparse paths'
+per-piece work; docs/performance.md). Packed documents go to
 ``fused_documents`` first.
 """
 
