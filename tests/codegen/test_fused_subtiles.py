@@ -106,13 +106,18 @@ def _check(spans, sink, L, block, batch=1, group=1, seed=0, grads=True, per_batc
     q, k, v = _inputs(batch, Hq, Hq // group, L, seed, grads)
     bm = flexattn.create_block_mask(_moa(span, sink), batch if per_batch else None, Hq, L, L, BLOCK_SIZE=block)
     gqa = group > 1
-    out = flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch", enable_gqa=gqa,
-                                  kernel_options={"PATH": "fused_tiles"})
-    ref = flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference", enable_gqa=gqa)
+    aux = flexattn.AuxRequest(lse=True)
+    out, got = flexattn.flex_attention(q, k, v, block_mask=bm, backend="torch", enable_gqa=gqa, return_aux=aux,
+                                       kernel_options={"PATH": "fused_tiles"})
+    ref, want = flexattn.flex_attention(q, k, v, block_mask=bm, backend="reference", enable_gqa=gqa, return_aux=aux)
     torch.testing.assert_close(out, ref)
-    if grads:
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+    torch.testing.assert_close(got.lse, want.lse)
+    if grads:  # through out and the lse both
+        g = torch.Generator().manual_seed(seed)
+        grad, grad_lse = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(got.lse.shape, generator=g,
+                                                                                          dtype=out.dtype)
+        mine = torch.autograd.grad((out, got.lse), (q, k, v), (grad, grad_lse))
+        for a, b in zip(mine, torch.autograd.grad((ref, want.lse), (q, k, v), (grad, grad_lse))):
             torch.testing.assert_close(a, b)
     return fused_paths.tile_plan(_call(q, k, v, bm), True)[0]
 
