@@ -183,8 +183,12 @@ def _flipper(kind: int | None):
 def _tiles_of(x: torch.Tensor, block: int, index: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) -> the tiles ``index`` as a batch (B * P, H, block, D) (zero rows past N)."""
     B, H, N, D = x.shape
-    x = torch.nn.functional.pad(x, (0, 0, 0, -N % block)) if N % block else x
-    picked = x.view(B, H, -1, block, D).index_select(2, index)  # (B, H, P, block, D)
+    if N % block == 0:
+        picked = x.view(B, H, -1, block, D).index_select(2, index)  # (B, H, P, block, D)
+    else:  # a ragged last tile: only the picked tiles are padded (padding x would copy all of it)
+        positions = index.view(-1, 1) * block + torch.arange(block)
+        picked = x.index_select(2, positions.clamp(max=N - 1).flatten()).view(B, H, len(index), block, D)
+        picked.masked_fill_((positions >= N).view(1, 1, len(index), block, 1), 0.0)
     return picked.transpose(1, 2).reshape(B * len(index), H, block, D)
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from mask_programs import as_mask_mod, mask_expr
 
 import flexattn
-from codegen.torch_backend import fused_paths, fused_plan
+from codegen.torch_backend import fused, fused_paths, fused_plan
 from codegen.torch_backend.tiles import loop_work
 from flexattn import dispatch
 from flexattn.analysis.diagonals import DiagonalKinds
@@ -301,3 +301,16 @@ def test_a_kept_documents_plan_is_not_served_to_a_call_with_a_score_mod():
     out = flexattn.flex_attention(q, k, v, score_mod=alibi, block_mask=bm)
     ref = flexattn.flex_attention(q, k, v, score_mod=alibi, block_mask=bm, backend="reference")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@given(st.integers(1, 300), st.sampled_from([16, 64, 128]), st.data())
+@settings(max_examples=40, deadline=None)
+def test_tiles_of_a_ragged_sequence_pads_only_the_picked_tiles(n, block, data):
+    """A batch of tiles of an (B, H, N, D) tensor: the tiles of it padded with zero rows to whole
+    tiles, without padding it (a ragged last tile is zero past N, the other tiles are views' copies)."""
+    x = torch.randn(2, 3, n, 5)
+    tiles = -(-n // block)
+    index = torch.tensor(data.draw(st.lists(st.integers(0, tiles - 1), min_size=1, max_size=4)))
+    padded = torch.nn.functional.pad(x, (0, 0, 0, -n % block)).view(2, 3, tiles, block, 5)
+    expected = padded.index_select(2, index).transpose(1, 2).reshape(2 * len(index), 3, block, 5)
+    assert torch.equal(fused._tiles_of(x, block, index), expected)
