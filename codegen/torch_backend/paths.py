@@ -2,15 +2,16 @@
 
 Each entry is one small class: ``why_not(call)`` says why it does not serve a call (None: it
 does), ``run(call)`` computes it. Decoding shapes on a long cache come first (split-KV, forward
-only), then torch's fused CPU flash kernel: packed documents, a short KV as one whole matrix,
-plans of tiles where they pay, then the generated block-sparse loop, which
-serves every call. Adding a path is one class here and one line in ``PATHS``.
+only), then torch's fused CPU flash kernel: packed documents, a short KV as one whole matrix
+(with a score_mod: the whole matrix in torch ops, forward only), plans of tiles where they pay,
+then the generated block-sparse loop, which serves every call. Adding a path is one class here and one line in ``PATHS``.
 """
 
 from __future__ import annotations
 
 from codegen.paths import Path, ServesEveryCall
 from codegen.torch_backend import compiled, fused_paths
+from codegen.torch_backend.dense_scores import dense_scores, why_not_dense_scores
 from codegen.torch_backend.decode import decoding, why_not_split_kv
 from codegen.torch_backend.decode.batch import whole_batch, why_not_copied, why_not_in_place
 from codegen.torch_backend.decode.chunks import chunked
@@ -21,17 +22,27 @@ from flexattn.call import Call
 
 
 def _why_not_split_kv(call: Call, path: str) -> str | None:
-    # A decoding call with no score_mod and no EMPTY tile has nothing to skip: one fused call on
-    # its whole score matrix beats split-KV's per-call tensor ops (docs/performance.md).
+    # A decoding call with no EMPTY tile has nothing to skip: its whole score matrix, one fused
+    # call (no score_mod) or a few torch ops (a score_mod), beats split-KV's per-call tensor ops
+    # (docs/performance.md).
     reason = why_not_split_kv(call, path)
-    if reason is None and not call.forces(path) and _why_not_small_dense(call) is None:
+    if reason is not None or call.forces(path):
+        return reason
+    if _why_not_small_dense(call) is None:
         return "small_dense serves it: no score_mod and no EMPTY tile, the whole score matrix in one fused call"
-    return reason
+    if _why_not_dense_scores(call) is None:
+        return "dense_scores serves it: no EMPTY tile, the whole score matrix in a few torch ops"
+    return None
 
 
 def _why_not_small_dense(call: Call) -> str | None:
     # Asked by each split-KV path and by small_dense itself: once per call.
     return call.derived("why_not_small_dense", lambda: why_not_small_dense(call, False))
+
+
+def _why_not_dense_scores(call: Call) -> str | None:
+    # Asked by each split-KV path and by dense_scores itself: once per call.
+    return call.derived("why_not_dense_scores", lambda: why_not_dense_scores(call, False))
 
 
 def _pool(call: Call) -> Pool:
@@ -93,6 +104,18 @@ class SmallDense(Path):
         return outside_compiled_graphs(small_dense)(call)
 
 
+class DenseScores(Path):
+    name = "dense_scores"
+    summary = ("a call on a short KV, or a decoding step that visits every tile, with no gradient: its whole "
+               "score matrix, score_mod and mask in a few torch ops")
+
+    def why_not(self, call: Call) -> str | None:
+        return why_not_dense_scores(call, True) if call.forces(self.name) else _why_not_dense_scores(call)
+
+    def run(self, call: Call):
+        return dense_scores(call)
+
+
 class FusedDocuments(Path):
     name = "fused_documents"
     summary = "torch's fused CPU flash kernel, one call per packed document"
@@ -150,6 +173,7 @@ PATHS: tuple[Path, ...] = (
     DecodeChunks(),
     FusedDocuments(),
     SmallDense(),
+    DenseScores(),
     FusedTiles(),
     CompiledLoop(),
     GeneratedLoop(),

@@ -42,6 +42,8 @@ MAX_CELLS = 1 << 24  # B * Hq * L * S: the additive mask in float32 stays under 
 # BlockMask visits at least MIN_VISITED of its tiles (a causal mask does; a window or documents skip more).
 SMALL_CELLS = 1 << 16
 MIN_VISITED = 0.5
+SMALL_COPY = 1 << 16  # K or V elements: copied to zero unread keys without looking (two small ops)
+SCORE_BOUND = 1e30  # |q . k| under this is finite in float32 (max 3.4e38), also after the kernel's scale
 
 
 def why_not_small_dense(call: Call, forced: bool) -> str | None:
@@ -59,7 +61,7 @@ def why_not_small_dense(call: Call, forced: bool) -> str | None:
     if forced:
         return None
     kv_block = call.block_size[1]
-    if S >= MIN_KV_TILES * kv_block and (why_not_decoding(call) is not None or _has_empty_tiles(call)):
+    if S >= MIN_KV_TILES * kv_block and (why_not_decoding(call) is not None or has_empty_tiles(call)):
         return (f"KV_LEN={S} spans {MIN_KV_TILES} KV tiles of {kv_block} or more (and is not a decoding step that "
                 "visits every tile): the block-sparse paths skip more")
     if L * S > SMALL_CELLS and call.block_mask is not None:
@@ -69,7 +71,8 @@ def why_not_small_dense(call: Call, forced: bool) -> str | None:
     return None
 
 
-def _has_empty_tiles(call: Call) -> bool:
+def has_empty_tiles(call: Call) -> bool:
+    """Whether the call's BlockMask has an EMPTY tile (one the block-sparse paths skip)."""
     return call.block_mask is not None and bool((call.block_mask.tile_classes() == EMPTY).any())
 
 
@@ -79,15 +82,18 @@ class _Mask(NamedTuple):
     head reads, on several query rows with GQA: it then broadcasts over the heads, where stacked
     rows would repeat it G times). ``additive``: 0 / -inf in the compute float, broadcastable to
     the kernel's (B, heads, rows, S); ``unread``: the flat (B * Hkv * S) indices of the keys no row
-    of their KV head attends, or None; ``empty`` (B or 1, Hq or 1, L): the rows that attend nothing."""
+    of their KV head attends, or None, and ``unread_at`` the same as (b, kv head, position) indices; ``empty`` (B or 1, Hq or 1, L): the rows that attend nothing;
+    ``dropped``: bool, True where ``additive`` is -inf (for ``dense_scores``, which masks scores)."""
 
     stacked: bool
     additive: torch.Tensor | None = None
     unread: torch.Tensor | None = None
     empty: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
+    unread_at: tuple | None = None
 
 
-def _mask(call: Call) -> _Mask:
+def mask_of_call(call: Call) -> _Mask:
     """The ``_Mask`` of ``call``: the one the BlockMask's build kept where it evaluated every position
     (``BlockMask.attended_positions``), else evaluated here. Kept with the BlockMask, which every
     layer of a step shares, while its lists and the mask_mod's buffers are unchanged."""
@@ -117,8 +123,32 @@ def _evaluate(call: Call) -> _Mask:
     unread = ~rows.any(dim=2)
     # The flat (B * Hkv * S) indices of the keys no row reads, for ``index_fill`` (about half the
     # time of a ``where`` over the keys).
-    unread = unread.expand(B, Hkv, S).reshape(-1).nonzero().squeeze(1) if bool(unread.any()) else None
-    return _Mask(stacked, additive, unread, ~kept.any(dim=-1))
+    unread_at = unread.expand(B, Hkv, S).nonzero(as_tuple=True) if bool(unread.any()) else None
+    flat = None if unread_at is None else (unread_at[0] * Hkv + unread_at[1]) * S + unread_at[2]
+    return _Mask(stacked, additive, flat, ~kept.any(dim=-1), ~rows, unread_at)
+
+
+def unread_zeroed(x: torch.Tensor, mask: _Mask, shape: tuple, q: torch.Tensor | None = None,
+                  scale: float = 1.0) -> torch.Tensor:
+    """``x`` (K or V, (B or 1, Hkv, S, D), any layout) as (B, Hkv, S, D) = ``shape`` with the keys
+    ``mask`` says no row reads set to 0, since a kernel that multiplies every key and value turns a
+    NaN there into a NaN result (a paged pool's free pages may hold anything).
+
+    A long cache is copied only where one of those keys is not finite or, given the queries ``q``
+    and the kernel's ``scale``, where its scores could overflow to inf (which the -inf mask would
+    turn into NaN): a copy of a long cache costs more than the attention on it."""
+    B, Hkv, S, D = shape
+    x = x.expand(B, -1, -1, -1)
+    if mask.unread is None:
+        return x
+    if x.numel() > SMALL_COPY:
+        rows = x[mask.unread_at]  # (unread keys, D)
+        safe = torch.isfinite(rows).all()
+        if q is not None:
+            safe &= rows.abs().amax() * q.abs().amax().to(rows.dtype) * (D * scale) < SCORE_BOUND
+        if bool(safe):
+            return x
+    return torch.index_fill(x.reshape(-1, D), 0, mask.unread, 0.0).view(B, Hkv, S, D)
 
 
 def _kept_by_tiles(call: Call) -> torch.Tensor:
@@ -145,19 +175,17 @@ class _SmallDense:
     float dtype; out (B, Hq, L, Ev) and lse (B, Hq, L) in the compute float."""
 
     def __init__(self, call: Call):
-        self.call, self.mask = call, _mask(call)
+        self.call, self.mask = call, mask_of_call(call)
 
     def _inputs(self, q, k, v):
         """q, k, v in the compute float as the kernel takes them (``_Mask.stacked``), unread keys zeroed."""
         B, Hq, Hkv, _, S = self.call.shape
         compute = self.call.compute_dtype
-        k, v = (t.to(compute).expand(B, -1, -1, -1) for t in (k, v))
         # Keys no row of a KV head attends may hold anything (a paged pool's free pages, NaN): the
-        # kernel multiplies every key and value, so they are zeroed (a NaN key's score would stay
-        # NaN under the -inf mask, a NaN value would turn its 0 weight into NaN).
-        if self.mask.unread is not None:
-            k, v = (torch.index_fill(t.reshape(-1, t.shape[-1]), 0, self.mask.unread, 0.0).view(B, Hkv, S, -1)
-                    for t in (k, v))
+        # kernel multiplies every key and value (a NaN key's score would stay NaN under the -inf
+        # mask, a NaN value would turn its 0 weight into NaN).
+        k = unread_zeroed(k.to(compute), self.mask, (B, Hkv, S, k.shape[-1]), q, self.call.scale)
+        v = unread_zeroed(v.to(compute), self.mask, (B, Hkv, S, v.shape[-1]))
         if self.mask.stacked:
             return q.to(compute).reshape(B, Hkv, -1, q.shape[-1]), k, v
         return q.to(compute), k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)

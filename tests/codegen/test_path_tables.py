@@ -38,10 +38,10 @@ def _decode_pool_stripes():  # one sequence, scattered tiles filling most of the
     return dict(query=q, key=k, value=v, block_mask=bm, enable_gqa=True, kernel_options={"SPLIT_KV_CHUNK": 32})
 
 
-def _decode_per_head():  # the mask depends on the head: per sequence and KV head, in chunks
+def _decode_per_head():  # the mask depends on the head, EMPTY tiles: per sequence and KV head, in chunks
     q, k, v = _inputs(2, 4, 2, 2, 400)
-    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx % (h + 2) != 0, 2, 4, 2, 400,
-                                    BLOCK_SIZE=(2, 32))
+    bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (kv_idx % (h + 2) != 0) & (kv_idx >= 64 * h), 2, 4,
+                                    2, 400, BLOCK_SIZE=(2, 32))
     return dict(query=q, key=k, value=v, block_mask=bm, enable_gqa=True, score_mod=lambda s, b, h, q, kv: s * 0.5)
 
 
@@ -50,6 +50,10 @@ def _decode_short_padded():  # a short cache, left padding in one sequence: the 
     bm = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx + 88) & (kv_idx >= 20 * b), 2, None,
                                     2, 90, BLOCK_SIZE=(2, 32))
     return dict(query=q, key=k, value=v, block_mask=bm, enable_gqa=True)
+
+
+def _decode_short_softcap():  # the same with a score_mod: the whole matrix in torch ops
+    return {**_decode_short_padded(), "score_mod": lambda s, b, h, q, kv: torch.tanh(s / 5) * 5}
 
 
 def _documents():
@@ -86,6 +90,7 @@ TORCH_CASES = {
     "decode_chunks": _decode_per_head,
     "fused_documents": _documents,
     "small_dense": _decode_short_padded,
+    "dense_scores": _decode_short_softcap,
     "fused_tiles": _causal_alibi,
     "compiled_loop": _softcap_compiled,
     "generated_loop": _softcap_with_grads,

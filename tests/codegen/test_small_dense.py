@@ -120,3 +120,19 @@ def test_a_decoding_step_with_nothing_to_skip_takes_the_whole_matrix():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     window = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 1100 - 256, None, None, 1, 1100)
     assert flexattn.explain_call(q, k, v, block_mask=window, enable_gqa=True, print_it=False).path.name.startswith("decode_")
+
+
+def test_a_long_cache_is_copied_only_where_an_unread_key_could_spoil_the_result():
+    """Left padding leaves keys no row reads. A long cache is not copied to zero them while they are
+    finite; NaN there, or keys whose scores overflow to inf, are zeroed (the reference runs on zeros)."""
+    B, Hkv, S = 2, 2, 4096  # K/V past SMALL_COPY elements
+    q, k, v = torch.randn(B, 4, 1, 16), torch.randn(B, Hkv, S, 16), torch.randn(B, Hkv, S, 16)
+    padded = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 30 * (1 - b), B, None, 1, S)
+    unread = (torch.arange(S) < 30).view(1, 1, S, 1) & (torch.arange(B) == 0).view(B, 1, 1, 1)
+    want = _run("reference", q, k.masked_fill(unread, 0.0), v.masked_fill(unread, 0.0), padded)
+    for spoiled in (0.0, float("nan"), 3e38):  # 3e38: finite, but its scores overflow
+        k_s, v_s = (k, v) if spoiled == 0.0 else (k.masked_fill(unread, spoiled), v.masked_fill(unread, spoiled))
+        with torch.no_grad():
+            got = _run("torch", q, k_s, v_s, padded, PATH="small_dense")
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
