@@ -82,7 +82,8 @@ class _Mask(NamedTuple):
     head reads, on several query rows with GQA: it then broadcasts over the heads, where stacked
     rows would repeat it G times). ``additive``: 0 / -inf in the compute float, broadcastable to
     the kernel's (B, heads, rows, S); ``unread``: the flat (B * Hkv * S) indices of the keys no row
-    of their KV head attends, or None, and ``unread_at`` the same as (b, kv head, position) indices; ``empty`` (B or 1, Hq or 1, L): the rows that attend nothing;
+    of their KV head attends, or None, and ``unread_at`` the same as (b, kv head, position) indices;
+    ``empty`` (B or 1, Hq or 1, L): the rows that attend nothing, or None where every row attends;
     ``dropped``: bool, True where ``additive`` is -inf (for ``dense_scores``, which masks scores)."""
 
     stacked: bool
@@ -125,7 +126,8 @@ def _evaluate(call: Call) -> _Mask:
     # time of a ``where`` over the keys).
     unread_at = unread.expand(B, Hkv, S).nonzero(as_tuple=True) if bool(unread.any()) else None
     flat = None if unread_at is None else (unread_at[0] * Hkv + unread_at[1]) * S + unread_at[2]
-    return _Mask(stacked, additive, flat, ~kept.any(dim=-1), ~rows, unread_at)
+    empty = ~kept.any(dim=-1)
+    return _Mask(stacked, additive, flat, empty if bool(empty.any()) else None, ~rows, unread_at)
 
 
 def unread_zeroed(x: torch.Tensor, mask: _Mask, shape: tuple, q: torch.Tensor | None = None,
