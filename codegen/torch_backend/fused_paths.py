@@ -69,9 +69,11 @@ def why_not_bias_span(call: Call) -> str | None:
 
 def document_plan(call: Call):
     """(units, None) running one fused call per packed document, or (None, why not)."""
-    # The plan reads whether there is a score_mod and whether the mask is exact, besides the mask.
-    kind = ("documents", call.score_graph is not None, call.facts.exact)
-    return call.derived("fused_documents", lambda: _cached(call, kind, _documents))
+    def make():
+        reason = _why_not_documents(call)  # read off the call: not worth keeping with the BlockMask
+        return (None, reason) if reason is not None else _cached(call, ("documents",), _documents)
+
+    return call.derived("fused_documents", make)
 
 
 def tile_plan(call: Call, forced: bool):
@@ -102,21 +104,26 @@ def _by_classes(call: Call):
     return _BY_CLASSES.get(key, (), (), lambda: _paying_tiles(call, forced=False))
 
 
+def _why_not_documents(call: Call) -> str | None:
+    L, S = call.shape[3:]
+    if call.score_graph is not None:
+        return "a score_mod is given: documents run without one"
+    if call.mask_graph is None:
+        return "no mask_mod: no documents"
+    if not call.facts.exact:
+        return ("the BlockMask is not the exact block reduction of this mask_mod (create_block_mask), "
+                "or a tensor the mask_mod captures changed since it was built")
+    if call.facts.segments is None:
+        return ("the mask_mod is not a packed-documents mask (doc[q] == doc[kv], optionally causal or "
+                "prefix-LM)")
+    if L != S:
+        return f"Q_LEN ({L}) != KV_LEN ({S}): documents need one sequence"
+    return None
+
+
 def _documents(call: Call):
     B, Hq, _, L, S = call.shape
-    if call.score_graph is not None:
-        return None, "a score_mod is given: documents run without one"
-    if call.mask_graph is None:
-        return None, "no mask_mod: no documents"
-    if not call.facts.exact:
-        return None, ("the BlockMask is not the exact block reduction of this mask_mod (create_block_mask), "
-                      "or a tensor the mask_mod captures changed since it was built")
     segments = call.facts.segments
-    if segments is None:
-        return None, ("the mask_mod is not a packed-documents mask (doc[q] == doc[kv], optionally causal or "
-                      "prefix-LM)")
-    if L != S:
-        return None, f"Q_LEN ({L}) != KV_LEN ({S}): documents need one sequence"
     buffers = [t.cpu() for t in call.mask_buffers]
     rows = range(B) if segments.batched and B > 1 else range(1)  # batched ids: one unit per batch row
     units, documents = [], 0

@@ -42,7 +42,7 @@ MAX_CELLS = 1 << 24  # B * Hq * L * S: the additive mask in float32 stays under 
 # BlockMask visits at least MIN_VISITED of its tiles (a causal mask does; a window or documents skip more).
 SMALL_CELLS = 1 << 16
 MIN_VISITED = 0.5
-SMALL_COPY = 1 << 16  # K or V elements: copied to zero unread keys without looking (two small ops)
+SMALL_COPY = 1 << 18  # K or V elements (1 MiB in float32): copied to zero unread keys without looking
 SCORE_BOUND = 1e30  # |q . k| under this is finite in float32 (max 3.4e38), also after the kernel's scale
 
 
@@ -82,7 +82,7 @@ class _Mask(NamedTuple):
     head reads, on several query rows with GQA: it then broadcasts over the heads, where stacked
     rows would repeat it G times). ``additive``: 0 / -inf in the compute float, broadcastable to
     the kernel's (B, heads, rows, S); ``unread``: the flat (B * Hkv * S) indices of the keys no row
-    of their KV head attends, or None, and ``unread_at`` the same as (b, kv head, position) indices;
+    of their KV head attends, or None;
     ``empty`` (B or 1, Hq or 1, L): the rows that attend nothing, or None where every row attends;
     ``dropped``: bool, True where ``additive`` is -inf (for ``dense_scores``, which masks scores)."""
 
@@ -91,7 +91,6 @@ class _Mask(NamedTuple):
     unread: torch.Tensor | None = None
     empty: torch.Tensor | None = None
     dropped: torch.Tensor | None = None
-    unread_at: tuple | None = None
 
 
 def mask_of_call(call: Call) -> _Mask:
@@ -124,10 +123,9 @@ def _evaluate(call: Call) -> _Mask:
     unread = ~rows.any(dim=2)
     # The flat (B * Hkv * S) indices of the keys no row reads, for ``index_fill`` (about half the
     # time of a ``where`` over the keys).
-    unread_at = unread.expand(B, Hkv, S).nonzero(as_tuple=True) if bool(unread.any()) else None
-    flat = None if unread_at is None else (unread_at[0] * Hkv + unread_at[1]) * S + unread_at[2]
+    unread = unread.expand(B, Hkv, S).reshape(-1).nonzero().squeeze(1) if bool(unread.any()) else None
     empty = ~kept.any(dim=-1)
-    return _Mask(stacked, additive, flat, empty if bool(empty.any()) else None, ~rows, unread_at)
+    return _Mask(stacked, additive, unread, empty if bool(empty.any()) else None, ~rows)
 
 
 def unread_zeroed(x: torch.Tensor, mask: _Mask, shape: tuple, q: torch.Tensor | None = None,
@@ -144,7 +142,8 @@ def unread_zeroed(x: torch.Tensor, mask: _Mask, shape: tuple, q: torch.Tensor | 
     if mask.unread is None:
         return x
     if x.numel() > SMALL_COPY:
-        rows = x[mask.unread_at]  # (unread keys, D)
+        sequence_head, position = mask.unread // S, mask.unread % S
+        rows = x[sequence_head // Hkv, sequence_head % Hkv, position]  # (unread keys, D)
         safe = torch.isfinite(rows).all()
         if q is not None:
             safe &= rows.abs().amax() * q.abs().amax().to(rows.dtype) * (D * scale) < SCORE_BOUND

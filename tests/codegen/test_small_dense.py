@@ -125,7 +125,7 @@ def test_a_decoding_step_with_nothing_to_skip_takes_the_whole_matrix():
 def test_a_long_cache_is_copied_only_where_an_unread_key_could_spoil_the_result():
     """Left padding leaves keys no row reads. A long cache is not copied to zero them while they are
     finite; NaN there, or keys whose scores overflow to inf, are zeroed (the reference runs on zeros)."""
-    B, Hkv, S = 2, 2, 4096  # K/V past SMALL_COPY elements
+    B, Hkv, S = 2, 2, 8192  # K/V past SMALL_COPY elements
     q, k, v = torch.randn(B, 4, 1, 16), torch.randn(B, Hkv, S, 16), torch.randn(B, Hkv, S, 16)
     padded = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 30 * (1 - b), B, None, 1, S)
     unread = (torch.arange(S) < 30).view(1, 1, S, 1) & (torch.arange(B) == 0).view(B, 1, 1, 1)
