@@ -1,4 +1,4 @@
-"""A short call with a score_mod, forward only: its whole score matrix in a few torch ops.
+"""A decoding step with a score_mod, forward only: its whole score matrix in a few torch ops.
 
 A decoding step of a model with softcapping or a bias (a score_mod) has nothing for a block-sparse
 loop to skip when every KV tile is visited, and on a short cache the loop is one piece whose cost is
@@ -13,23 +13,24 @@ are read once per KV head (GQA).
 Served: what ``small_dense`` does not take (a score_mod, max_scores, head dims that differ) when
 nothing needs a gradient (the general paths have the backward), at most ``MAX_CELLS`` positions,
 and, unless forced, a decoding step (``codegen.decoding``) on a short cache or one with no EMPTY
-tile: longer queries are faster in tiles, which never hold the whole matrix (docs/performance.md). Values of keys that no row of their KV head reads are zeroed where
-they are not finite (``small_dense.unread_zeroed``), since the matmul reads every value (a NaN
-there would turn a 0 weight into NaN); a dropped key's score is replaced, never added to, so a NaN
-key or a score_mod that is not finite where the mask drops it does not reach the softmax.
+tile: longer queries are faster in tiles, which never hold the whole matrix (docs/performance.md).
+Values of keys that no row of their KV head reads are zeroed where they are not finite
+(``small_dense.unread_zeroed``), since the matmul reads every value (a NaN there would turn a 0
+weight into NaN); a dropped key's score is replaced, never added to, so a NaN key or a score_mod
+that is not finite where the mask drops it does not reach the softmax.
 """
 
 from __future__ import annotations
 
 import torch
 
-from codegen.torch_backend.evaluate import index_inputs, modded_scores
 from codegen.decoding import why_not_decoding
 from codegen.torch_backend.decode import MIN_KV_TILES
+from codegen.torch_backend.evaluate import index_inputs, modded_scores
 from codegen.torch_backend.small_dense import MAX_CELLS, has_empty_tiles, mask_of_call, unread_zeroed
 from flexattn.call import Call
-from flexattn.lse import normalise, safe_shift
 from flexattn.ir import Op
+from flexattn.lse import normalise, safe_shift
 
 NEG_INF = float("-inf")
 

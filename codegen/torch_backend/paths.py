@@ -106,7 +106,7 @@ class SmallDense(Path):
 
 class DenseScores(Path):
     name = "dense_scores"
-    summary = ("a call on a short KV, or a decoding step that visits every tile, with no gradient: its whole "
+    summary = ("a decoding step on a short KV or one that visits every tile, with no gradient: its whole "
                "score matrix, score_mod and mask in a few torch ops")
 
     def why_not(self, call: Call) -> str | None:

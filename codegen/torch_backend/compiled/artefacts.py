@@ -51,8 +51,11 @@ def compile_tile(fn, example_args: tuple, threads: int):
     # cpp.threads: the caller's thread count (part of the signature), as torch's own ops use. On a
     # quiet machine two threads ran the generic rows 1.4-1.6x faster than serial tile code; on a
     # loaded one an OpenMP region waits for a descheduled thread at every barrier (docs/performance.md).
+    # vec_isa_ok: the vector ISA is taken from the CPU's flags, without inductor's probe (test programs
+    # built in a dozen child processes: about half of a cold first compile); a compiler that cannot
+    # build for that ISA fails the compile, and the eager loop keeps serving.
     with _config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True), \
-            torch._inductor.config.patch({"cpp.threads": threads}), torch.no_grad():
+            torch._inductor.config.patch({"cpp.threads": threads, "cpp.vec_isa_ok": True}), torch.no_grad():
         for _ in range(RESTARTS):
             try:
                 return torch.compile(fn, backend="inductor", fullgraph=True, dynamic=True).aot_compile(
