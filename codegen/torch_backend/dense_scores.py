@@ -27,7 +27,7 @@ import torch
 from codegen.decoding import why_not_decoding
 from codegen.torch_backend.decode import MIN_KV_TILES
 from codegen.torch_backend.evaluate import index_inputs, modded_scores
-from codegen.torch_backend.small_dense import MAX_CELLS, has_empty_tiles, mask_of_call, unread_zeroed
+from codegen.torch_backend.small_dense import has_empty_tiles, mask_of_call, unread_zeroed, why_not_sized
 from flexattn.call import Call
 from flexattn.ir import Op
 from flexattn.lse import normalise, safe_shift
@@ -39,17 +39,13 @@ def why_not_dense_scores(call: Call, forced: bool) -> str | None:
     """Why ``call`` is not a call this path computes (None: it is)."""
     if call.needs_grad:
         return "an input needs gradients and this path is forward only"
-    B, Hq, _, L, S = call.shape
-    if L == 0 or S == 0:
-        return "no query rows or no keys"
-    if B * Hq * L * S > MAX_CELLS:
-        return f"B * Hq * Q_LEN * KV_LEN = {B * Hq * L * S} positions > {MAX_CELLS}: the scores would be too big"
-    if forced:
-        return None
+    reason = why_not_sized(call, "the scores")
+    if reason is not None or forced:
+        return reason
     reason = why_not_decoding(call)
     if reason is not None:
         return f"{reason} (longer queries: the tiled paths, which hold no whole score matrix, are faster)"
-    if S >= MIN_KV_TILES * call.block_size[1] and has_empty_tiles(call):
+    if call.shape[4] >= MIN_KV_TILES * call.block_size[1] and has_empty_tiles(call):
         return "a decoding step on a long cache with EMPTY tiles: split-KV skips them"
     return None
 

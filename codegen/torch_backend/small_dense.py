@@ -53,13 +53,10 @@ def why_not_small_dense(call: Call, forced: bool) -> str | None:
         return reason
     if call.score_graph is not None:
         return "a score_mod: the fused kernel only adds a mask"
-    B, Hq, _, L, S = call.shape
-    if L == 0 or S == 0:
-        return "no query rows or no keys"
-    if B * Hq * L * S > MAX_CELLS:
-        return f"B * Hq * Q_LEN * KV_LEN = {B * Hq * L * S} positions > {MAX_CELLS}: the additive mask would be too big"
-    if forced:
-        return None
+    reason = why_not_sized(call, "the additive mask")
+    if reason is not None or forced:
+        return reason
+    L, S = call.shape[3:]
     kv_block = call.block_size[1]
     if S >= MIN_KV_TILES * kv_block and (why_not_decoding(call) is not None or has_empty_tiles(call)):
         return (f"KV_LEN={S} spans {MIN_KV_TILES} KV tiles of {kv_block} or more (and is not a decoding step that "
@@ -68,6 +65,17 @@ def why_not_small_dense(call: Call, forced: bool) -> str | None:
         visited = float((call.block_mask.tile_classes() != EMPTY).float().mean())
         if visited < MIN_VISITED:
             return f"the BlockMask visits {visited:.0%} of its tiles (< {MIN_VISITED:.0%}): the block-sparse paths skip the rest"
+    return None
+
+
+def why_not_sized(call: Call, what: str) -> str | None:
+    """The size rule of the paths that hold a whole (B, Hq, Q_LEN, KV_LEN) matrix, ``what``: some
+    positions, and at most ``MAX_CELLS``."""
+    B, Hq, _, L, S = call.shape
+    if L == 0 or S == 0:
+        return "no query rows or no keys"
+    if B * Hq * L * S > MAX_CELLS:
+        return f"B * Hq * Q_LEN * KV_LEN = {B * Hq * L * S} positions > {MAX_CELLS}: {what} would be too big"
     return None
 
 
