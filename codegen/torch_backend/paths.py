@@ -4,18 +4,19 @@ Each entry is one small class: ``why_not(call)`` says why it does not serve a ca
 does), ``run(call)`` computes it. Decoding shapes on a long cache come first (split-KV, forward
 only), then torch's fused CPU flash kernel: packed documents, a short KV as one whole matrix
 (with a score_mod: the whole matrix in torch ops, forward only), plans of tiles where they pay,
-then the generated block-sparse loop, which serves every call. Adding a path is one class here and one line in ``PATHS``.
+then the generated block-sparse loop, which serves every call. Adding a path is one class here
+and one line in ``PATHS``.
 """
 
 from __future__ import annotations
 
 from codegen.paths import Path, ServesEveryCall
 from codegen.torch_backend import compiled, fused_paths
-from codegen.torch_backend.dense_scores import dense_scores, why_not_dense_scores
 from codegen.torch_backend.decode import decoding, why_not_split_kv
 from codegen.torch_backend.decode.batch import whole_batch, why_not_copied, why_not_in_place
 from codegen.torch_backend.decode.chunks import chunked
 from codegen.torch_backend.decode.pool import Pool, pool_major
+from codegen.torch_backend.dense_scores import dense_scores, why_not_dense_scores
 from codegen.torch_backend.kernel import compile_kernel, outside_compiled_graphs
 from codegen.torch_backend.small_dense import small_dense, why_not_small_dense
 from flexattn.call import Call
