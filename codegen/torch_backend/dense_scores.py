@@ -29,7 +29,6 @@ from codegen.torch_backend.decode import MIN_KV_TILES
 from codegen.torch_backend.evaluate import index_inputs, modded_scores
 from codegen.torch_backend.small_dense import has_empty_tiles, mask_of_call, unread_zeroed, why_not_sized
 from flexattn.call import Call
-from flexattn.ir import Op
 from flexattn.lse import normalise, safe_shift
 
 NEG_INF = float("-inf")
@@ -62,7 +61,7 @@ def dense_scores(call: Call):
     s = torch.matmul(q, k.transpose(-1, -2)).view(B, Hkv, G, L, S)
     if call.score_graph is not None:
         graph = call.score_graph
-        reads = graph.derived("input names", lambda: {node.arg for node in graph.nodes if node.op is Op.INPUT})
+        reads = graph.derived("used inputs", graph.used_inputs)
         index = dict(b=lambda: (torch.arange(B, device=device), (0,)),
                      h=lambda: (torch.arange(Hq, device=device).view(Hkv, G), (1, 2)),
                      q_idx=lambda: (torch.arange(L, device=device), (3,)),

@@ -23,7 +23,8 @@ per-piece work; docs/performance.md). Packed documents go to
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -84,21 +85,25 @@ def has_empty_tiles(call: Call) -> bool:
     return call.block_mask is not None and bool((call.block_mask.tile_classes() == EMPTY).any())
 
 
-class _Mask(NamedTuple):
+@dataclass(frozen=True)
+class _Mask:
     """A call's mask as the kernel takes it. ``stacked``: the query heads of a KV head enter as one
     head's rows, q (B, Hkv, G * L, E); else K/V are expanded to the query heads (a mask that no
     head reads, on several query rows with GQA: it then broadcasts over the heads, where stacked
     rows would repeat it G times). ``additive``: 0 / -inf in the compute float, broadcastable to
     the kernel's (B, heads, rows, S); ``unread``: the flat (B * Hkv * S) indices of the keys no row
     of their KV head attends, or None;
-    ``empty`` (B or 1, Hq or 1, L): the rows that attend nothing, or None where every row attends;
-    ``dropped``: bool, True where ``additive`` is -inf (for ``dense_scores``, which masks scores)."""
+    ``empty`` (B or 1, Hq or 1, L): the rows that attend nothing, or None where every row attends."""
 
     stacked: bool
     additive: torch.Tensor | None = None
     unread: torch.Tensor | None = None
     empty: torch.Tensor | None = None
-    dropped: torch.Tensor | None = None
+
+    @cached_property
+    def dropped(self) -> torch.Tensor | None:
+        """Bool, True where ``additive`` is -inf (for ``dense_scores``, which masks the scores), or None."""
+        return None if self.additive is None else self.additive.isneginf()
 
 
 def mask_of_call(call: Call) -> _Mask:
@@ -133,7 +138,7 @@ def _evaluate(call: Call) -> _Mask:
     # time of a ``where`` over the keys).
     unread = unread.expand(B, Hkv, S).reshape(-1).nonzero().squeeze(1) if bool(unread.any()) else None
     empty = ~kept.any(dim=-1)
-    return _Mask(stacked, additive, unread, empty if bool(empty.any()) else None, ~rows)
+    return _Mask(stacked, additive, unread, empty if bool(empty.any()) else None)
 
 
 def unread_zeroed(x: torch.Tensor, mask: _Mask, shape: tuple, q: torch.Tensor | None = None,

@@ -1,5 +1,6 @@
-"""dense_scores: a short call's whole score matrix with its score_mod in torch ops, against the reference."""
+"""dense_scores: a decoding step's whole score matrix with its score_mod in torch ops, against the reference."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from mods import MODS
@@ -50,13 +51,14 @@ def test_dense_scores_matches_reference(case, L, S, kv_heads, group, B, per_head
         mask_mod = lambda b, h, q_idx, kv_idx: inner(b, h, q_idx + shift, kv_idx)  # noqa: E731
         block_mask = flexattn.create_block_mask(mask_mod, B, Hq if per_head else None, L, S,
                                                 BLOCK_SIZE=(q_block, kv_block))
-    want = _run("reference", q, k, v, block_mask, mods.score_mod, max_scores=True)
     if block_mask is not None and layout != "one cache for the batch":
         kept = flexattn.create_mask(block_mask.mask_mod, B, Hq, L, S)
         unread = ~kept.reshape(B, kv_heads, group * L, S).any(dim=2).unsqueeze(-1)  # (B, Hkv, S, 1)
         want = _run("reference", q, k.masked_fill(unread, 0.0), v.masked_fill(unread, 0.0), block_mask,
                     mods.score_mod, max_scores=True)
         k, v = k.masked_fill(unread, float("nan")), v.masked_fill(unread, float("nan"))
+    else:
+        want = _run("reference", q, k, v, block_mask, mods.score_mod, max_scores=True)
     got = _run("torch", q, k, v, block_mask, mods.score_mod, max_scores=True, PATH="dense_scores")
     tol = 1e-5 if dtype != torch.bfloat16 else 2e-2
     torch.testing.assert_close(got[0].float(), want[0].float(), rtol=tol, atol=tol)
@@ -118,3 +120,41 @@ def test_a_long_cache_with_nan_values_where_no_row_reads():
     assert flexattn.explain_call(q, k, v, score_mod=bias, block_mask=padded, enable_gqa=True,
                                  print_it=False).path.name == "dense_scores"
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def _torch_flex(q, k, v, score_mod, mask_mod, B, L, S):
+    from torch.nn.attention import flex_attention as tfa
+
+    torch._dynamo.reset()  # torch's eager flex runs through dynamo, whose cache can mix closures
+    block_mask = tfa.create_block_mask(mask_mod, B, None, L, S, device="cpu")
+    with torch.no_grad():
+        out, aux = tfa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True,
+                                      return_aux=tfa.AuxRequest(lse=True))
+    return out, aux.lse
+
+
+@pytest.mark.parametrize("S", [80, 1100])
+@pytest.mark.parametrize("mod", ["softcap", "relative bias"])
+def test_dense_scores_equals_torch_flex_attention(S, mod):
+    """A decoding step as transformers makes it (left padding, GQA) with a score_mod: out and lse
+    equal torch's own flex_attention's, on the path dense_scores."""
+    B, L = 2, 1
+    table = torch.linspace(-1.0, 1.0, 2 * S)
+    score_mod = {"softcap": lambda s, b, h, q_idx, kv_idx: 30.0 * torch.tanh(s / 30.0),
+                 "relative bias": lambda s, b, h, q_idx, kv_idx: s + table[q_idx - kv_idx + S] * (h + 1)}[mod]
+
+    def padded_causal(b, h, q_idx, kv_idx):
+        return (q_idx + S - 1 >= kv_idx) & (kv_idx >= 16 * (1 - b))
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, 4, L, 16), torch.randn(B, 2, S, 16), torch.randn(B, 2, S, 16)
+    block_mask = flexattn.create_block_mask(padded_causal, B, None, L, S)
+    with torch.no_grad():
+        choice = flexattn.explain_call(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True,
+                                       print_it=False)
+        out, aux = flexattn.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True,
+                                           return_aux=flexattn.AuxRequest(lse=True))
+    assert choice.path.name == "dense_scores"
+    want_out, want_lse = _torch_flex(q, k, v, score_mod, padded_causal, B, L, S)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux.lse, want_lse, rtol=1e-5, atol=1e-5)

@@ -314,3 +314,45 @@ def test_tiles_of_a_ragged_sequence_pads_only_the_picked_tiles(n, block, data):
     padded = torch.nn.functional.pad(x, (0, 0, 0, -n % block)).view(2, 3, tiles, block, 5)
     expected = padded.index_select(2, index).transpose(1, 2).reshape(2 * len(index), 3, block, 5)
     assert torch.equal(fused._tiles_of(x, block, index), expected)
+
+
+def test_a_ragged_last_kv_tile_equals_torch_flex_attention():
+    """Speculative decoding's shape (a few queries over a long cache whose length is no multiple of
+    the tile): the fused path, which pads only the tiles it picks, equals torch's flex_attention."""
+    from torch.nn.attention import flex_attention as tfa
+
+    L, S, prefix = 64, 1100, 1036
+
+    def tree(b, h, q_idx, kv_idx):
+        return (kv_idx < prefix) | (kv_idx - prefix <= q_idx)
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, L, 16), torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
+    bm = flexattn.create_block_mask(tree, None, None, L, S, BLOCK_SIZE=(64, 128))
+    assert flexattn.explain_call(q, k, v, block_mask=bm, print_it=False).path.name == "fused_tiles"
+    out, aux = flexattn.flex_attention(q, k, v, block_mask=bm, return_aux=flexattn.AuxRequest(lse=True))
+    torch._dynamo.reset()  # torch's eager flex runs through dynamo
+    theirs = tfa.create_block_mask(tree, None, None, L, S, device="cpu", BLOCK_SIZE=(64, 128))
+    want, want_aux = tfa.flex_attention(q, k, v, block_mask=theirs, return_aux=tfa.AuxRequest(lse=True))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux.lse, want_aux.lse, rtol=1e-5, atol=1e-5)
+
+
+def test_a_ragged_last_kv_tile_has_the_dense_gradients_through_out_and_lse():
+    L, S, prefix = 64, 1100, 1036
+
+    def tree(b, h, q_idx, kv_idx):
+        return (kv_idx < prefix) | (kv_idx - prefix <= q_idx)
+
+    bm = flexattn.create_block_mask(tree, None, None, L, S, BLOCK_SIZE=(64, 128))
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(1, 2, n, 16, dtype=torch.float64, generator=g) for n in (L, S, S)]
+    grads = {}
+    for backend, options in (("torch", {"PATH": "fused_tiles"}), ("reference", None)):
+        q, k, v = (x.clone().requires_grad_() for x in base)
+        out, aux = flexattn.flex_attention(q, k, v, block_mask=bm, kernel_options=options, backend=backend,
+                                           return_aux=flexattn.AuxRequest(lse=True))
+        (out.sum() + (aux.lse * 0.5).sum()).backward()
+        grads[backend] = (q.grad, k.grad, v.grad)
+    for got, want in zip(grads["torch"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
