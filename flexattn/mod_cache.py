@@ -44,7 +44,7 @@ _METADATA = {"__get__", "stride", "size", "dim", "data_ptr", "numel", "__len__",
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _traces: OrderedDict = OrderedDict()
 _block_masks: OrderedDict = OrderedDict()
-_building = threading.local()  # (mod, fingerprint) while cached_block_mask builds a mask of mod
+_building = threading.local()  # (mod, fingerprint) while cached_block_mask builds or traces a mask of mod
 
 
 class _Uncacheable(Exception):
@@ -197,11 +197,12 @@ def cached_block_mask(mask_mod, arguments: tuple, build, trace):
     entry = _block_masks.get(key)
     # A cached mask whose tile lists a caller wrote in place (the copies handed out share them) is
     # not served again.
-    if entry is not None and _same_values(tensors, entry[1]) and entry[0].lists_unchanged():
-        _block_masks.move_to_end(key)
-        return entry[0].relabelled(mask_mod, trace(mask_mod))
-    outer, _building.mod = getattr(_building, "mod", None), (mask_mod, found)  # the build traces this mod
+    hit = entry is not None and _same_values(tensors, entry[1]) and entry[0].lists_unchanged()
+    outer, _building.mod = getattr(_building, "mod", None), (mask_mod, found)  # tracing this mod: no second walk
     try:
+        if hit:
+            _block_masks.move_to_end(key)
+            return entry[0].relabelled(mask_mod, trace(mask_mod))
         block_mask = build()
     finally:
         _building.mod = outer

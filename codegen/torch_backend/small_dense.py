@@ -43,8 +43,7 @@ MAX_CELLS = 1 << 24  # B * Hq * L * S: the additive mask in float32 stays under 
 # BlockMask visits at least MIN_VISITED of its tiles (a causal mask does; a window or documents skip more).
 SMALL_CELLS = 1 << 16
 MIN_VISITED = 0.5
-SMALL_COPY = 1 << 18  # K or V elements (1 MiB in float32): copied to zero unread keys without looking
-SCORE_BOUND = 1e30  # |q . k| under this is finite in float32 (max 3.4e38), also after the kernel's scale
+SCORE_BOUND = 1e30  # a score bound under this is finite in float32 (max 3.4e38) and bf16, with the mask added
 
 
 def why_not_small_dense(call: Call, forced: bool) -> str | None:
@@ -143,25 +142,30 @@ def _evaluate(call: Call) -> _Mask:
 
 def unread_zeroed(x: torch.Tensor, mask: _Mask, shape: tuple, q: torch.Tensor | None = None,
                   scale: float = 1.0) -> torch.Tensor:
-    """``x`` (K or V, (B or 1, Hkv, S, D), any layout) as (B, Hkv, S, D) = ``shape`` with the keys
-    ``mask`` says no row reads set to 0, since a kernel that multiplies every key and value turns a
-    NaN there into a NaN result (a paged pool's free pages may hold anything).
+    """``x`` (K or V, (B or 1, Hkv, S, D), any layout) as (B, Hkv, S, D) = ``shape``, with the keys
+    ``mask`` says no row reads set to 0 where they could change the result: a kernel that
+    multiplies every key and value turns a NaN or inf there into a NaN result (a paged pool's free
+    pages may hold anything), and so does a key whose score with the queries ``q`` (scaled by
+    ``scale``) could overflow to inf, which the -inf mask turns into NaN.
 
-    A long cache is copied only where one of those keys is not finite or, given the queries ``q``
-    and the kernel's ``scale``, where its scores could overflow to inf (which the -inf mask would
-    turn into NaN): a copy of a long cache costs more than the attention on it."""
+    Those keys are looked at first and ``x`` is copied only when one of them is unsafe: a copy of
+    K or V costs more than the look, and far more than the attention of a decoding step. The look
+    bounds every score by Cauchy-Schwarz, |q . k| <= ||Q|| ||K_unread|| (Frobenius norms); a NaN
+    or inf makes a norm non-finite, and a norm that overflows is unsafe too."""
     B, Hkv, S, D = shape
     x = x.expand(B, -1, -1, -1)
     if mask.unread is None:
         return x
-    if x.numel() > SMALL_COPY:
+    if x.is_contiguous():
+        rows = x.view(-1, D).index_select(0, mask.unread)  # (unread keys, D)
+    else:
         sequence_head, position = mask.unread // S, mask.unread % S
-        rows = x[sequence_head // Hkv, sequence_head % Hkv, position]  # (unread keys, D)
-        safe = torch.isfinite(rows).all()
-        if q is not None:
-            safe &= rows.abs().amax() * q.abs().amax().to(rows.dtype) * (D * scale) < SCORE_BOUND
-        if bool(safe):
-            return x
+        rows = x[sequence_head // Hkv, sequence_head % Hkv, position]
+    bound = float(torch.linalg.vector_norm(rows))
+    if q is not None:
+        bound *= float(torch.linalg.vector_norm(q)) * scale
+    if bound < SCORE_BOUND:  # False for NaN and inf
+        return x
     return torch.index_fill(x.reshape(-1, D), 0, mask.unread, 0.0).view(B, Hkv, S, D)
 
 

@@ -108,7 +108,7 @@ def test_decoding_steps_with_a_score_mod_take_the_whole_matrix():
 
 def test_a_long_cache_with_nan_values_where_no_row_reads():
     """A NaN value where no row reads (a long cache, left padding) is zeroed, never multiplied."""
-    B, Hkv, S = 2, 2, 8192  # K/V past SMALL_COPY elements
+    B, Hkv, S = 2, 2, 8192
     q, k, v = torch.randn(B, 4, 1, 16), torch.randn(B, Hkv, S, 16), torch.randn(B, Hkv, S, 16)
     padded = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 30 * (1 - b), B, None, 1, S)
     unread = (torch.arange(S) < 30).view(1, 1, S, 1) & (torch.arange(B) == 0).view(B, 1, 1, 1)

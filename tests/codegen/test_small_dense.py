@@ -1,5 +1,6 @@
 """small_dense: a short call's whole score matrix on torch's fused kernel, against the reference."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -122,16 +123,20 @@ def test_a_decoding_step_with_nothing_to_skip_takes_the_whole_matrix():
     assert flexattn.explain_call(q, k, v, block_mask=window, enable_gqa=True, print_it=False).path.name.startswith("decode_")
 
 
-def test_a_long_cache_is_copied_only_where_an_unread_key_could_spoil_the_result():
-    """Left padding leaves keys no row reads. A long cache is not copied to zero them while they are
-    finite; NaN there, or keys whose scores overflow to inf, are zeroed (the reference runs on zeros)."""
-    B, Hkv, S = 2, 2, 8192  # K/V past SMALL_COPY elements
+@pytest.mark.parametrize("S", [80, 8192])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_keys_no_row_reads_are_zeroed_only_where_they_could_spoil_the_result(S, layout):
+    """Left padding leaves keys no row reads. K/V are not copied to zero them while they are finite;
+    NaN there, or keys whose scores overflow to inf, are zeroed (the reference runs on zeros)."""
+    B, Hkv = 2, 2
     q, k, v = torch.randn(B, 4, 1, 16), torch.randn(B, Hkv, S, 16), torch.randn(B, Hkv, S, 16)
     padded = flexattn.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 30 * (1 - b), B, None, 1, S)
     unread = (torch.arange(S) < 30).view(1, 1, S, 1) & (torch.arange(B) == 0).view(B, 1, 1, 1)
     want = _run("reference", q, k.masked_fill(unread, 0.0), v.masked_fill(unread, 0.0), padded)
-    for spoiled in (0.0, float("nan"), 3e38):  # 3e38: finite, but its scores overflow
+    for spoiled in (0.0, float("nan"), float("inf"), 3e38):  # 3e38: finite, but its scores overflow
         k_s, v_s = (k, v) if spoiled == 0.0 else (k.masked_fill(unread, spoiled), v.masked_fill(unread, spoiled))
+        if layout == "transposed":  # (B, S, Hkv, D) in memory, as a cache of (B, S, H, D) rows
+            k_s, v_s = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k_s, v_s))
         with torch.no_grad():
             got = _run("torch", q, k_s, v_s, padded, PATH="small_dense")
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
