@@ -8,6 +8,9 @@ source, Triton source) must match these semantics.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from flexattn.ir import SPECS, DType, Graph, Op
@@ -36,9 +39,23 @@ def _tensors(args: list) -> list[torch.Tensor]:
     for a in args:
         if not isinstance(a, torch.Tensor):
             like = next((t for t in tensors if _kind(t.dtype) is type(a)), None)
-            a = torch.as_tensor(a) if like is None else torch.as_tensor(a, dtype=like.dtype, device=like.device)
+            a = _constant(a, type(a), _negative_zero(a), None if like is None else like.dtype,
+                          None if like is None else like.device)
         out.append(a)
     return out
+
+
+def _negative_zero(value) -> bool:
+    return isinstance(value, float) and value == 0.0 and math.copysign(1.0, value) < 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _constant(value, kind: type, negative_zero: bool, dtype: torch.dtype | None,
+              device: torch.device | None) -> torch.Tensor:
+    """The 0-dim tensor of the scalar ``value``, made once: a mask evaluated every decoding step
+    converts the same constants (no op writes into its operands). ``kind`` and ``negative_zero`` keep
+    apart the scalars that compare equal (1 and True, 0.0 and -0.0)."""
+    return torch.as_tensor(value) if dtype is None else torch.as_tensor(value, dtype=dtype, device=device)
 
 
 def apply_op(op: Op, dtype: DType, args: list, arg=None):

@@ -132,12 +132,11 @@ def _evaluate(call: Call) -> _Mask:
     else:
         rows = kept  # (B or 1, 1, L, S) over the expanded heads
     additive = torch.full(rows.shape, NEG_INF, dtype=call.compute_dtype, device=rows.device).masked_fill_(rows, 0.0)
-    unread = ~rows.any(dim=2)
-    # The flat (B * Hkv * S) indices of the keys no row reads, for ``index_fill`` (about half the
-    # time of a ``where`` over the keys).
-    unread = unread.expand(B, Hkv, S).reshape(-1).nonzero().squeeze(1) if bool(unread.any()) else None
-    empty = ~kept.any(dim=-1)
-    return _Mask(stacked, additive, unread, empty if bool(empty.any()) else None)
+    # The flat (B * Hkv * S) indices of the keys no row reads, for ``index_select`` / ``index_fill``.
+    unread = rows.any(dim=2).logical_not_().expand(B, Hkv, S).reshape(-1).nonzero().squeeze(1)
+    attends = kept.any(dim=-1)
+    return _Mask(stacked, additive, unread if len(unread) else None,
+                 None if bool(attends.all()) else attends.logical_not_())
 
 
 def unread_zeroed(x: torch.Tensor, mask: _Mask, shape: tuple, q: torch.Tensor | None = None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from flexattn import passes
@@ -56,7 +57,8 @@ def _with_padding(mask_mod, padding: torch.Tensor, kv_offset: torch.Tensor):
 def tile_classes_of(allowed: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """(B, H, Q, KV) bool -> (B, H, ceil(Q / block[0]), ceil(KV / block[1])) int8 EMPTY/PARTIAL/FULL.
 
-    A ragged last tile is FULL when every position inside the lengths attends.
+    A ragged last tile is FULL when every position inside the lengths attends. Torch ops only, the
+    same for every length: dynamo traces it (``hf_compiled``), on any device.
 
     Example::
 
@@ -78,7 +80,7 @@ def tile_classes_of(allowed: torch.Tensor, block: tuple[int, int]) -> torch.Tens
     return torch.where(counts == sizes, FULL, torch.where(counts > 0, PARTIAL, EMPTY)).to(torch.int8)
 
 
-def _lists(classes: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_lists(classes: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's ordered lists of the tiles of class ``code`` per row: (count, indices: those tiles first, ascending)."""
     hit = classes == code
     order = torch.sort((~hit).to(torch.int8), dim=-1, stable=True).indices
@@ -95,9 +97,48 @@ def block_mask_of_classes(classes: torch.Tensor, block, seq_lengths, mask_mod, t
     ``block_mask_of_classes(torch.full((1, 1, 2, 2), FULL, dtype=torch.int8), (128, 128), (256, 256), None)``.
     """
     columns = classes.transpose(-1, -2)
-    return BlockMask(seq_lengths, *_lists(classes, PARTIAL), *_lists(classes, FULL), *_lists(columns, PARTIAL),
-                     *_lists(columns, FULL), block, mask_mod,
+    return BlockMask(seq_lengths, *_torch_lists(classes, PARTIAL), *_torch_lists(classes, FULL),
+                     *_torch_lists(columns, PARTIAL), *_torch_lists(columns, FULL), block, mask_mod,
                      analysis=None if traced is None else TileAnalysis(mask_mod, traced, attended=attended))
+
+
+def _tile_classes_numpy(allowed: torch.Tensor, block: tuple[int, int]) -> np.ndarray:
+    """``tile_classes_of`` in numpy, for the eager build (a CPU mask): its grids are small (a
+    decoding step, a short prompt, one row of padding), where each torch op's fixed cost is several
+    times numpy's. Returns the classes as an int8 array."""
+    nb, nh, Q, KV = allowed.shape
+    (bq, bk), nq, nkv = block, math.ceil(Q / block[0]), math.ceil(KV / block[1])
+    keys = allowed.numpy()
+    if KV != nkv * bk:  # a ragged last tile: padded with positions that do not attend
+        keys = np.concatenate([keys, np.zeros((nb, nh, Q, nkv * bk - KV), dtype=bool)], axis=-1)
+    per_row = keys.reshape(nb, nh, Q, nkv, bk).sum(-1, dtype=np.int32)
+    if Q != nq * bq:
+        per_row = np.concatenate([per_row, np.zeros((nb, nh, nq * bq - Q, nkv), dtype=np.int32)], axis=2)
+    counts = per_row.reshape(nb, nh, nq, bq, nkv).sum(3, dtype=np.int32)
+    row_sizes = np.full(nq, bq, dtype=np.int32)
+    col_sizes = np.full(nkv, bk, dtype=np.int32)
+    row_sizes[-1], col_sizes[-1] = Q - (nq - 1) * bq, KV - (nkv - 1) * bk
+    # EMPTY 0, PARTIAL 1, FULL 2: some position attends, plus every position attends.
+    classes = (counts > 0).astype(np.int8) + (counts == row_sizes[:, None] * col_sizes[None, :])
+    return classes
+
+
+_CODES = np.array([PARTIAL, FULL], dtype=np.int8).reshape(2, 1, 1, 1, 1)
+
+
+def _lists(classes: np.ndarray) -> list[torch.Tensor]:
+    """torch's ordered lists per row of ``classes`` (B, H, rows, cols): [PARTIAL count, PARTIAL
+    indices, FULL count, FULL indices], the tiles of the class first, ascending, then the others."""
+    other = classes[None] != _CODES
+    order = torch.from_numpy(np.argsort(other, axis=-1, kind="stable").astype(np.int32))
+    counts = torch.from_numpy(classes.shape[-1] - other.sum(-1, dtype=np.int32))
+    return [counts[0], order[0], counts[1], order[1]]
+
+
+def _block_mask_of_numpy_classes(classes: np.ndarray, block, seq_lengths, mask_mod, traced, attended) -> BlockMask:
+    """``block_mask_of_classes`` of numpy classes, by two sorts in numpy (the eager build)."""
+    return BlockMask(seq_lengths, *_lists(classes), *_lists(classes.swapaxes(-1, -2)), block, mask_mod,
+                     analysis=TileAnalysis(mask_mod, traced, attended=attended))
 
 
 _batch_dependence: dict[int, tuple] = {}  # id(graph) -> (graph, reads b): a decoding step asks every step
@@ -147,17 +188,17 @@ def _build(mask_mod, base, padding, kv_off, batch_size, q_length, kv_length, dev
     traced, attended = trace_mask_mod(mask_mod), None
     if dense:
         attended = _attended(traced, batch_size, q_length, kv_length)
-        classes = tile_classes_of(attended, block)
+        classes = _tile_classes_numpy(attended, block)
     else:
         classes = create_block_mask(base, batch_size, None, q_length, kv_length, BLOCK_SIZE=block,
-                                    exact=False).tile_classes()
+                                    exact=False).tile_classes().cpu().numpy()
         if padding is not None:
             start = int(kv_off)
             keys = padding.to("cpu", torch.bool)[:, start:start + kv_length]
-            classes = torch.minimum(classes, tile_classes_of(keys[:, None, None, :], (1, block[1])))
+            classes = np.minimum(classes, _tile_classes_numpy(keys[:, None, None, :], (1, block[1])))
     # Kept with the mask (``BlockMask.attended_positions``): a decoding step's attention reads it
     # instead of evaluating the mask again in its first layer.
-    block_mask = block_mask_of_classes(classes, block, (q_length, kv_length), mask_mod, traced, attended)
+    block_mask = _block_mask_of_numpy_classes(classes, block, (q_length, kv_length), mask_mod, traced, attended)
     return block_mask if torch.device(device).type == "cpu" else block_mask.to(device)
 
 

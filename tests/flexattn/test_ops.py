@@ -189,3 +189,17 @@ def test_ir_dtype_follows_torch_promotion_of_loads():
     x, y = torch.tensor([1, 2], dtype=torch.int32), torch.tensor([True, False])
     graph, _ = trace_values(lambda a, c: a + c, [x, y])
     assert TORCH_DTYPES[graph.output.dtype] == (x + y).dtype
+
+
+def test_constants_made_once_keep_apart_scalars_that_compare_equal():
+    """apply_op's constants are made once per (value, dtype): -0.0 / 0.0 and True / 1 stay distinct."""
+    from flexattn.semantics import apply_op
+    from flexattn.ir import DType
+
+    x = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    positive, negative = (apply_op(Op.TRUEDIV, DType.FLOAT32, [x, zero]) for zero in (0.0, -0.0))
+    assert positive.tolist() == [float("inf"), float("-inf")] and negative.tolist() == [float("-inf"), float("inf")]
+    assert apply_op(Op.ADD, DType.FLOAT32, [x, 0.1]).dtype == torch.float64  # the constant exact in float64
+    n = torch.tensor([2, 3])
+    assert apply_op(Op.ADD, DType.INT64, [n, 1]).tolist() == [3, 4]
+    assert apply_op(Op.ADD, DType.INT64, [n, True]).tolist() == [3, 4]

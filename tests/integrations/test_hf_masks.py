@@ -53,6 +53,24 @@ def test_lists_have_torchs_layout():
     assert torch.equal(ours.tile_classes(), classes)
 
 
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 2), st.integers(1, 40), st.integers(1, 300)),
+       block=st.tuples(st.sampled_from([1, 4, 16]), st.sampled_from([4, 16, 128])), density=st.floats(0, 1),
+       seed=st.integers(0, 2**16))
+def test_the_eager_builds_numpy_lists_equal_the_traceable_torch_ones(shape, block, density, seed):
+    """The eager build counts and sorts in numpy (``_tile_classes_numpy``); the compiled one in torch."""
+    generator = torch.Generator().manual_seed(seed)
+    allowed = torch.rand(shape, generator=generator) < density
+    allowed[..., : shape[-1] // 3] = True  # some FULL tiles too
+    classes = hf_masks.tile_classes_of(allowed, block)
+    numpy_classes = hf_masks._tile_classes_numpy(allowed, block)
+    assert torch.equal(torch.from_numpy(numpy_classes), classes)
+    ours = hf_masks._block_mask_of_numpy_classes(numpy_classes, block, shape[2:], None, None, None)
+    theirs = hf_masks.block_mask_of_classes(classes, block, shape[2:], None)
+    for name in ours._TENSOR_ATTRS[:8]:
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
 @settings(max_examples=20, deadline=None)
 @given(past=st.integers(1, 300), q_len=st.integers(1, 4), pad=st.integers(0, 40), heads=st.sampled_from([(2, 2), (4, 2)]),
        nan_pads=st.booleans())
