@@ -8,6 +8,9 @@ returning its log-sum-exp. So this path:
 * covers the BlockMask's FULL tiles with few, large rectangles (boxes of a
   quadtree over the tile matrix or runs along its rows, whichever are fewer,
   neighbours merged) and runs each rectangle as one fused call, with no mask;
+* gathers the FULL tiles of rows where they are scattered (several short runs: a top-k block
+  selection) into one key sequence per row, rows of equal counts batched into one call, the
+  query heads of a KV head stacked as rows (``gathered``);
 * runs the PARTIAL tiles as batches of single tiles (a tile's queries against
   its keys), the mask_mod evaluated into an additive 0 / -inf mask; tiles of
   one q-row go to different batches, so each batch updates a row once;
@@ -41,9 +44,11 @@ tall rectangles or wide strips, and an estimated cost below the generated loop's
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
-from codegen.torch_backend import fused_plan
+from codegen.torch_backend import fused_plan, gathered
 from codegen.torch_backend.fused_plan import PlanUnit, chunks, evaluate_on_tiles, tile_env
 from flexattn.block_mask import UPPER
 from flexattn.lse import merge
@@ -101,18 +106,33 @@ class Features:
 
 
 class FusedInputs:
-    """The tensors of one call in the compute float, K/V expanded to the query heads (GQA)."""
+    """The tensors of one call in the compute float: q (B, Hq, L, E), K/V per KV head (``k_heads``,
+    ``v_heads``), and per unit of query heads as ``unit_keys`` gives them (GQA)."""
 
     def __init__(self, q, k, v, block, scale, mask_graph, mask_buffers, features: Features | None = None):
         group = q.shape[1] // k.shape[1]
         q, k, v = map(packed_head_dim, (q, k, v))  # once per call, not per rectangle (``fused_forward``)
-        self.q = q
-        self.k = k.repeat_interleave(group, dim=1) if group > 1 else k
-        self.v = v.repeat_interleave(group, dim=1) if group > 1 else v
+        self.q, self.k_heads, self.v_heads = q, k, v
         self.group, self.block, self.scale = group, block, scale
         self.mask_graph, self.mask_buffers = mask_graph, mask_buffers
         self.features = features
         self.L, self.S = q.shape[2], k.shape[2]
+
+    def unit_keys(self, unit: PlanUnit) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V (Bu, Hu, S, E) of the unit's query heads: where they share one KV head, that head
+        as a view with head stride 0 (the fused kernel reads heads by their strides), else K/V
+        expanded to every query head, copied once per call."""
+        h = unit.h
+        if self.group == 1:
+            return self.k_heads[unit.b, h], self.v_heads[unit.b, h]
+        if h.start // self.group == (h.stop - 1) // self.group:
+            one = slice(h.start // self.group, h.start // self.group + 1)
+            return tuple(x[unit.b, one].expand(-1, h.stop - h.start, -1, -1) for x in (self.k_heads, self.v_heads))
+        return tuple(x[unit.b, h] for x in self._expanded)
+
+    @cached_property
+    def _expanded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(x.repeat_interleave(self.group, dim=1) for x in (self.k_heads, self.v_heads))
 
     def rectangle(self, unit: PlanUnit, rows: slice, cols: slice):
         """(q, k, v) of a rectangle for the fused kernel, and the shift its lse needs (or None).
@@ -123,7 +143,7 @@ class FusedInputs:
         is added back to the lse. The reference is the column where the bias is largest, so
         the features are small where the weights are (fp32 keeps their digits).
         """
-        q, k, v = (x[unit.b, unit.h] for x in (self.q, self.k, self.v))
+        (k, v), q = self.unit_keys(unit), self.q[unit.b, unit.h]
         q, k, v = q[:, :, rows], k[:, :, cols], v[:, :, cols]
         if self.features is None:
             return q, k, v, None
@@ -241,7 +261,7 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
     out = p.q.new_zeros(B, Hq, padded, D)
     lse = p.q.new_full((B, Hq, padded), NEG_INF)
     for unit in units:
-        q, k, v = (x[unit.b, unit.h] for x in (p.q, p.k, p.v))
+        (k, v), q = p.unit_keys(unit), p.q[unit.b, unit.h]
         out_u, lse_u = out[unit.b, unit.h], lse[unit.b, unit.h]  # views: merged in place
         written = torch.zeros(out.shape[2], dtype=torch.bool)  # positions with a result so far
         tiles_written = written.view(-1, q_block)
@@ -260,6 +280,11 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
             o, l = (o, l) if shift is None else (o[..., :D].contiguous(), l + shift)
             merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(written[rows].any()))
             written[rows] = True
+        keys = gathered.UnitKeys(k, v, p.k_heads, p.v_heads, unit.b, unit.h, p.group)
+        for batch in unit.gathered:  # rows of scattered FULL tiles, their keys gathered
+            o, l = gathered.forward(batch, _tiles_of(q, q_block, batch.rows), keys, kv_block, p.scale, fused_forward)
+            gathered.merge_rows(out_u, lse_u, batch.rows, o, l, q_block, not bool(tiles_written[batch.rows].any()))
+            tiles_written[batch.rows] = True
         Bu, Hu = q.shape[:2]
         for g, rows, _, q_s, k_s, v_s in _subtile_calls(q, k, v, p.block, unit):
             o, l = fused_forward(q_s, k_s, v_s, is_causal=g.kind is not None, scale=p.scale)
@@ -297,7 +322,7 @@ def backward(p: FusedInputs, units: list[PlanUnit], out, lse, grad_out):
     dk = p.q.new_zeros(B, Hq, p.S + (-p.S % kv_block), D)
     dv = torch.zeros_like(dk)
     for unit in units:
-        q, k, v, o, go = (x[unit.b, unit.h] for x in (p.q, p.k, p.v, out, grad_out))
+        (k, v), (q, o, go) = p.unit_keys(unit), (x[unit.b, unit.h] for x in (p.q, out, grad_out))
         l_u = lse[unit.b, unit.h]
         dq_u, dk_u, dv_u = (x[unit.b, unit.h] for x in (dq, dk, dv))
         for r0, r1, c0, c1, causal in unit.segments:
@@ -320,6 +345,11 @@ def backward(p: FusedInputs, units: list[PlanUnit], out, lse, grad_out):
             dq_u[:, :, rows] += flip(gq)[..., :D]
             dk_u[:, :, cols] += flip(gk)[..., :D]
             dv_u[:, :, cols] += flip(gv)[..., :D]
+        keys = gathered.UnitKeys(k, v, p.k_heads, p.v_heads, unit.b, unit.h, p.group)
+        for batch in unit.gathered:
+            tiles = (_tiles_of(go, q_block, batch.rows), _tiles_of(q, q_block, batch.rows),
+                     _tiles_of(o, q_block, batch.rows), _tiles_of(l_u.unsqueeze(-1), q_block, batch.rows).squeeze(-1))
+            gathered.backward(batch, tiles, keys, (dq_u, dk_u, dv_u), p.block, p.scale, _backward)
         Bu, Hu = q.shape[:2]
         for g, rows, cols, q_s, k_s, v_s in _subtile_calls(q, k, v, p.block, unit):
             P = q_s.shape[0] // Bu

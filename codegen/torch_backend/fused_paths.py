@@ -173,8 +173,11 @@ def _tiles(call: Call):
     B, Hq, _, L, S = call.shape
     block = call.block_size
     biased = call.score_graph is not None
-    return fused_plan.plan(call.block_mask, B, Hq, L, S, block, call.facts.diagonals,
-                           MAX_BIASED_SQUARE if biased else None)
+    units = fused_plan.plan(call.block_mask, B, Hq, L, S, block, call.facts.diagonals,
+                            MAX_BIASED_SQUARE if biased else None)
+    if not biased:  # gathered keys carry no bias features
+        fused_plan.gather_rows(units, S // block[1])
+    return units
 
 
 def _cached(call: Call, kind, compute):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from codegen.torch_backend import subtiles
+from codegen.torch_backend import gathered, subtiles
 from codegen.torch_backend.evaluate import index_inputs
 from flexattn.block_mask import EMPTY, FULL, LOWER, PARTIAL, UPPER
 from flexattn.semantics import evaluate
@@ -56,6 +56,8 @@ def why_not_shaped(units: list["PlanUnit"]) -> str | None:
     rectangles or wide strips."""
     rects = [r for u in units for r in u.rectangles] + [(a, a + n, c, c + (n + 1) // 2)
                                                          for u in units for a, c, n, _ in u.squares]
+    # A gathered batch is one call of all its rows against their keys: P rows tall, n tiles wide.
+    rects += [(0, len(g.rows), 0, g.columns.shape[1]) for u in units for g in u.gathered]
     full_tiles = sum((r[1] - r[0]) * (r[3] - r[2]) for r in rects)
     if full_tiles == 0:
         return "the plan has no FULL tiles"
@@ -72,7 +74,8 @@ def fused_cost(units: list["PlanUnit"], block, L: int, S: int) -> tuple[int, int
     """(FULL products, cut products, PARTIAL products, kernel calls) of the plan, over all its (batch, head) pairs;
     a causal square counts the products it keeps (half). A unit serving several heads of a per-head
     tile matrix counts its calls once per head: measured, a call over several heads of small
-    rectangles costs about what the calls per head did (NSA, docs/performance.md). Cut PARTIAL
+    rectangles costs about what the calls per head did (NSA, docs/performance.md); a gathered batch
+    is one call. Cut PARTIAL
     tiles (``subtiles``): their rectangles along q count as FULL, their batched pieces as cut
     products (a triangle whole: the kernel's causal mode saves little on squares of one tile)."""
     q_block, kv_block = block
@@ -86,6 +89,9 @@ def fused_cost(units: list["PlanUnit"], block, L: int, S: int) -> tuple[int, int
         for r0, r1, c0, c1, causal in u.segments:
             full += pairs * (r1 - r0) * (c1 - c0) // (2 if causal else 1)
             calls += u.merged_heads
+        for batch in u.gathered:  # one call for every row and head of the batch
+            full += pairs * gathered.products(batch, q_block, kv_block)
+            calls += 1
         for g in u.subtiles:
             cut += pairs * (g.r1 - g.r0) * (g.c1 - g.c0) * sum(len(batch) for batch in g.batches)
             calls += u.merged_heads * len(g.batches)
@@ -164,7 +170,8 @@ def partial_batches(partial: torch.Tensor) -> list[torch.Tensor]:
 class PlanUnit:
     """A slice of batch rows and query heads that share one tile matrix, and its plan:
     ``squares`` that are exactly causal triangles (``triangle_squares``), ``rectangles`` of
-    FULL tiles, ``subtiles`` (``subtiles.SubtileGroup``) and ``batches`` of PARTIAL tiles."""
+    FULL tiles, ``gathered`` rows of scattered FULL tiles, ``subtiles`` (``subtiles.SubtileGroup``)
+    and ``batches`` of PARTIAL tiles."""
 
     def __init__(self, b: slice, h: slice, classes: torch.Tensor, squares=(), segments=(), subtiles=()):
         self.b, self.h = b, h
@@ -175,6 +182,7 @@ class PlanUnit:
         self.merged_heads = 1  # per-head tile matrices: the heads of equal classes this unit serves
         self.squares = list(squares)
         self.rectangles = full_rectangles(classes == FULL)
+        self.gathered: list[gathered.GatheredRows] = []  # rows of scattered FULL tiles (``gather_rows``)
         self.batches = partial_batches(classes == PARTIAL)
 
     def pieces(self) -> list[tuple[tuple[int, int, int, int], int | None]]:
@@ -256,6 +264,14 @@ def _unit(classes: torch.Tensor, b: slice, h: slice, tile_shapes, max_square: in
                 rest[a:a + side, c:c + side] = EMPTY
             return PlanUnit(b, h, rest, squares)
     return PlanUnit(b, h, classes)
+
+
+def gather_rows(units: list[PlanUnit], whole_kv_tiles: int) -> None:
+    """Each unit's rows of scattered FULL tiles become gathered batches (``gathered``; in place):
+    one fused call per batch instead of one per rectangle. ``whole_kv_tiles``: the KV tiles that are
+    whole (the ragged last one stays in its rectangle)."""
+    for u in units:
+        u.rectangles, u.gathered = gathered.gather_scattered(u.rectangles, whole_kv_tiles)
 
 
 def cut_partial(units: list[PlanUnit], tile_profiles: "TileProfiles") -> None:
