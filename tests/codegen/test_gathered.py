@@ -110,3 +110,23 @@ def test_no_rows_are_gathered_with_a_score_mod(score):
     _, call = api._prepare(q, k, v, score_mod, bm, None, False, {"PATH": "fused_tiles"}, False, "auto")
     units, _ = fused_paths.tile_plan(call, True)
     assert any(u.gathered for u in units) == (score is None)
+
+
+def test_a_block_selection_equals_torch_flex_attention():
+    """The same selection through torch's own flex_attention: out and lse match flexattn's gathered plan."""
+    from torch.nn.attention import flex_attention as tfa
+
+    n, Hq, Hkv = 512, 4, 2
+    mask = _selection_mask(n // 16, Hq, 5, Hq // Hkv)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, Hq, n, 16, generator=g)
+    k, v = torch.randn(1, Hkv, n, 16, generator=g), torch.randn(1, Hkv, n, 16, generator=g)
+    ours = flexattn.create_block_mask(mask, 1, Hq, n, n, BLOCK_SIZE=16)
+    out, lse = flexattn.flex_attention(q, k, v, block_mask=ours, enable_gqa=True, return_lse=True,
+                                       kernel_options={"PATH": "fused_tiles"})
+    torch._dynamo.reset()  # torch's eager flex runs through dynamo, whose cache can mix closures
+    theirs = tfa.create_block_mask(mask, 1, Hq, n, n, device="cpu", BLOCK_SIZE=16)
+    with torch.no_grad():
+        want, aux = tfa.flex_attention(q, k, v, block_mask=theirs, enable_gqa=True, return_aux=tfa.AuxRequest(lse=True))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, aux.lse, rtol=1e-5, atol=1e-5)
