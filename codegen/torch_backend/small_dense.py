@@ -106,22 +106,25 @@ class _Mask:
 
 
 def mask_of_call(call: Call) -> _Mask:
-    """The ``_Mask`` of ``call``: the one the BlockMask's build kept where it evaluated every position
-    (``BlockMask.attended_positions``), else evaluated here. Kept with the BlockMask, which every
-    layer of a step shares, while its lists and the mask_mod's buffers are unchanged."""
+    """The ``_Mask`` of ``call``: made from the positions the BlockMask's build kept where it
+    evaluated every position (``BlockMask.attended_positions``), else evaluated here. Kept with the
+    BlockMask, which every layer of a step shares (and its copies: a model's mask served again from
+    ``flexattn.mod_cache``), while its lists and those kept positions, or else the mask_mod's
+    buffers, are unchanged."""
     if call.block_mask is None:
         return _Mask(True)  # every tile FULL, the mask_mod never asked (as in flex attention)
     B, Hq, Hkv, L, S = call.shape
     key = (B, Hq, Hkv, L, S, call.block_size, str(call.query.device), call.compute_dtype,
            None if call.mask_graph is None else call.mask_graph.structural_key())
-    return call.block_mask.derived("small dense mask", key, lambda: _evaluate(call), call.mask_buffers)
-
-
-def _evaluate(call: Call) -> _Mask:
-    B, Hq, Hkv, L, S = call.shape
     kept = call.block_mask.attended_positions(call.mask_buffers)
     if kept is None or kept.shape[-2:] != (L, S):
-        kept = _kept_by_tiles(call)
+        return call.block_mask.derived("small dense mask", key, lambda: _evaluate(call, _kept_by_tiles(call)),
+                                       call.mask_buffers)
+    return call.block_mask.derived("small dense mask", key, lambda: _evaluate(call, kept), (kept,))
+
+
+def _evaluate(call: Call, kept: torch.Tensor) -> _Mask:
+    B, Hq, Hkv, L, S = call.shape
     kept = kept.to(call.query.device)
     nb, nh = kept.shape[:2]
     stacked = nh > 1 or L == 1 or Hq == Hkv

@@ -141,3 +141,31 @@ def test_keys_no_row_reads_are_zeroed_only_where_they_could_spoil_the_result(S, 
             got = _run("torch", q, k_s, v_s, padded, PATH="small_dense")
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_served_again_by_the_cache_keeps_its_dense_mask(monkeypatch):
+    """transformers rebuilds its mask every forward from fresh tensors of equal values: the BlockMask
+    comes back from flexattn.mod_cache, and the dense mask small_dense made from its kept positions
+    is reused; changed values make a new one."""
+    from codegen.torch_backend import small_dense
+    from flexattn.integrations import hf_masks
+
+    made = []
+    evaluate = small_dense._evaluate
+    monkeypatch.setattr(small_dense, "_evaluate", lambda call, kept: made.append(1) or evaluate(call, kept))
+    B, S = 2, 80
+    q, k, v = torch.randn(B, 4, 1, 16), torch.randn(B, 2, S, 16), torch.randn(B, 2, S, 16)
+
+    def step(pad):
+        padding = torch.ones(B, S, dtype=torch.long)
+        padding[0, :pad] = 0
+        bm = hf_masks.block_mask_interface(B, 1, S, S - 1, 0, None, padding)
+        out = flexattn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+        keep = padding.bool()[:, None, None, :]
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+    step(16), step(16)
+    assert len(made) == 1
+    step(20)
+    assert len(made) == 2
