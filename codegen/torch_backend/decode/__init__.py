@@ -43,10 +43,14 @@ def why_not_split_kv(call: Call, path: str) -> str | None:
     """Why the torch back end's split-KV ``path`` does not serve ``call``: not a decoding shape
     (``codegen.decoding``) or, unless the path is forced, a cache of fewer than ``MIN_KV_TILES`` tiles."""
     reason = why_not_decoding(call)
-    if reason is not None:
+    if reason is not None or call.forces(path):
         return reason
+    return call.derived("short cache", lambda: _why_short(call))  # every split-KV path asks
+
+
+def _why_short(call: Call) -> str | None:
     S, kv_block = call.shape[4], call.block_size[1]
-    if S < MIN_KV_TILES * kv_block and not call.forces(path):
+    if S < MIN_KV_TILES * kv_block:
         return f"KV_LEN={S} spans fewer than {MIN_KV_TILES} KV tiles of {kv_block}: the general paths are as fast"
     return None
 
