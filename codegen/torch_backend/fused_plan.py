@@ -17,7 +17,7 @@ MIN_ROWS_OF_TILES = 4  # FULL rectangles must average this many q tiles tall for
 MIN_TILES_OF_STRIPS = 6  # or this many tiles in all (a wide band: one kernel call still covers many keys)
 # Estimated costs, in query-key products of the generated loop (measured, docs/performance.md):
 PARTIAL_PRODUCT = 2.0  # one product of a batched PARTIAL tile on the fused kernel (tiles copied, additive mask)
-CUT_PRODUCT = 1.5  # one product of a batch of cut tiles' pieces (``subtiles``; a triangle counted whole)
+CUT_PRODUCT = 7.0  # one product of a batch of cut tiles' pieces (``subtiles``; a triangle counted whole: gathers, merges)
 FUSED_CALL = 25_000  # one fused call and the merge of its result by lse
 LOOP_PIECE = 250_000  # one piece of the generated loop (its elementwise passes and row updates)
 MIN_DOCUMENT = 64  # mean document length for one kernel call per document to pay
