@@ -130,6 +130,10 @@ class FusedInputs:
             return tuple(x[unit.b, one].expand(-1, h.stop - h.start, -1, -1) for x in (self.k_heads, self.v_heads))
         return tuple(x[unit.b, h] for x in self._expanded)
 
+    def gathered_keys(self, unit: PlanUnit) -> gathered.UnitKeys:
+        """K/V as the unit's gathered calls read them (``gathered.UnitKeys``)."""
+        return gathered.UnitKeys(*self.unit_keys(unit), self.k_heads, self.v_heads, unit.b, unit.h, self.group)
+
     @cached_property
     def _expanded(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(x.repeat_interleave(self.group, dim=1) for x in (self.k_heads, self.v_heads))
@@ -280,7 +284,7 @@ def forward(p: FusedInputs, units: list[PlanUnit]) -> tuple[torch.Tensor, torch.
             o, l = (o, l) if shift is None else (o[..., :D].contiguous(), l + shift)
             merge(out_u[:, :, rows], lse_u[:, :, rows], o, l, first=not bool(written[rows].any()))
             written[rows] = True
-        keys = gathered.UnitKeys(k, v, p.k_heads, p.v_heads, unit.b, unit.h, p.group) if unit.gathered else None
+        keys = p.gathered_keys(unit) if unit.gathered else None
         for batch in unit.gathered:  # rows of scattered FULL tiles, their keys gathered
             o, l = gathered.forward(batch, _tiles_of(q, q_block, batch.rows), keys, kv_block, p.scale, fused_forward)
             gathered.merge_rows(out_u, lse_u, batch.rows, o, l, q_block, not bool(tiles_written[batch.rows].any()))
@@ -345,7 +349,7 @@ def backward(p: FusedInputs, units: list[PlanUnit], out, lse, grad_out):
             dq_u[:, :, rows] += flip(gq)[..., :D]
             dk_u[:, :, cols] += flip(gk)[..., :D]
             dv_u[:, :, cols] += flip(gv)[..., :D]
-        keys = gathered.UnitKeys(k, v, p.k_heads, p.v_heads, unit.b, unit.h, p.group) if unit.gathered else None
+        keys = p.gathered_keys(unit) if unit.gathered else None
         for batch in unit.gathered:
             tiles = (_tiles_of(go, q_block, batch.rows), _tiles_of(q, q_block, batch.rows),
                      _tiles_of(o, q_block, batch.rows), _tiles_of(l_u.unsqueeze(-1), q_block, batch.rows).squeeze(-1))
